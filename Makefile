@@ -1,0 +1,47 @@
+# picochat: `make run` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-fast install pipeline bench clean help
+
+help:
+	@echo "make run       train the tiny preset on the embedded corpus, then sample from it"
+	@echo "make test      install and run the whole test suite (slow tests included)"
+	@echo "make test-fast the fast tests only"
+	@echo "make pipeline  tokenizer -> data -> pretrain -> generate, step by step"
+	@echo "make bench     run the benchmarks (one JSON line each)"
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/picochat pretrain --preset tiny --out runs/tiny
+	$(VENV)/bin/picochat generate runs/tiny --prompt "The old man" --max-tokens 120 --seed 0
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+pipeline: $(STAMP)
+	$(VENV)/bin/picochat tokenizer train --vocab-size 8192 --out runs/pipeline/tokenizer.json
+	$(VENV)/bin/picochat data prepare --tokenizer runs/pipeline/tokenizer.json --out runs/pipeline/data
+	$(VENV)/bin/picochat pretrain runs/pipeline/data --preset tiny --out runs/pipeline/model
+	$(VENV)/bin/picochat generate runs/pipeline/model --prompt "It was" --seed 0
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

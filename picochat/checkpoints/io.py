@@ -1,0 +1,175 @@
+"""picochat's checkpoint format and the atomic writes that make it survive a kill.
+
+A checkpoint is a directory:
+    config.json          {"format": "picochat", "version": 1, "model": ModelConfig}
+    model.safetensors    weights (safetensors: no pickle, so loading a stranger's file is safe)
+    tokenizer.json       the tokenizer the model was trained with
+    optimizer.safetensors + state.json   only in training checkpoints (AdamW moments, step, RNG states)
+
+A run directory holds several under checkpoints/step_NNNNNNN/ and a one-line file ``latest`` naming
+the newest complete one. Each checkpoint is written into a temporary directory, fsynced, renamed into
+place, and only then is ``latest`` replaced (os.replace is atomic): a kill at any moment leaves the
+previous checkpoint both intact and pointed to.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..errors import PicochatError
+from ..fsutil import atomic_write, fsync_dir
+from ..model.config import ModelConfig
+
+FORMAT, VERSION = "picochat", 1
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in path.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(path)
+
+
+def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
+    """Write config + weights (+ tokenizer, + extra {name: bytes|callable(path)}) as one atomic directory."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        (tmp / "config.json").write_text(json.dumps(
+            {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}, indent=2))
+        # tied weights are one tensor under two names; safetensors stores each storage once
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+                 if not (model.config.tie_embeddings and k == "lm_head.weight")}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        for name, content in (extra_files or {}).items():
+            if callable(content):
+                content(tmp / name)
+            else:
+                (tmp / name).write_bytes(content)
+        _fsync_tree(tmp)
+        if out_dir.exists():  # overwrite: move the old one aside first, remove it after
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir (follows ``latest``), -> the checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise PicochatError(f"no checkpoint at {path}: pass a run directory (from `picochat pretrain`) "
+                            "or a checkpoint directory containing config.json and model.safetensors")
+    if path.is_dir() and (path / "latest").is_file():
+        target = path / (path / "latest").read_text().strip()
+        if not (target / "config.json").is_file():
+            raise PicochatError(f"{path}/latest points to {target}, which is missing; "
+                                f"pass one of the directories in {path}/checkpoints explicitly")
+        return target
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise PicochatError(f"{path} is not a picochat checkpoint (no config.json + model.safetensors, "
+                        "no `latest` file); for Hugging Face or GGUF weights use `picochat import`")
+
+
+def read_config(ckpt: Path) -> ModelConfig:
+    try:
+        meta = json.loads((ckpt / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PicochatError(f"{ckpt}/config.json is unreadable or corrupt ({e}); use another checkpoint")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        hint = " (it looks like a Hugging Face model: use `picochat import`)" if "model_type" in meta else ""
+        raise PicochatError(f"{ckpt}/config.json is not a picochat checkpoint config{hint}")
+    if meta.get("version", 0) > VERSION:
+        raise PicochatError(f"{ckpt} was written by a newer picochat (format v{meta['version']}); upgrade picochat")
+    return ModelConfig.from_dict(meta["model"])
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise PicochatError(f"{path} is missing; the checkpoint is incomplete, use another one")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise PicochatError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); "
+                            "use an earlier checkpoint or re-download/re-train") from None
+
+
+def load_weights_into(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Strict load with an error that names the first mismatching tensor, not a 50-line dump."""
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise PicochatError(f"{source} does not match this architecture: "
+                            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    for k, v in expected.items():
+        if state[k].shape != v.shape:
+            raise PicochatError(f"{source}: tensor {k} has shape {tuple(state[k].shape)} but the model "
+                                f"expects {tuple(v.shape)}; the checkpoint is from another architecture")
+    model.load_state_dict(state, strict=not model.config.tie_embeddings)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    """-> (GPT in eval mode, Tokenizer or None, checkpoint dir)."""
+    from ..model.gpt import GPT
+    ckpt = resolve_checkpoint(path)
+    config = read_config(ckpt)
+    model = GPT(config)
+    load_weights_into(model, load_state(ckpt / "model.safetensors"), str(ckpt))
+    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model.eval()
+    tokenizer = None
+    if (ckpt / "tokenizer.json").is_file():
+        from ..tokenizer import Tokenizer
+        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    return model, tokenizer, ckpt
+
+
+class CheckpointManager:
+    """checkpoints/step_NNNNNNN/ directories in a run dir, a ``latest`` pointer, and pruning."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 2):
+        self.run_dir = Path(run_dir)
+        self.keep = keep
+
+    def latest(self) -> Optional[Path]:
+        pointer = self.run_dir / "latest"
+        if not pointer.is_file():
+            return None
+        return resolve_checkpoint(self.run_dir)
+
+    def save(self, step: int, model, tokenizer, extra_files: dict) -> Path:
+        name = f"checkpoints/step_{step:07d}"
+        path = save_model(model, self.run_dir / name, tokenizer, extra_files)
+        atomic_write(self.run_dir / "latest", name + "\n")
+        self._prune(keep_also=path)
+        return path
+
+    def _prune(self, keep_also: Path) -> None:
+        ckpts = sorted((self.run_dir / "checkpoints").glob("step_*"))
+        for old in ckpts[:-self.keep] if self.keep > 0 else []:
+            if old != keep_also:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,100 @@
+"""`picochat generate CHECKPOINT --prompt ...`: sample a continuation, streamed to the terminal.
+
+A deliberately simple loop: each new token re-runs the model on the whole context (O(T^2) work).
+The KV-cache engine (picochat/engine) replaces it for chat and serving.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from .cli_args import add_dataclass_args, dataclass_from_args
+from .engine.sampling import Utf8Stream, check_sampling, sample_next
+from .errors import PicochatError
+
+
+@dataclass
+class GenerateConfig:
+    checkpoint: str = ""
+    """Run directory or checkpoint directory (from `picochat pretrain`)."""
+    prompt: str = ""
+    """Text to continue (empty: start from <|endoftext|>, i.e. a new document)."""
+    max_tokens: int = 200
+    """Maximum number of tokens to generate."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 = greedy (always the most likely token)."""
+    top_k: Optional[int] = 50
+    """Sample only among the k most likely tokens (0 = off)."""
+    top_p: Optional[float] = None
+    """Nucleus sampling: the smallest set of tokens whose probability reaches p."""
+    seed: Optional[int] = None
+    """Random seed, for a reproducible sample."""
+    num_samples: int = 1
+    """How many independent samples to print."""
+    device: str = "auto"
+    """cpu, cuda, mps or auto."""
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_tokens: int, temperature: float = 0.8,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None, stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
+    """Yield new token ids one at a time until max_tokens, a stop id, or the context is full."""
+    check_sampling(temperature, top_k, top_p)
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    if len(prompt_ids) >= block:
+        raise PicochatError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {block}; "
+                            "shorten the prompt")
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    for _ in range(max_tokens):
+        if idx.size(1) >= block:
+            return
+        logits, _ = model(idx)
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+        token = int(nxt.item())
+        if token in stop_ids:
+            return
+        yield token
+        idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
+
+
+def generate(cfg: GenerateConfig, out=sys.stdout) -> list[str]:
+    """Print and return num_samples continuations of cfg.prompt."""
+    from .checkpoints.io import load_model
+    from .device import pick_device
+
+    if cfg.max_tokens < 1:
+        raise PicochatError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
+    model, tokenizer, _ = load_model(cfg.checkpoint, device=pick_device(cfg.device))
+    if tokenizer is None:
+        raise PicochatError(f"{cfg.checkpoint} has no tokenizer.json; it cannot turn text into tokens")
+    prompt_ids = tokenizer.encode(cfg.prompt) if cfg.prompt else [tokenizer.eot_id]
+    generator = torch.Generator(device=next(model.parameters()).device)
+    generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    texts = []
+    for n in range(cfg.num_samples):
+        if cfg.num_samples > 1:
+            out.write(f"--- sample {n + 1} ---\n")
+        out.write(cfg.prompt)
+        stream, pieces = Utf8Stream(), []
+        for tok in generate_ids(model, prompt_ids, cfg.max_tokens, cfg.temperature, cfg.top_k or None,
+                                cfg.top_p, generator, stop_ids=(tokenizer.eot_id,)):
+            piece = stream.push(tokenizer.token_bytes(tok))
+            pieces.append(piece)
+            out.write(piece)
+            out.flush()
+        pieces.append(stream.flush())
+        out.write(pieces[-1] + "\n")
+        texts.append("".join(pieces))
+    return texts
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a trained checkpoint",
+                       description=__doc__.split("\n\n")[0])
+    add_dataclass_args(p, GenerateConfig, positional=("checkpoint",))
+    p.set_defaults(func=lambda args: generate(dataclass_from_args(GenerateConfig, args)) and 0)

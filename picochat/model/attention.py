@@ -1,0 +1,152 @@
+"""Scaled dot-product attention, its masks, and the positional schemes that live inside it.
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + M) V
+
+M is 0 where a query may look and -inf where it may not (causal: keys after the query).
+RoPE rotates Q and K by position-dependent angles; ALiBi adds -m_h * (i - j) to the scores.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None, return_weights: bool = False):
+    """softmax(Q K^T * scale + M) V, written out so textbook examples can be checked by hand.
+
+    q: (..., T_q, d_k), k: (..., T_k, d_k), v: (..., T_k, d_v).
+    mask: bool (True = may attend) or float (added to the scores), broadcastable to (..., T_q, T_k).
+    A query row whose keys are all masked gets zero weights (and a zero output), never NaN.
+    """
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., T_q, T_k)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+    # subtracting the row max keeps exp() in range; all -inf rows are handled below
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    weights = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    out = weights @ v
+    return (out, weights) if return_weights else out
+
+
+def causal_mask(t_q: int, t_k: int, device=None) -> torch.Tensor:
+    """(T_q, T_k) bool, True where key j is not in the future of query i.
+
+    With a cache the T_q queries are the *last* T_q positions of T_k, so query i sits at t_k - t_q + i.
+    """
+    i = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)
+    j = torch.arange(t_k, device=device)[None, :]
+    return j <= i
+
+
+def sinusoidal_table(n_pos: int, d: int) -> torch.Tensor:
+    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d)); shape (n_pos, d)."""
+    p = torch.arange(n_pos, dtype=torch.float64)[:, None]
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    pe = torch.zeros(n_pos, d, dtype=torch.float64)
+    pe[:, 0::2] = torch.sin(p * inv)
+    pe[:, 1::2] = torch.cos(p * inv)
+    return pe.float()
+
+
+def rope_cos_sin(n_pos: int, head_dim: int, base: float, device=None):
+    """cos/sin tables (n_pos, head_dim) for RoPE in the half-split layout (dims i and i + d/2 pair up)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    angles = torch.arange(n_pos, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)  # (n_pos, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x_i, x_{i+d/2}) by its angle: x*cos + rotate_half(x)*sin. x: (B, nh, T, hs)."""
+    half = x.size(-1) // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def alibi_slopes(n_head: int) -> torch.Tensor:
+    """Per-head slopes m_h = 2^(-8h/n) for h = 1..n (Press et al. 2022; geometric for non-powers of 2)."""
+    def pow2_slopes(n):
+        start = 2.0 ** (-8.0 / n)
+        return [start ** (h + 1) for h in range(n)]
+    if math.log2(n_head).is_integer():
+        return torch.tensor(pow2_slopes(n_head))
+    closest = 2 ** math.floor(math.log2(n_head))
+    extra = pow2_slopes(2 * closest)[0::2][: n_head - closest]
+    return torch.tensor(pow2_slopes(closest) + extra)
+
+
+def alibi_bias(slopes: torch.Tensor, t_q: int, t_k: int, device=None) -> torch.Tensor:
+    """(nh, T_q, T_k) additive bias -m_h * (i - j), with -inf on future keys (causal)."""
+    i = torch.arange(t_q, device=device)[:, None] + (t_k - t_q)
+    j = torch.arange(t_k, device=device)[None, :]
+    dist = (i - j).float()
+    bias = -slopes.to(device)[:, None, None] * dist
+    return bias.masked_fill(j > i, float("-inf"))
+
+
+class Attention(nn.Module):
+    """Causal multi-head / grouped-query / multi-query self-attention.
+
+    n_kv_head < n_head: each K/V head is shared by n_head / n_kv_head query heads (GQA, Ainslie 2023).
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.pos = config.pos
+        d, hd = config.n_embd, config.head_dim
+        # Q, K and V come from one fused matmul (rows: nh*hs for Q, then nkv*hs for K, then V):
+        # one big GEMM is faster than three small ones, especially on CPUs
+        self.qkv_proj = nn.Linear(d, (self.n_head + 2 * self.n_kv_head) * hd, bias=config.bias)
+        self.o_proj = nn.Linear(self.n_head * hd, d, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.last_weights: Optional[torch.Tensor] = None  # (B, nh, T, T) when maps are requested
+
+    def forward(self, x: torch.Tensor, rope: Optional[tuple] = None, alibi: Optional[torch.Tensor] = None,
+                kv_cache=None, start_pos: int = 0, return_weights: bool = False) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
+                                          self.n_kv_head * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, nkv, T, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, nkv, T, hs)
+        if rope is not None:
+            cos, sin = rope[0][start_pos:start_pos + T], rope[1][start_pos:start_pos + T]
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:  # the engine keeps past K/V; we get back everything up to now
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        T_k = k.size(2)
+        if self.n_kv_head != self.n_head:  # GQA: repeat each K/V head for its group of queries
+            rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(rep, dim=1)
+            v = v.repeat_interleave(rep, dim=1)
+        dropout_p = self.dropout if self.training else 0.0
+        if return_weights:
+            mask = alibi if alibi is not None else causal_mask(T, T_k, x.device)
+            y, w = attention(q, k, v, mask=mask, return_weights=True)
+            self.last_weights = w.detach()
+        elif alibi is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi.to(q.dtype), dropout_p=dropout_p)
+        elif T == T_k:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:  # decoding with a cache: queries are the last T positions, so the mask is offset
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, T_k, x.device),
+                                               dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
+        return self.resid_dropout(self.o_proj(y))

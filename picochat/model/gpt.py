@@ -1,0 +1,111 @@
+"""The decoder-only language model: GPT-2 and Llama are both points in ModelConfig's space.
+
+    h_0 = E[x] (+ P)                 token embedding, plus added positions if learned/sinusoidal
+    h_l = h_{l-1} + Attn(Norm(h)),  then  h + FFN(Norm(h))      (pre-norm; post-norm applies Norm after)
+    logits = Norm(h_L) W_E^T         the unembedding (tied to E unless configured otherwise)
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import PicochatError
+from .attention import Attention, alibi_bias, alibi_slopes, rope_cos_sin, sinusoidal_table
+from .config import ModelConfig
+from .layers import FeedForward, make_norm
+
+
+class Block(nn.Module):
+    """One transformer layer: attention then feed-forward, each wrapped in a residual connection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.pre_norm = config.norm_position == "pre"
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = make_norm(config)
+        self.ffn = FeedForward(config)
+
+    def forward(self, x, **attn_kwargs):
+        if self.pre_norm:
+            x = x + self.attn(self.attn_norm(x), **attn_kwargs)
+            return x + self.ffn(self.ffn_norm(x))
+        x = self.attn_norm(x + self.attn(x, **attn_kwargs))
+        return self.ffn_norm(x + self.ffn(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # post-norm models already end every block with a norm; pre-norm ones need a final one
+        self.final_norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        # fixed tables are buffers (not saved: persistent=False) so .to(device) moves them
+        if config.pos == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
+        if config.pos == "rope":
+            cos, sin = rope_cos_sin(config.block_size, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        if config.pos == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, start_pos: int = 0,
+                kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean"):
+        """idx: (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the cross-entropy.
+
+        targets equal to -1 are ignored (padding, or prompt tokens masked out in chat fine-tuning).
+        start_pos: position of idx[:, 0] (non-zero when continuing from a KV cache).
+        """
+        B, T = idx.shape
+        if start_pos + T > self.config.block_size:
+            raise PicochatError(f"sequence of {start_pos + T} tokens is longer than the model's context "
+                                f"block_size={self.config.block_size}; shorten the input or use a model with a longer context")
+        x = self.tok_emb(idx)  # (B, T, d)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
+        elif self.config.pos == "sinusoidal":
+            x = x + self.pos_table[start_pos:start_pos + T]
+        x = self.drop(x)
+        rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
+        alibi = None
+        if self.config.pos == "alibi":
+            alibi = alibi_bias(self.alibi_slopes, T, start_pos + T, idx.device)
+        for block in self.blocks:
+            x = block(x, rope=rope, alibi=alibi, kv_cache=kv_cache, start_pos=start_pos,
+                      return_weights=return_attention)
+        x = self.final_norm(x)
+        if targets is None:
+            return self.lm_head(x), None
+        logits = self.lm_head(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=loss_reduction)
+        return logits, loss
+
+    def attention_maps(self) -> list[torch.Tensor]:
+        """Per-layer (B, nh, T, T) weights from the last forward(..., return_attention=True)."""
+        return [b.attn.last_weights for b in self.blocks]

@@ -1,0 +1,63 @@
+"""Run metrics: one JSON line per logged step in metrics.jsonl, and a PNG of the curves."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from ..fsutil import atomic_write
+
+
+class MetricsLog:
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():
+            # drop lines written after the checkpoint we resume from: they will be written again
+            keep = [l for l in self.read() if l.get("step", 0) <= resume_step]
+            atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def log(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict]:
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+        return rows
+
+
+def plot_metrics(rows: list[dict], out_png: str | Path, title: str = "") -> None:
+    """Train and validation loss against step (and tokens), plus bits-per-byte when present."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    if not train and not val:
+        return
+    fig, ax = plt.subplots(1, 2 if any("val_bpb" in r for r in val) else 1, figsize=(11, 4), squeeze=False)
+    a = ax[0][0]
+    if train:
+        a.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1, alpha=0.8, label="train loss")
+    if val:
+        a.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", ms=3, label="val loss")
+    a.set_xlabel("step"); a.set_ylabel("cross-entropy (nats/token)"); a.grid(alpha=0.3); a.legend()
+    a.set_title(title or "loss")
+    if ax.shape[1] > 1:
+        b = ax[0][1]
+        b.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", ms=3, color="C2")
+        b.set_xlabel("step"); b.set_ylabel("val bits per byte"); b.grid(alpha=0.3)
+        b.set_title(f"val bpb (last {val[-1]['val_bpb']:.3f})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(out_png, buf.getvalue())

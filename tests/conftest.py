@@ -1,0 +1,47 @@
+"""Shared fixtures: small generated corpora and datasets, so tests never depend on big downloads."""
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_corpus(n_docs: int = 60, seed: int = 0) -> list[str]:
+    """Documents of simple, learnable English-like sentences (subject verb object, with a pattern)."""
+    rng = random.Random(seed)
+    subjects = ["the cat", "a dog", "my friend", "the old man", "our teacher", "the river", "a child"]
+    verbs = ["sees", "likes", "follows", "finds", "paints", "remembers", "crosses"]
+    objects = ["the garden", "a red ball", "the bridge", "a small house", "the evening sky", "an apple"]
+    docs = []
+    for _ in range(n_docs):
+        sents = []
+        for _ in range(rng.randint(20, 40)):
+            s = f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(objects)}."
+            sents.append(s[0].upper() + s[1:])
+        docs.append(" ".join(sents))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A prepared dataset (vocab 320) from the generated corpus."""
+    from picochat.data.prepare import prepare_dataset
+    root = tmp_path_factory.mktemp("tiny_dataset")
+    src = root / "corpus.jsonl"
+    import json
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_corpus()))
+    return prepare_dataset(src, out_dir=root / "data", vocab_size=320, val_fraction=0.1, seed=0)
+
+
+def picochat_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "picochat.cli", *args]
+
+
+def subprocess_env(**extra) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env

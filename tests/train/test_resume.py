@@ -1,0 +1,99 @@
+"""Exact resume: SIGKILL mid-training then --resume reproduces an uninterrupted run bit for bit,
+and a kill in the middle of writing a checkpoint leaves the previous one loadable."""
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import picochat_cmd, subprocess_env
+
+# a small model with dropout, so the RNG state has to be restored too
+MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--dropout", "0.1"]
+
+
+def train_args(data: Path, out: Path, steps: int = 24) -> list[str]:
+    return ["pretrain", str(data), "--out-dir", str(out), "--max-steps", str(steps), "--batch-size", "4",
+            "--grad-accum", "2", "--ckpt-every", "4", "--eval-every", "8", "--log-every", "1",
+            "--eval-windows", "4", "--dtype", "fp32", "--warmup-steps", "5", "--no-progress", *MODEL]
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tiny_dataset, tmp_path):
+    env = subprocess_env(OMP_NUM_THREADS="1")  # 1 thread: same reduction order in every run
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    subprocess.run(picochat_cmd(*train_args(tiny_dataset, ref)), env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(picochat_cmd(*train_args(tiny_dataset, cut)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step_0000012").exists() and time.time() < deadline:
+        assert proc.poll() is None, "training finished before we could kill it"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(cut))
+    assert killed_at < 24
+    subprocess.run(picochat_cmd(*train_args(tiny_dataset, cut), "--resume"), env=env, check=True,
+                   capture_output=True)
+
+    a, b = losses(ref), losses(cut)
+    assert sorted(a) == sorted(b) == list(range(1, 25))
+    assert a == b  # every step's loss, bit for bit (JSON floats round-trip exactly)
+    wa = load_file(str(ref / "checkpoints" / "step_0000024" / "model.safetensors"))
+    wb = load_file(str(cut / "checkpoints" / "step_0000024" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _save_and_die(run_dir: str, die_on: str):
+    """In a child: train state exists; a second save gets SIGKILLed at the chosen moment."""
+    from picochat.checkpoints.io import CheckpointManager
+    from picochat.model.config import ModelConfig
+    from picochat.model.gpt import GPT
+    import picochat.checkpoints.io as cio
+
+    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    mgr = CheckpointManager(run_dir, keep=3)
+    mgr.save(1, model, None, {"state.json": b"{}"})
+    real_replace, real_save = os.replace, cio.save_file
+
+    def dying_replace(src, dst):
+        if die_on == "rename" and "step_0000002" in str(dst):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_replace(src, dst)
+
+    def dying_save(state, path, metadata=None):
+        real_save(state, path, metadata=metadata)
+        if die_on == "weights":  # weights half-way: file written, directory not renamed yet
+            with open(path, "r+b") as f:
+                f.truncate(100)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    cio.os.replace = dying_replace
+    cio.save_file = dying_save
+    torch.manual_seed(1)
+    mgr.save(2, GPT(model.config), None, {"state.json": b"{}"})
+
+
+@pytest.mark.parametrize("die_on", ["weights", "rename"])
+def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, die_on):
+    from picochat.checkpoints.io import load_model, resolve_checkpoint
+    ctx = mp.get_context("fork")
+    p = ctx.Process(target=_save_and_die, args=(str(tmp_path), die_on))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    assert resolve_checkpoint(tmp_path).name == "step_0000001"
+    model, _, path = load_model(tmp_path)
+    assert path.name == "step_0000001" and model.config.n_embd == 16
