@@ -62,8 +62,9 @@ def generate_ids(model, prompt_ids: list[int], max_tokens: int, temperature: flo
         idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
 
 
-def generate(cfg: GenerateConfig, out=sys.stdout) -> list[str]:
+def generate(cfg: GenerateConfig, out=None) -> list[str]:
     """Print and return num_samples continuations of cfg.prompt."""
+    out = out or sys.stdout
     from .checkpoints.io import load_model
     from .device import pick_device
 

@@ -45,3 +45,15 @@ def subprocess_env(**extra) -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_dataset, tmp_path_factory) -> Path:
+    """A small GPT trained for a few seconds on the generated corpus (it learns the sentence pattern)."""
+    from picochat.train.pretrain import PretrainConfig, pretrain
+    out = tmp_path_factory.mktemp("tiny_run") / "run"
+    cfg = PretrainConfig(data=str(tiny_dataset), out_dir=str(out), max_steps=150, batch_size=8, lr=3e-3,
+                         warmup_steps=10, eval_every=50, ckpt_every=150, eval_windows=8, progress=False,
+                         dtype="fp32")
+    pretrain(cfg, dict(n_layer=2, n_head=2, n_embd=64, block_size=64))
+    return out

@@ -78,6 +78,18 @@ class TrainConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise PicochatError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not (0 < self.lr < 1):
+            raise PicochatError(f"--lr must be in (0, 1), got {self.lr}; typical values are 1e-4 to 3e-3")
+        if self.warmup_steps < 0 or not 0 <= self.min_lr_frac <= 1 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise PicochatError("--warmup-steps, --weight-decay and --grad-clip must be >= 0 and "
+                                "--min-lr-frac in [0, 1]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise PicochatError(f"AdamW betas must be in [0, 1), got {self.beta1}, {self.beta2}")
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, batch_fn: Callable, loss_fn: Callable,

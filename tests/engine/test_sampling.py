@@ -1,0 +1,68 @@
+"""Sampling filters and the UTF-8-safe stream."""
+import pytest
+import torch
+
+from picochat.engine.sampling import Utf8Stream, check_sampling, filter_logits, sample_next
+from picochat.errors import PicochatError
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 0.0]])
+    assert sample_next(logits, temperature=0).tolist() == [1, 0]
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, True, True, False]]
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.79)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+    shuffled = logits[:, [2, 0, 3, 1]]  # order of the vocabulary must not matter
+    assert torch.isfinite(filter_logits(shuffled, top_p=0.79)).tolist() == [[False, True, False, True]]
+
+
+def test_sampling_follows_the_distribution_and_seed():
+    logits = torch.tensor([[0.0, 1.0, 2.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    ids = sample_next(logits, temperature=1.0, generator=g)
+    freq = torch.bincount(ids, minlength=3).float() / len(ids)
+    assert torch.allclose(freq, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), 0), atol=0.015)
+    g2 = torch.Generator().manual_seed(0)
+    assert torch.equal(ids, sample_next(logits, temperature=1.0, generator=g2))
+    # low temperature sharpens towards the argmax
+    cold = sample_next(logits, temperature=0.1, generator=g)
+    assert (cold == 2).float().mean() > 0.99
+
+
+def test_bad_sampling_parameters():
+    for kwargs in [dict(temperature=-1, top_k=None, top_p=None), dict(temperature=1, top_k=-2, top_p=None),
+                   dict(temperature=1, top_k=None, top_p=0.0), dict(temperature=1, top_k=None, top_p=1.5)]:
+        with pytest.raises(PicochatError):
+            check_sampling(**kwargs)
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "emoji 🎉👍🏽 and 中文 and 👩‍👩‍👧", "plain"])
+def test_utf8_stream_never_emits_half_a_character(text):
+    data = text.encode("utf-8")
+    for chunk in (1, 2, 3):
+        s, out = Utf8Stream(), []
+        for i in range(0, len(data), chunk):
+            piece = s.push(data[i:i + chunk])
+            assert "\ufffd" not in piece
+            out.append(piece)
+        out.append(s.flush())
+        assert "".join(out) == text
+
+
+def test_utf8_stream_invalid_bytes_are_replaced_not_held_forever():
+    s = Utf8Stream()
+    assert s.push(b"a\xff") == "a\ufffd"
+    assert s.push(b"\xe2\x82") == ""  # an incomplete euro sign waits
+    assert s.push(b"\xac!") == "\u20ac!"
+    assert s.push(b"\xf0") == "" and s.flush() == "\ufffd"
