@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/picochat pretrain --preset tiny --out runs/tiny
+	$(VENV)/bin/picochat pretrain --preset tiny --out-dir runs/tiny --resume
 	$(VENV)/bin/picochat generate runs/tiny --prompt "The old man" --max-tokens 120 --seed 0
 
 test: $(STAMP)
@@ -37,7 +37,7 @@ test-fast: $(STAMP)
 pipeline: $(STAMP)
 	$(VENV)/bin/picochat tokenizer train --vocab-size 8192 --out runs/pipeline/tokenizer.json
 	$(VENV)/bin/picochat data prepare --tokenizer runs/pipeline/tokenizer.json --out runs/pipeline/data
-	$(VENV)/bin/picochat pretrain runs/pipeline/data --preset tiny --out runs/pipeline/model
+	$(VENV)/bin/picochat pretrain runs/pipeline/data --preset tiny --out-dir runs/pipeline/model
 	$(VENV)/bin/picochat generate runs/pipeline/model --prompt "It was" --seed 0
 
 bench: $(STAMP)

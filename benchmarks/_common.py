@@ -12,12 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-# run from a checkout without installing: make the repository root importable
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
+# run from a checkout without installing: make the repository root importable (an installed or
+# PYTHONPATH picochat wins, so a patched copy can be benchmarked with PYTHONPATH=/path/to/copy)
+try:
+    import picochat  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
 
 def log(*args) -> None:
@@ -49,16 +51,51 @@ def median(xs: list[float]) -> float:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_peak_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 4) -> float:
-    """Best-of-``reps`` GFLOP/s of one (n x n) @ (n x n) torch.matmul in ``dtype``: the machine's
-    practical matmul peak (what MKL / oneDNN reach on big square GEMMs), the denominator of MFU."""
+def _onednn_linear():
+    """oneDNN's dense linear (x W^T + b), or None when this PyTorch build has none."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 4096, reps: int = 4, kernel: str = "matmul") -> float:
+    """Best-of-``reps`` GFLOP/s of one (n x n) @ (n x n) product in ``dtype``.
+
+    kernel "matmul" is torch.matmul (fp32: MKL, which takes its AVX2 path on AMD CPUs; bf16: oneDNN);
+    "onednn" calls oneDNN directly (fp32 with AVX-512 on any x86 CPU).
+    """
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
-    torch.matmul(a, b)  # first call: thread pool start, kernel selection, page faults on the output
+    if kernel == "onednn":
+        op = _onednn_linear()
+        if op is None:
+            return 0.0
+        fn = lambda: op(a, b, None, "none", [], "")  # a @ b^T: same FLOPs
+    else:
+        fn = lambda: torch.matmul(a, b)
+    fn()  # first call: thread pool start, kernel selection, page faults on the output
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
-        torch.matmul(a, b)
+        fn()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
+
+
+def matmul_peak(dtypes, n: int = 4096) -> dict:
+    """The machine's practical matmul peak per dtype: the best big square GEMM any of PyTorch's CPU
+    kernels reaches (MFU's denominator), with the per-kernel figures."""
+    detail = {}
+    for d in dtypes:
+        detail[f"{d}_matmul"] = matmul_gflops(DTYPES[d], n)
+        if d == "fp32":
+            detail["fp32_onednn"] = matmul_gflops(DTYPES[d], n, kernel="onednn")
+    return detail
+
+
+def tune_malloc() -> bool:
+    """picochat's Trainer allocator policy (see picochat.device.tune_cpu_allocator); process-wide."""
+    from picochat.device import tune_cpu_allocator
+    return tune_cpu_allocator()

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .layers import Linear
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
@@ -112,8 +113,8 @@ class Attention(nn.Module):
         d, hd = config.n_embd, config.head_dim
         # Q, K and V come from one fused matmul (rows: nh*hs for Q, then nkv*hs for K, then V):
         # one big GEMM is faster than three small ones, especially on CPUs
-        self.qkv_proj = nn.Linear(d, (self.n_head + 2 * self.n_kv_head) * hd, bias=config.bias)
-        self.o_proj = nn.Linear(self.n_head * hd, d, bias=config.bias)
+        self.qkv_proj = Linear(d, (self.n_head + 2 * self.n_kv_head) * hd, bias=config.bias)
+        self.o_proj = Linear(self.n_head * hd, d, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.last_weights: Optional[torch.Tensor] = None  # (B, nh, T, T) when maps are requested

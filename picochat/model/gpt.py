@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import PicochatError
 from .attention import Attention, alibi_bias, alibi_slopes, rope_cos_sin, sinusoidal_table
 from .config import ModelConfig
-from .layers import FeedForward, make_norm
+from .layers import FeedForward, Linear, make_norm
 
 
 class Block(nn.Module):
@@ -48,7 +48,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         # post-norm models already end every block with a norm; pre-norm ones need a final one
         self.final_norm = make_norm(config) if config.norm_position == "pre" else nn.Identity()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # fixed tables are buffers (not saved: persistent=False) so .to(device) moves them

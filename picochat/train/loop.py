@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from ..checkpoints.io import CheckpointManager, load_state, load_weights_into, read_config
 from ..fsutil import atomic_write
-from ..device import pick_device, pick_dtype
+from ..device import pick_device, pick_dtype, tune_cpu_allocator
 from ..errors import PicochatError
 from .dist import DistInfo, all_reduce_mean, barrier, init_distributed
 from .metrics import MetricsLog, plot_metrics
@@ -101,6 +101,8 @@ class Trainer:
         if self.device.type == "cuda" and self.dist.world > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
         self.amp_dtype = pick_dtype(cfg.dtype, self.device)
+        if self.device.type == "cpu":
+            tune_cpu_allocator()  # no page faults on every big activation of every step
         self.raw_model = model.to(self.device)
         self.batch_fn, self.loss_fn, self.eval_fn = batch_fn, loss_fn, eval_fn
         self.tokenizer = tokenizer

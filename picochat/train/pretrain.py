@@ -97,7 +97,7 @@ class PretrainConfig(TrainConfig):
     data: Optional[str] = None
     """Prepared dataset dir (from `picochat data prepare`), or a text file / folder / JSONL to prepare; omit for the embedded Brown corpus."""
     preset: str = "tiny"
-    """Model and schedule preset: tiny, small, gpt2 (see picochat/model/config.py)."""
+    """Model and schedule preset: tiny, small, gpt2, ... (see picochat/model/config.py)."""
     eval_windows: int = 256
     """Validation windows (of block_size tokens) scored at each evaluation."""
 
@@ -177,12 +177,15 @@ def add_parser(sub) -> None:
     add_dataclass_args(p, PretrainConfig, positional=("data",))
     # None = "not given": the preset fills it in (see run_pretrain)
     p.set_defaults(**{k: None for k in PRESET_FIELDS})
+    for action in p._actions:
+        if action.dest in PRESET_FIELDS and action.help:
+            action.help = action.help.split(" (default:")[0] + " (default: the preset's)"
     g = p.add_argument_group("model overrides (default: the preset's value)")
     from ..cli_args import field_docs
     docs = field_docs(ModelConfig)
     for name, kind in MODEL_FLAGS.items():
         g.add_argument("--" + name.replace("_", "-"), dest="model_" + name, type=kind, default=None,
-                       help=docs.get(name))
+                       metavar=name.upper(), help=docs.get(name))
     p.set_defaults(func=run_pretrain)
 
 
