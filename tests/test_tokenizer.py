@@ -1,5 +1,4 @@
 """Tokenizer: GPT-2 ids against independent oracles, trained BPE parity (tiktoken vs HF), CLI."""
-import argparse
 import json
 import lzma
 import sys
@@ -9,8 +8,8 @@ import pytest
 import tiktoken
 from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
-from picochat import tokenizer_cli
 from picochat.data.corpus import brown_documents
+from picochat.cli import main
 from picochat.errors import PicochatError
 from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -243,15 +242,8 @@ def test_load_missing(tmp_path):
 
 # ------------------------------------------------------------------------------------- CLI
 def run_cli(argv):
-    """Our verb on a local parser, with picochat.cli's error handling."""
-    parser = argparse.ArgumentParser(prog="picochat")
-    tokenizer_cli.add_parser(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except PicochatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """The real `picochat` entry point (exit code; errors printed as one line)."""
+    return main(argv)
 
 
 def test_cli_train_encode_show(tmp_path, capsys, brown_slice):

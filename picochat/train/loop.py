@@ -263,8 +263,8 @@ class Trainer:
                 if out and metrics:
                     metrics.log({"step": self.step} | out)
                     plot_metrics(metrics.read(), self.run_dir / "loss.png", title=self.run_dir.name)
-                    if bar:
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items()))
+                    line = f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
+                    bar.write(line) if bar else print(line, flush=True)
                 t_last, steps_since = time.perf_counter(), 0  # eval time is not training throughput
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save_checkpoint()

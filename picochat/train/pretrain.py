@@ -23,7 +23,7 @@ from .loop import TrainConfig, Trainer
 # Training recipes per preset: the model shape lives in model/config.py, the schedule here.
 # "tiny" is tuned to learn as much as it can in about 10 minutes on a 2-core CPU (README has the curve).
 TRAIN_PRESETS: dict[str, dict] = {
-    "tiny": dict(max_steps=1400, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=50, eval_every=100,
+    "tiny": dict(max_steps=1200, batch_size=16, grad_accum=1, lr=3e-3, warmup_steps=50, eval_every=100,
                  ckpt_every=200, weight_decay=0.1),
     "small": dict(max_steps=4000, batch_size=16, grad_accum=2, lr=2e-3, warmup_steps=100, eval_every=250,
                   ckpt_every=500),
@@ -81,6 +81,7 @@ def evaluate_lm(model, windows: list[np.ndarray], token_bytes: torch.Tensor, bat
     depend on the tokenizer, so models with different vocabularies can be compared.
     """
     device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
     nats, n_tok, n_bytes = 0.0, 0, 0
     for i in range(0, len(windows), batch_size):
         rows = torch.from_numpy(np.stack(windows[i:i + batch_size]).astype(np.int64)).to(device)
@@ -88,7 +89,7 @@ def evaluate_lm(model, windows: list[np.ndarray], token_bytes: torch.Tensor, bat
         _, loss = model(x, y, loss_reduction="none")
         nats += loss.float().sum().item()
         n_tok += y.numel()
-        n_bytes += token_bytes.to(device)[y].sum().item()
+        n_bytes += token_bytes[y].sum().item()
     return {"val_loss": nats / max(n_tok, 1), "val_bpb": nats / math.log(2) / max(n_bytes, 1)}
 
 

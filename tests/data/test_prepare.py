@@ -1,12 +1,10 @@
 """prepare_dataset: split by document, tokenize with <|endoftext|> separators, write shards + meta."""
-import argparse
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from picochat.data import cli as data_cli
+from picochat.cli import main
 from picochat.data.prepare import (default_dataset_dir, ensure_default_dataset, load_meta,
                                    prepare_dataset, split_documents)
 from picochat.errors import PicochatError
@@ -127,15 +125,8 @@ def test_ensure_default_dataset_prepares_once(tmp_path, monkeypatch):
 
 
 def run_cli(argv):
-    """Our verb on a local parser, with picochat.cli's error handling."""
-    parser = argparse.ArgumentParser(prog="picochat")
-    data_cli.add_parser(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args) or 0
-    except PicochatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """The real `picochat` entry point (exit code; errors printed as one line)."""
+    return main(argv)
 
 
 def test_cli_prepare(tmp_path, corpus, capsys):
