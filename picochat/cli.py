@@ -19,6 +19,7 @@ VERBS = {
     "data": "picochat.data.cli",
     "pretrain": "picochat.train.pretrain",
     "generate": "picochat.generate",
+    "import": "picochat.import_cli",
 }
 
 

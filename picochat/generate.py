@@ -1,7 +1,7 @@
 """`picochat generate CHECKPOINT --prompt ...`: sample a continuation, streamed to the terminal.
 
-A deliberately simple loop: each new token re-runs the model on the whole context (O(T^2) work).
-The KV-cache engine (picochat/engine) replaces it for chat and serving.
+Generation runs on the KV-cache engine (picochat/engine): the prompt is prefilled once, then each
+new token costs one single-token forward pass.
 """
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ from typing import Iterator, Optional
 import torch
 
 from .cli_args import add_dataclass_args, dataclass_from_args
-from .engine.sampling import Utf8Stream, check_sampling, sample_next
+from .engine.engine import Engine, SamplingParams
+from .engine.sampling import Utf8Stream
 from .errors import PicochatError
 
 
 @dataclass
 class GenerateConfig:
     checkpoint: str = ""
-    """Run directory or checkpoint directory (from `picochat pretrain`)."""
+    """Run directory or checkpoint directory (from `picochat pretrain` or `picochat import`), a .gguf file, or smollm2."""
     prompt: str = ""
     """Text to continue (empty: start from <|endoftext|>, i.e. a new document)."""
     max_tokens: int = 200
@@ -38,28 +39,13 @@ class GenerateConfig:
     """cpu, cuda, mps or auto."""
 
 
-@torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_tokens: int, temperature: float = 0.8,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  generator: Optional[torch.Generator] = None, stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
     """Yield new token ids one at a time until max_tokens, a stop id, or the context is full."""
-    check_sampling(temperature, top_k, top_p)
-    device = next(model.parameters()).device
-    block = model.config.block_size
-    if len(prompt_ids) >= block:
-        raise PicochatError(f"the prompt is {len(prompt_ids)} tokens but the model's context is {block}; "
-                            "shorten the prompt")
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    for _ in range(max_tokens):
-        if idx.size(1) >= block:
-            return
-        logits, _ = model(idx)
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-        token = int(nxt.item())
-        if token in stop_ids:
-            return
-        yield token
-        idx = torch.cat([idx, nxt.view(1, 1)], dim=1)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            stop_token_ids=tuple(stop_ids))
+    yield from Engine(model).generate_tokens(prompt_ids, params, generator=generator)
 
 
 def generate(cfg: GenerateConfig, out=None) -> list[str]:

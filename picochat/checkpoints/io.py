@@ -44,6 +44,9 @@ def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a checkpoint is an ordinary folder
     try:
         (tmp / "config.json").write_text(json.dumps(
             {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}, indent=2))
@@ -133,8 +136,17 @@ def load_weights_into(model, state: dict[str, torch.Tensor], source: str) -> Non
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
-    """-> (GPT in eval mode, Tokenizer or None, checkpoint dir)."""
+    """-> (GPT in eval mode, Tokenizer or None, checkpoint dir).
+
+    ``path`` may also be a GGUF file or a model name such as ``smollm2`` (imported on the fly; the
+    third item is then the GGUF file)."""
     from ..model.gpt import GPT
+    from .gguf import gguf_source, load_gguf
+    gguf_file = gguf_source(path)
+    if gguf_file is not None:
+        model, tokenizer, _ = load_gguf(gguf_file)
+        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+        return model, tokenizer, gguf_file
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model = GPT(config)

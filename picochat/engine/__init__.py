@@ -1,1 +1,1 @@
-"""Inference: sampling now; the KV-cache engine and the scheduler arrive with the serving work."""
+"""Inference: KV cache (kv_cache.py), batched streaming generation (engine.py), sampling (sampling.py)."""

@@ -1,10 +1,14 @@
-"""Turning logits into the next token: temperature, top-k, top-p (nucleus) and greedy decoding.
+"""Turning logits into the next token: temperature, top-k, top-p (nucleus), min-p and greedy decoding.
 
     p_i = softmax(z / tau)_i;  top-k keeps the k largest z_i;  top-p keeps the smallest set whose
-    probabilities sum to at least p (Holtzman et al. 2020);  tau = 0 means argmax (greedy).
+    probabilities sum to at least p (Holtzman et al. 2020);  min-p keeps tokens with p_i >= min_p * max_j p_j
+    (Nguyen et al. 2024);  tau = 0 means argmax (greedy).
+    Repetition penalty (CTRL, Keskar et al. 2019), applied first: for tokens already in the context,
+    z_i / r if z_i > 0 else z_i * r, so r > 1 always makes them less likely.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -12,17 +16,32 @@ import torch
 from ..errors import PicochatError
 
 
-def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float],
+                   min_p: Optional[float] = None, repetition_penalty: Optional[float] = None) -> None:
     if temperature < 0:
         raise PicochatError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise PicochatError(f"top_k must be >= 1 (or 0 for off), got {top_k}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise PicochatError(f"top_p must be in (0, 1], got {top_p}")
+    if min_p is not None and not 0.0 <= min_p <= 1.0:
+        raise PicochatError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
+    if repetition_penalty is not None and repetition_penalty <= 0:
+        raise PicochatError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
-def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> torch.Tensor:
-    """Set the logits outside top-k / top-p to -inf. logits: (B, V)."""
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
+    """CTRL penalty on tokens already present. logits (B, V); seen (B, V) bool, True for tokens in the context."""
+    if penalty is None or penalty == 1.0:
+        return logits
+    # dividing a negative logit would *raise* its probability, hence the two cases
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  min_p: Optional[float] = None) -> torch.Tensor:
+    """Set the logits outside top-k / top-p / min-p to -inf. logits: (B, V)."""
     if top_k:
         k = min(top_k, logits.size(-1))
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
@@ -34,16 +53,21 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         drop = probs.cumsum(dim=-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    if min_p:
+        # p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p): no softmax needed
+        z_max = logits.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(logits < z_max + math.log(min_p), float("-inf"))
     return logits
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,)."""
+                top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                min_p: Optional[float] = None) -> torch.Tensor:
+    """logits (B, V) -> next ids (B,). Apply apply_repetition_penalty before, if wanted."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / temperature, top_k, top_p)
+    logits = filter_logits(logits / temperature, top_k, top_p, min_p)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

@@ -120,14 +120,21 @@ class Attention(nn.Module):
         self.last_weights: Optional[torch.Tensor] = None  # (B, nh, T, T) when maps are requested
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None, alibi: Optional[torch.Tensor] = None,
-                kv_cache=None, start_pos: int = 0, return_weights: bool = False) -> torch.Tensor:
+                kv_cache=None, start_pos: int = 0, return_weights: bool = False,
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """positions: optional (B, T) per-row positions (left-padded batches in the engine), used by RoPE
+        instead of start_pos. attn_mask: optional (B, 1, T, T_k) bool (True = may attend), replacing the
+        plain causal mask; it must already be causal and hide padding."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split([self.n_head * self.head_dim, self.n_kv_head * self.head_dim,
                                           self.n_kv_head * self.head_dim], dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)      # (B, nh, T, hs)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, nkv, T, hs)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)   # (B, nkv, T, hs)
-        if rope is not None:
+        if rope is not None and positions is not None:  # per-row positions: (B, 1, T, hs) tables
+            cos, sin = rope[0][positions].unsqueeze(1), rope[1][positions].unsqueeze(1)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        elif rope is not None:
             cos, sin = rope[0][start_pos:start_pos + T], rope[1][start_pos:start_pos + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:  # the engine keeps past K/V; we get back everything up to now
@@ -138,7 +145,15 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         dropout_p = self.dropout if self.training else 0.0
-        if return_weights:
+        if attn_mask is not None:  # padded batch: the caller's mask already encodes causality and padding
+            mask = attn_mask if alibi is None else alibi.masked_fill(~attn_mask, float("-inf"))
+            if return_weights:
+                y, w = attention(q, k, v, mask=mask, return_weights=True)
+                self.last_weights = w.detach()
+            else:
+                mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        elif return_weights:
             mask = alibi if alibi is not None else causal_mask(T, T_k, x.device)
             y, w = attention(q, k, v, mask=mask, return_weights=True)
             self.last_weights = w.detach()

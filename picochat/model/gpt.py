@@ -75,29 +75,42 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, start_pos: int = 0,
-                kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean"):
+                kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean",
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None):
         """idx: (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the cross-entropy.
 
         targets equal to -1 are ignored (padding, or prompt tokens masked out in chat fine-tuning).
         start_pos: position of idx[:, 0] (non-zero when continuing from a KV cache).
+        positions, attn_mask: for left-padded batches in the engine, where each row has its own positions
+        (B, T) and a (B, 1, T, T_k) bool mask (True = may attend) that is causal and hides the padding;
+        start_pos then only locates the rows in the cache. Both None = the ordinary path.
         """
         B, T = idx.shape
-        if start_pos + T > self.config.block_size:
+        if positions is not None:
+            if int(positions.max()) >= self.config.block_size:
+                raise PicochatError(f"position {int(positions.max())} is beyond the model's context "
+                                    f"block_size={self.config.block_size}; shorten the input")
+        elif start_pos + T > self.config.block_size:
             raise PicochatError(f"sequence of {start_pos + T} tokens is longer than the model's context "
                                 f"block_size={self.config.block_size}; shorten the input or use a model with a longer context")
         x = self.tok_emb(idx)  # (B, T, d)
-        if self.pos_emb is not None:
+        if positions is not None and self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        elif positions is not None and self.config.pos == "sinusoidal":
+            x = x + self.pos_table[positions]
+        elif self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(start_pos, start_pos + T, device=idx.device))
         elif self.config.pos == "sinusoidal":
             x = x + self.pos_table[start_pos:start_pos + T]
         x = self.drop(x)
         rope = (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
         alibi = None
-        if self.config.pos == "alibi":
+        if self.config.pos == "alibi":  # relative (i - j), so cache indices work for left-padded rows too
             alibi = alibi_bias(self.alibi_slopes, T, start_pos + T, idx.device)
         for block in self.blocks:
             x = block(x, rope=rope, alibi=alibi, kv_cache=kv_cache, start_pos=start_pos,
-                      return_weights=return_attention)
+                      return_weights=return_attention, positions=positions,
+                      attn_mask=attn_mask)
         x = self.final_norm(x)
         if targets is None:
             return self.lm_head(x), None

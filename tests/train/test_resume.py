@@ -1,10 +1,9 @@
 """Exact resume: SIGKILL mid-training then --resume reproduces an uninterrupted run bit for bit,
 and a kill in the middle of writing a checkpoint leaves the previous one loadable."""
 import json
-import multiprocessing as mp
-import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -56,44 +55,48 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tiny_dataset, tmp
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def _save_and_die(run_dir: str, die_on: str):
-    """In a child: train state exists; a second save gets SIGKILLed at the chosen moment."""
-    from picochat.checkpoints.io import CheckpointManager
-    from picochat.model.config import ModelConfig
-    from picochat.model.gpt import GPT
-    import picochat.checkpoints.io as cio
+# Runs in a fresh interpreter (not a fork: forking a process whose OpenMP/oneDNN threads hold locks
+# can deadlock the child). It saves checkpoint 1, then is SIGKILLed in the middle of saving checkpoint 2.
+SAVE_AND_DIE = """
+import os, signal, sys
+import torch
+import picochat.checkpoints.io as cio
+from picochat.checkpoints.io import CheckpointManager
+from picochat.model.config import ModelConfig
+from picochat.model.gpt import GPT
 
-    model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
-    mgr = CheckpointManager(run_dir, keep=3)
-    mgr.save(1, model, None, {"state.json": b"{}"})
-    real_replace, real_save = os.replace, cio.save_file
+run_dir, die_on = sys.argv[1], sys.argv[2]
+model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+mgr = CheckpointManager(run_dir, keep=3)
+mgr.save(1, model, None, {"state.json": b"{}"})
+real_replace, real_save = os.replace, cio.save_file
 
-    def dying_replace(src, dst):
-        if die_on == "rename" and "step_0000002" in str(dst):
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real_replace(src, dst)
+def dying_replace(src, dst):
+    if die_on == "rename" and "step_0000002" in str(dst):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
 
-    def dying_save(state, path, metadata=None):
-        real_save(state, path, metadata=metadata)
-        if die_on == "weights":  # weights half-way: file written, directory not renamed yet
-            with open(path, "r+b") as f:
-                f.truncate(100)
-            os.kill(os.getpid(), signal.SIGKILL)
+def dying_save(state, path, metadata=None):
+    real_save(state, path, metadata=metadata)
+    if die_on == "weights":  # weights half-way: file cut short, directory not renamed yet
+        with open(path, "r+b") as f:
+            f.truncate(100)
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    cio.os.replace = dying_replace
-    cio.save_file = dying_save
-    torch.manual_seed(1)
-    mgr.save(2, GPT(model.config), None, {"state.json": b"{}"})
+cio.os.replace = dying_replace
+cio.save_file = dying_save
+torch.manual_seed(1)
+mgr.save(2, GPT(model.config), None, {"state.json": b"{}"})
+"""
 
 
 @pytest.mark.parametrize("die_on", ["weights", "rename"])
 def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, die_on):
     from picochat.checkpoints.io import load_model, resolve_checkpoint
-    ctx = mp.get_context("fork")
-    p = ctx.Process(target=_save_and_die, args=(str(tmp_path), die_on))
-    p.start()
-    p.join(60)
-    assert p.exitcode == -signal.SIGKILL
-    assert resolve_checkpoint(tmp_path).name == "step_0000001"
-    model, _, path = load_model(tmp_path)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", SAVE_AND_DIE, str(run), die_on], env=subprocess_env(),
+                          capture_output=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert resolve_checkpoint(run).name == "step_0000001"
+    model, _, path = load_model(run)
     assert path.name == "step_0000001" and model.config.n_embd == 16

@@ -1,0 +1,278 @@
+"""Batched, streaming generation with a KV cache: prefill the prompt once, then one token per step.
+
+    prefill:  logits, cache = model(prompt)                 one forward over all prompt tokens
+    decode:   logits = model(last_token, cache)             one token per row per step, O(T) each
+
+Ragged batches are left-padded so that every row's newest token sits in the same cache column; each
+row gets its own positions (pos = column - pad) and a mask that hides its padding. Rows stop
+independently (stop token, stop string, max_tokens, or the model's context) and leave the batch.
+
+A batch of one keeps its cache between calls: when the next prompt extends the tokens the cache holds
+(the next turn of a chat), only the new suffix is prefilled. Not thread-safe: one Engine per worker.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import torch
+
+from ..errors import PicochatError
+from .kv_cache import KVCache
+from .sampling import Utf8Stream, apply_repetition_penalty, check_sampling, sample_next
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0          # 0 = greedy
+    top_k: Optional[int] = None       # None or 0 = off
+    top_p: Optional[float] = None
+    min_p: Optional[float] = None     # keep tokens with p >= min_p * p_max
+    repetition_penalty: Optional[float] = None  # CTRL-style, over prompt and generated tokens; 1 = off
+    seed: Optional[int] = None
+    stop_token_ids: tuple[int, ...] = ()  # ends the row; the token itself is not part of the output
+    stop_strings: tuple[str, ...] = ()    # ends the row; the text is cut before the match
+
+    def check(self) -> None:
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        if self.max_tokens < 0:
+            raise PicochatError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if any(not s for s in self.stop_strings):
+            raise PicochatError("stop strings must be non-empty")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]   # generated tokens (a stop token is left out)
+    text: str              # their text, cut before a stop string ("" without a tokenizer)
+    finish_reason: str     # "stop" or "length"
+    prompt_tokens: int
+
+
+@dataclass
+class StreamChunk:
+    text: str                                       # complete characters only; may be ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None             # set on the last chunk only
+
+
+class _Text:
+    """One row's text: UTF-8-safe, and holding back any tail that could be the start of a stop string."""
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...]):
+        if stop_strings and tokenizer is None:
+            raise PicochatError("stop strings need a tokenizer (Engine(model, tokenizer))")
+        self.tokenizer, self.stops = tokenizer, stop_strings
+        self.longest = max((len(s) for s in stop_strings), default=0)
+        self.utf8, self.text, self.emitted = Utf8Stream(), "", 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return (the text now safe to show, whether a stop string matched)."""
+        if self.tokenizer is None:
+            return "", False
+        return self._add(self.utf8.push(self.tokenizer.token_bytes(token)))
+
+    def finish(self) -> str:
+        """The row ended without a stop-string match: release the held-back text."""
+        if self.tokenizer is None:
+            return ""
+        delta, hit = self._add(self.utf8.flush())
+        return delta if hit else delta + self._emit(len(self.text))
+
+    def _add(self, new: str) -> tuple[str, bool]:
+        before = len(self.text)
+        self.text += new
+        if self.stops:
+            # a match must end in the new text, so it starts at most longest-1 characters before it
+            start = max(0, before - self.longest + 1)
+            hits = [i for s in self.stops if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                return self._emit(len(self.text)), True
+        hold = 0
+        for k in range(min(self.longest - 1, len(self.text) - self.emitted), 0, -1):
+            if any(s.startswith(self.text[-k:]) for s in self.stops):
+                hold = k
+                break
+        return self._emit(len(self.text) - hold), False
+
+    def _emit(self, upto: int) -> str:
+        out, self.emitted = self.text[self.emitted:upto], max(self.emitted, upto)
+        return out
+
+
+class _Row:
+    def __init__(self, prompt: list[int], text: _Text):
+        self.prompt, self.tokens, self.text = prompt, [], text
+        self.finish_reason: Optional[str] = None
+
+    def push(self, token: int, sp: SamplingParams, block_size: int) -> tuple[Optional[int], str]:
+        """Record a sampled token; returns (the token, or None if it was a stop token; text delta)."""
+        if token in sp.stop_token_ids:
+            self.finish_reason = "stop"
+            return None, self.text.finish()
+        self.tokens.append(token)
+        delta, hit = self.text.push(token)
+        if hit:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= sp.max_tokens or len(self.prompt) + len(self.tokens) >= block_size:
+            self.finish_reason = "length"
+            delta += self.text.finish()
+        return token, delta
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self._cache: Optional[KVCache] = None  # batch-of-one cache, kept across calls
+        self._ids: list[int] = []              # the tokens whose K/V self._cache holds
+        self.last_prefill_tokens = 0           # tokens the last call actually ran through prefill
+
+    def reset(self) -> None:
+        """Drop the kept cache (e.g. after the model's weights changed)."""
+        self._cache, self._ids = None, []
+
+    def generate(self, prompts: list[list[int]], params: Optional[SamplingParams] = None,
+                 **kwargs) -> list[GenerationResult]:
+        """Complete every prompt; keyword arguments are SamplingParams fields (max_tokens, temperature, ...)."""
+        sp = params or SamplingParams(**kwargs)
+        rows = []
+        for rows, _ in self._run(prompts, sp):
+            pass
+        return [GenerationResult(r.tokens, r.text.text, r.finish_reason or "length", len(r.prompt))
+                for r in rows]
+
+    def stream(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
+               **kwargs) -> Iterator[StreamChunk]:
+        """One chunk per generated token, UTF-8-safe text; the last chunk carries finish_reason."""
+        sp = params or SamplingParams(**kwargs)
+        for rows, events in self._run([prompt_ids], sp):
+            (_, token, delta), row = events[0], rows[0]
+            yield StreamChunk(delta, [] if token is None else [token], row.finish_reason)
+
+    def generate_tokens(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
+                        generator: Optional[torch.Generator] = None, **kwargs) -> Iterator[int]:
+        """Just the new token ids (no tokenizer needed); stops like stream()."""
+        sp = params or SamplingParams(**kwargs)
+        for _, events in self._run([prompt_ids], sp, generator):
+            if events[0][1] is not None:
+                yield events[0][1]
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _run(self, prompts: list[list[int]], sp: SamplingParams, generator: Optional[torch.Generator] = None):
+        """Yields (rows, events) once per decode step; events: (row index, token or None, text delta)
+        for every row still running at that step."""
+        sp.check()
+        block = self.model.config.block_size
+        if not prompts:
+            return
+        for p in prompts:
+            if not p:
+                raise PicochatError("a prompt is empty: it needs at least one token (e.g. <|endoftext|>)")
+            if len(p) >= block:
+                raise PicochatError(f"the prompt is {len(p)} tokens but the model's context is {block}; "
+                                    "shorten the prompt")
+        rows = [_Row(list(p), _Text(self.tokenizer, tuple(sp.stop_strings))) for p in prompts]
+        if sp.max_tokens == 0:
+            for r in rows:
+                r.finish_reason = "length"
+            yield rows, [(i, None, "") for i in range(len(rows))]
+            return
+        if generator is None and sp.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(sp.seed)
+        shared = len(prompts) == 1
+        if shared:
+            cache, logits, pad = *self._prefill_shared(prompts[0], sp.max_tokens), None
+        else:
+            cache, logits, pad = self._prefill_batch(prompts, sp.max_tokens)
+        V = logits.size(-1)
+        seen = None  # (B, V) bool: which tokens each row's context contains, for the repetition penalty
+        if sp.repetition_penalty not in (None, 1.0):
+            seen = torch.zeros(len(prompts), V, dtype=torch.bool, device=self.device)
+            for i, p in enumerate(prompts):
+                seen[i, torch.tensor(p, device=self.device)] = True
+        active = list(range(len(prompts)))  # row index of each batch row still running
+        while True:
+            last = logits[:, -1, :].float()  # (B_active, V)
+            if seen is not None:
+                last = apply_repetition_penalty(last, seen, sp.repetition_penalty)
+            nxt = sample_next(last, sp.temperature, sp.top_k or None, sp.top_p, generator, sp.min_p)  # (B_active,)
+            events, keep = [], []
+            for j, (r, t) in enumerate(zip(active, nxt.tolist())):
+                token, delta = rows[r].push(t, sp, block)
+                events.append((r, token, delta))
+                if rows[r].finish_reason is None:
+                    keep.append(j)
+            yield rows, events
+            if not keep:
+                return
+            if len(keep) < len(active):  # finished rows leave the batch
+                sel = torch.tensor(keep, device=self.device)
+                cache.keep_rows(sel)
+                nxt, active = nxt[sel], [active[j] for j in keep]
+                seen = None if seen is None else seen[sel]
+                pad = None if pad is None else pad[sel]
+            if seen is not None:
+                seen[torch.arange(len(active), device=self.device), nxt] = True
+            logits = self._step(nxt.view(-1, 1), cache, pad)
+            if shared:
+                self._ids.append(int(nxt[0]))
+
+    def _prefill_shared(self, prompt: list[int], max_tokens: int):
+        """Batch of one: reuse the longest prefix the kept cache shares with the prompt."""
+        block = self.model.config.block_size
+        need = min(block, len(prompt) + max_tokens)
+        if self._cache is None:
+            self._cache, self._ids = KVCache.for_model(self.model, 1, capacity=need), []
+        n = 0
+        for a, b in zip(self._ids, prompt):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(prompt) - 1)  # at least one token must run, to get the next-token logits
+        self._cache.truncate(n)
+        self._ids = self._ids[:n]
+        self._cache.reserve(need)
+        idx = torch.tensor([prompt[n:]], dtype=torch.long, device=self.device)  # (1, T_new)
+        logits, _ = self.model(idx, start_pos=n, kv_cache=self._cache)
+        self._ids = list(prompt)
+        self.last_prefill_tokens = len(prompt) - n
+        return self._cache, logits
+
+    def _prefill_batch(self, prompts: list[list[int]], max_tokens: int):
+        """Left-pad to the longest prompt; a fresh cache sized for the longest possible run."""
+        block = self.model.config.block_size
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        B, L = len(prompts), int(lens.max())
+        steps = max(min(max_tokens, block - len(p)) for p in prompts)
+        c, dtype = self.model.config, next(self.model.parameters()).dtype
+        # columns = pad + position, so a padded row may need columns past block_size: size by L + steps
+        cache = KVCache(c.n_layer, B, c.n_kv_head, c.head_dim, L + steps, dtype=dtype, device=self.device)
+        pad = L - lens  # (B,)
+        idx = torch.zeros(B, L, dtype=torch.long, device=self.device)  # pad id is irrelevant: masked out
+        for i, p in enumerate(prompts):
+            idx[i, L - len(p):] = torch.tensor(p, device=self.device)
+        self.last_prefill_tokens = int(lens.sum())
+        if int(pad.max()) == 0:  # equal lengths: the ordinary causal path
+            return cache, self.model(idx, kv_cache=cache)[0], None
+        col = torch.arange(L, device=self.device)
+        positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
+        i, j = col[:, None], col[None, :]
+        # causal, and no real key in the padding; a pad query sees only itself, so its row is never all
+        # masked (some attention backends turn such a row into NaNs, which a zero weight cannot cancel)
+        mask = (j <= i) & ((j >= pad[:, None, None]) | (j == i))  # (B, L, L)
+        logits, _ = self.model(idx, kv_cache=cache, positions=positions, attn_mask=mask.unsqueeze(1))
+        return cache, logits, pad
+
+    def _step(self, idx: torch.Tensor, cache: KVCache, pad: Optional[torch.Tensor]) -> torch.Tensor:
+        """One decode step: idx (B, 1) -> logits (B, 1, V)."""
+        if pad is None:
+            return self.model(idx, start_pos=cache.pos, kv_cache=cache)[0]
+        positions = (cache.pos - pad).view(-1, 1)  # (B, 1)
+        keys = torch.arange(cache.pos + 1, device=self.device)
+        mask = (keys[None, :] >= pad[:, None]).view(idx.size(0), 1, 1, -1)  # (B, 1, 1, T_k)
+        return self.model(idx, start_pos=cache.pos, kv_cache=cache, positions=positions, attn_mask=mask)[0]

@@ -1,0 +1,85 @@
+"""The key/value cache: past keys and values of every layer, so each decode step only computes the new token.
+
+Without it, token t re-runs attention projections for all t previous tokens (O(T^2) work per sequence);
+with it, a step costs one token's projections plus one attention read over the cached K/V.
+
+Layout per layer: K and V of shape (B, n_kv_head, capacity, head_dim), preallocated in the model's dtype
+and device and written in place. `pos` counts the filled columns; it advances once per forward pass
+(when the last layer writes), not once per layer. All rows share `pos`: ragged batches are left-padded
+by the engine, which hides the padding with an attention mask.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..errors import PicochatError
+
+
+class KVCache:
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, capacity: int,
+                 max_len: Optional[int] = None, dtype: torch.dtype = torch.float32, device=None):
+        self.n_layer, self.max_len = n_layer, max_len or capacity
+        if capacity > self.max_len:
+            raise PicochatError(f"KV cache capacity {capacity} is larger than its limit {self.max_len}")
+        shape = (batch, n_kv_head, capacity, head_dim)  # (B, nkv, T_max, hs)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model, batch: int, capacity: Optional[int] = None) -> "KVCache":
+        """A cache shaped for `model` (a GPT); capacity defaults to its whole context, and can grow up to it."""
+        c = model.config
+        p = next(model.parameters())
+        return cls(c.n_layer, batch, c.n_kv_head, c.head_dim, capacity or c.block_size,
+                   max_len=c.block_size, dtype=p.dtype, device=p.device)
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].size(0)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].size(2)
+
+    def reserve(self, n: int) -> None:
+        """Make room for n columns in total. Grows geometrically (so a long chat reallocates O(log T) times)
+        but never past max_len: a short prompt on a long-context model does not pay for the whole context."""
+        if n <= self.capacity:
+            return
+        if n > self.max_len:
+            raise PicochatError(f"the KV cache needs {n} positions but the model's context is {self.max_len}")
+        new = min(self.max_len, max(n, 2 * self.capacity))
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                grown = t.new_zeros(t.size(0), t.size(1), new, t.size(3))
+                grown[:, :, :self.pos] = t[:, :, :self.pos]
+                store[i] = grown
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write this step's k, v (B, nkv, T, hs) at pos and return all K/V so far, (B, nkv, pos + T, hs)."""
+        T = k.size(2)
+        end = self.pos + T
+        if end > self.capacity:
+            self.reserve(end)
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        if layer == self.n_layer - 1:  # the forward pass is done with this position range
+            self.pos = end
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n positions (keep a shared prefix, recompute the rest)."""
+        if not 0 <= n <= self.pos:
+            raise PicochatError(f"cannot truncate a KV cache holding {self.pos} positions to {n}")
+        self.pos = n
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (finished sequences leave the batch so they cost nothing)."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
