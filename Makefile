@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install pipeline bench clean help
+.PHONY: run tiny test test-fast install pipeline bench clean help
 
 help:
-	@echo "make run       train the tiny preset on the embedded corpus, then sample from it"
+	@echo "make run       chat in the terminal with SmolLM2-135M-Instruct, run by picochat's own code"
+	@echo "make tiny      train the tiny preset on the embedded corpus (~10 min), then sample from it"
 	@echo "make test      install and run the whole test suite (slow tests included)"
 	@echo "make test-fast the fast tests only"
 	@echo "make pipeline  tokenizer -> data -> pretrain -> generate, step by step"
@@ -26,6 +27,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/picochat chat smollm2
+
+tiny: $(STAMP)
 	$(VENV)/bin/picochat pretrain --preset tiny --out-dir runs/tiny --resume
 	$(VENV)/bin/picochat generate runs/tiny --prompt "The old man" --max-tokens 120 --seed 0
 

