@@ -77,9 +77,13 @@ def parse_args(argv=None):
     return args
 
 
+def ratio(a, b, nd: int = 2):
+    return round(a / b, nd) if a and b else None
+
+
 def make_prompts(tok, n_rows: int, length: int) -> list[list[int]]:
-    ids = tok.encode(TEXT * (1 + (length * (n_rows + 1)) // 150))
     stride = 37
+    ids = tok.encode(TEXT * (2 + (length + stride * n_rows) // 100))  # TEXT is ~180 tokens
     if len(ids) < length + stride * (n_rows - 1):
         raise SystemExit("prompt text too short")
     return [ids[i * stride: i * stride + length] for i in range(n_rows)]
@@ -128,9 +132,14 @@ def measure(runners: dict, prompts, new: int, reps: int) -> dict:
     res = {}
     for n in names:
         tp, tf = median(pre[n]), median(full[n])
-        decode_s = max(tf - tp, 1e-9)
-        res[n] = {"prefill_tok_s": round(B * T / tp, 1), "decode_tok_s": round(B * (new - 1) / decode_s, 1),
-                  "decode_ms_per_step": round(decode_s / (new - 1) * 1e3, 2), "prefill_ms": round(tp * 1e3, 1)}
+        decode_s = tf - tp
+        if decode_s <= 0 or new < 2:  # too few tokens, or noise swamped the difference
+            log(f"  warning: {n}: no decode time left after the prefill (full {tf:.3f} s, prefill {tp:.3f} s)")
+            decode_s = None
+        res[n] = {"prefill_tok_s": round(B * T / tp, 1),
+                  "decode_tok_s": round(B * (new - 1) / decode_s, 1) if decode_s else None,
+                  "decode_ms_per_step": round(decode_s / (new - 1) * 1e3, 2) if decode_s else None,
+                  "prefill_ms": round(tp * 1e3, 1)}
     if len(names) == 2:
         a, b = (ids[n] for n in names)
         same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
@@ -170,17 +179,23 @@ def llama_cpp_bench(path: str, prompt: list[int], new: int, reps: int) -> dict:
     llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new + 16, n_threads=2, n_threads_batch=2,
                           n_batch=512, verbose=False, logits_all=False)
 
+    n_vocab = llm.n_vocab()
+
+    def last_argmax() -> int:  # greedy over the last position's logits, read in place from the context
+        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
+
     def once(n_new):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         t_pre = time.perf_counter() - t0
         out = []
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_argmax()
         out.append(tok)
         for _ in range(n_new - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last_argmax()
             out.append(tok)
         return t_pre, time.perf_counter() - t0 - t_pre, out
 
@@ -197,6 +212,10 @@ def llama_cpp_bench(path: str, prompt: list[int], new: int, reps: int) -> dict:
             "decode_ms_per_step": round(td / (new - 1) * 1e3, 2), "tokens": out}
 
 
+def mem_now() -> dict:
+    return {"maxrss": maxrss_mb(), "rss": rss_mb()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -205,13 +224,15 @@ def main(argv=None):
     if src is None:
         raise SystemExit(f"no GGUF file for {args.model!r}")
     log(f"model file {src}  load {loadavg()}")
-    mem = {"start": maxrss_mb()}
+    if loadavg() > (torch.get_num_threads() or 1):
+        log("warning: the 1-minute load is above the thread count: other processes will skew these figures")
+    mem = {"start": mem_now()}
 
     t0 = time.perf_counter()
     model, tok, _meta = load_gguf(args.model)
     model.eval()
     log(f"picochat load_gguf {time.perf_counter() - t0:.1f} s")
-    mem["after_picochat_load"] = maxrss_mb()
+    mem["after_picochat_load"] = mem_now()
     p1 = make_prompts(tok, 1, args.prompt_len)
     pB = make_prompts(tok, args.batch, args.batch_prompt_len)
 
@@ -226,7 +247,7 @@ def main(argv=None):
         hf.eval()
         hf.generation_config.eos_token_id = None  # no early stop: lengths must match
         log(f"transformers {transformers.__version__} from_pretrained(gguf_file) {time.perf_counter() - t0:.1f} s")
-        mem["after_hf_load"] = maxrss_mb()
+        mem["after_hf_load"] = mem_now()
 
     result = {"benchmark": "decode", "model": src.name, "prompt_len": args.prompt_len, "batch": args.batch,
               "batch_prompt_len": args.batch_prompt_len, "new_tokens": args.new_tokens, "reps": args.reps}
@@ -240,9 +261,9 @@ def main(argv=None):
             hf.to(dtype)
         gc.collect()
         engine = Engine(model, tok)
-        runners = {"picochat": lambda ps, n: run_picochat(engine, ps, n)}
+        runners = {"picochat": lambda ps, n, e=engine: run_picochat(e, ps, n)}
         if hf is not None:
-            runners["hf"] = lambda ps, n: run_hf(hf, ps, n)
+            runners["hf"] = lambda ps, n, m=hf: run_hf(m, ps, n)
         out = {}
         log(f"[{d}] batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
         r1 = measure(runners, p1, args.new_tokens, args.reps)
@@ -253,15 +274,15 @@ def main(argv=None):
         if "same_tokens" in r1:
             out["same_tokens_vs_hf"] = {"b1": r1["same_tokens"], f"b{args.batch}": rB["same_tokens"]}
         pc = out["picochat"]
-        ratios = {"picochat_batch_over_b1_decode": round(pc[f"b{args.batch}"]["decode_tok_s"] / pc["b1"]["decode_tok_s"], 2)}
+        ratios = {"picochat_batch_over_b1_decode": ratio(pc[f"b{args.batch}"]["decode_tok_s"], pc["b1"]["decode_tok_s"])}
         if hf is not None:
-            ratios["picochat_over_hf_decode_b1"] = round(pc["b1"]["decode_tok_s"] / out["hf"]["b1"]["decode_tok_s"], 2)
-            ratios[f"picochat_over_hf_decode_b{args.batch}"] = round(
-                pc[f"b{args.batch}"]["decode_tok_s"] / out["hf"][f"b{args.batch}"]["decode_tok_s"], 2)
-            ratios["picochat_over_hf_prefill"] = round(pc["b1"]["prefill_tok_s"] / out["hf"]["b1"]["prefill_tok_s"], 2)
+            ratios["picochat_over_hf_decode_b1"] = ratio(pc["b1"]["decode_tok_s"], out["hf"]["b1"]["decode_tok_s"])
+            ratios[f"picochat_over_hf_decode_b{args.batch}"] = ratio(
+                pc[f"b{args.batch}"]["decode_tok_s"], out["hf"][f"b{args.batch}"]["decode_tok_s"])
+            ratios["picochat_over_hf_prefill"] = ratio(pc["b1"]["prefill_tok_s"], out["hf"]["b1"]["prefill_tok_s"])
         out["ratios"] = ratios
         result[d] = out
-        mem[f"after_{d}"] = maxrss_mb()
+        mem[f"after_{d}"] = mem_now()
         log(f"[{d}] {out}")
         if args.profile:
             profiles[d] = profile_picochat(model, p1[0], args.profile)
@@ -272,7 +293,7 @@ def main(argv=None):
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
-        except Exception as e:  # ImportError, or a broken native library
+        except (ImportError, OSError, RuntimeError) as e:  # not installed, or a broken native library
             result["llama_cpp"] = None
             result["llama_cpp_reason"] = f"import llama_cpp failed: {type(e).__name__}: {e}"[:200]
             log(f"note: {result['llama_cpp_reason']}; skipping llama.cpp "
@@ -282,12 +303,12 @@ def main(argv=None):
             llama = llama_cpp_bench(str(src), p1[0], args.new_tokens, args.reps)
             toks = llama.pop("tokens")
             result["llama_cpp"] = llama
-            mem["after_llama_cpp"] = maxrss_mb()
+            mem["after_llama_cpp"] = mem_now()
             for d in args.dtypes:
-                result[d]["ratios"]["picochat_over_llama_cpp_decode_b1"] = round(
-                    result[d]["picochat"]["b1"]["decode_tok_s"] / llama["decode_tok_s"], 3)
-                result[d]["ratios"]["picochat_over_llama_cpp_prefill"] = round(
-                    result[d]["picochat"]["b1"]["prefill_tok_s"] / llama["prefill_tok_s"], 3)
+                result[d]["ratios"]["picochat_over_llama_cpp_decode_b1"] = ratio(
+                    result[d]["picochat"]["b1"]["decode_tok_s"], llama["decode_tok_s"], 3)
+                result[d]["ratios"]["picochat_over_llama_cpp_prefill"] = ratio(
+                    result[d]["picochat"]["b1"]["prefill_tok_s"], llama["prefill_tok_s"], 3)
             log(f"[llama.cpp] {llama}; first tokens {toks[:8]}")
     else:
         result["llama_cpp"] = None
@@ -295,8 +316,7 @@ def main(argv=None):
 
     if profiles:
         result["profile_top_ops"] = profiles
-    result["maxrss_mb"] = mem
-    result["rss_mb_end"] = rss_mb()
+    result["memory_mb"] = mem  # per phase: peak RSS so far (ru_maxrss) and current RSS
     result.update(machine())
     result["load_avg_1m"] = loadavg()
     result["seconds"] = round(time.perf_counter() - t_start, 1)
