@@ -51,6 +51,15 @@ def median(xs: list[float]) -> float:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+def parse_dtypes(parser, text: str) -> list[str]:
+    """"fp32,bf16" -> ["fp32", "bf16"], with a usage error for anything else."""
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in DTYPES:
+            parser.error(f"unknown dtype {d!r}; use fp32 and/or bf16")
+    return dtypes
+
+
 def _onednn_linear():
     """oneDNN's dense linear (x W^T + b), or None when this PyTorch build has none."""
     try:

@@ -27,7 +27,7 @@ import resource
 import time
 
 import torch
-from _common import DTYPES, emit, loadavg, log, machine, median
+from _common import parse_dtypes, DTYPES, emit, loadavg, log, machine, median
 
 from picochat.checkpoints.gguf import gguf_source, load_gguf
 from picochat.engine.engine import Engine
@@ -70,10 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="torch.profiler over N picochat decode steps per dtype")
     args = p.parse_args(argv)
-    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for d in args.dtypes:
-        if d not in DTYPES:
-            p.error(f"unknown dtype {d!r}; use fp32 and/or bf16")
+    args.dtypes = parse_dtypes(p, args.dtypes)
     return args
 
 

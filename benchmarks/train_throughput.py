@@ -27,6 +27,7 @@ import time
 import torch
 import transformers
 from _common import (
+    parse_dtypes,
     DTYPES,
     emit,
     loadavg,
@@ -68,10 +69,7 @@ def parse_args(argv=None):
                    help="mallopt: no mmap/munmap per big tensor (process-wide, so it speeds up both models)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for d in args.dtypes:
-        if d not in DTYPES:
-            p.error(f"unknown dtype {d!r}; use fp32 and/or bf16")
+    args.dtypes = parse_dtypes(p, args.dtypes)
     return args
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -26,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from ..errors import PicochatError
+from ..fsutil import atomic_write
 from ..model.config import ModelConfig
 from ..model.gpt import GPT
 
@@ -385,31 +385,11 @@ def load_hf(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) 
     return model.eval()
 
 
-def _atomic_write(dest: Path, write) -> None:
-    """write(tmp_path) then fsync and rename over dest, so a crash never leaves a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def export_hf(model: GPT, out_dir: Union[str, os.PathLike], extra_config: Optional[dict] = None) -> Path:
     """Write ``model`` as a Hugging Face folder (config.json + model.safetensors) that
     ``transformers.AutoModelForCausalLM.from_pretrained(out_dir)`` loads. ``extra_config`` is merged
     into config.json (e.g. bos_token_id / eos_token_id from the tokenizer). Returns the folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config = model.config
     model_type = _family_of(config)  # refuses configs neither family can express, naming the field
@@ -418,11 +398,6 @@ def export_hf(model: GPT, out_dir: Union[str, os.PathLike], extra_config: Option
     tensors = state_dict_to_hf({k: v.cpu() for k, v in model.state_dict().items()}, config, model_type)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    def write_json(tmp):
-        with open(tmp, "w") as f:
-            json.dump(hf_config, f, indent=2)
-            f.write("\n")
-    _atomic_write(out / "config.json", write_json)
+    atomic_write(out / "model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_write(out / "config.json", json.dumps(hf_config, indent=2) + "\n")
     return out
