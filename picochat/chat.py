@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from .cli_args import add_dataclass_args, dataclass_from_args
 from .errors import PicochatError
@@ -42,6 +42,8 @@ class ChatConfig:
     """Longest answer, in tokens."""
     seed: Optional[int] = None
     """Random seed, for reproducible answers."""
+    quantize: Optional[Literal["int8"]] = None
+    """int8: int8 weights (quantized on load), about 2x faster answers on CPUs; outputs differ slightly from the full-precision model."""
 
 
 class ChatSession:
@@ -120,7 +122,7 @@ def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> N
     from .checkpoints.gguf import gguf_source
     from .checkpoints.io import load_model
     out = out or sys.stdout
-    model, tokenizer, where = load_model(cfg.model)
+    model, tokenizer, where = load_model(cfg.model, quantize=cfg.quantize)
     if tokenizer is None:
         raise PicochatError(f"{cfg.model} has no tokenizer; it cannot chat")
     default_system = SMOLLM2_SYSTEM if gguf_source(cfg.model) is not None and "<|im_start|>" in \

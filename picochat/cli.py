@@ -21,6 +21,8 @@ VERBS = {
     "generate": "picochat.generate",
     "import": "picochat.import_cli",
     "chat": "picochat.chat",
+    "serve": "picochat.serve.cli",
+    "feedback": "picochat.serve.feedback_cli",
 }
 
 

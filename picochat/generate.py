@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 
@@ -37,6 +37,8 @@ class GenerateConfig:
     """How many independent samples to print."""
     device: str = "auto"
     """cpu, cuda, mps or auto."""
+    quantize: Optional[Literal["int8"]] = None
+    """int8: int8 weights (quantized on load), about 2x faster decoding on CPUs; outputs differ slightly from the full-precision model."""
 
 
 def generate_ids(model, prompt_ids: list[int], max_tokens: int, temperature: float = 0.8,
@@ -56,7 +58,7 @@ def generate(cfg: GenerateConfig, out=None) -> list[str]:
 
     if cfg.max_tokens < 1:
         raise PicochatError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
-    model, tokenizer, _ = load_model(cfg.checkpoint, device=pick_device(cfg.device))
+    model, tokenizer, _ = load_model(cfg.checkpoint, device=pick_device(cfg.device), quantize=cfg.quantize)
     if tokenizer is None:
         raise PicochatError(f"{cfg.checkpoint} has no tokenizer.json; it cannot turn text into tokens")
     prompt_ids = tokenizer.encode(cfg.prompt) if cfg.prompt else [tokenizer.eot_id]

@@ -33,6 +33,13 @@ def test_seeded_sampling_is_reproducible(tiny_run):
     assert len(set(generate(cfg, out=io.StringIO()))) > 1
 
 
+def test_generate_quantized_int8_follows_the_pattern_too(tiny_run, capsys):
+    assert main(["generate", str(tiny_run), "--prompt", "The cat", "--max-tokens", "8", "--temperature", "0",
+                 "--quantize", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The cat") and out.split()[2] in VERBS
+
+
 def test_generate_cli_streams_text(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "The river", "--max-tokens", "10", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("The river")

@@ -41,6 +41,9 @@ def _fsync_tree(path: Path) -> None:
 
 def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
     """Write config + weights (+ tokenizer, + extra {name: bytes|callable(path)}) as one atomic directory."""
+    from ..model.quant import is_quantized
+    if is_quantized(model):  # its int8 buffers would not load back into a GPT
+        raise PicochatError("cannot save an int8-quantized model; save the original and quantize when loading")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
@@ -135,23 +138,32 @@ def load_weights_into(model, state: dict[str, torch.Tensor], source: str) -> Non
     model.load_state_dict(state, strict=not model.config.tie_embeddings)
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None,
+               quantize: Optional[str] = None):
     """-> (GPT in eval mode, Tokenizer or None, checkpoint dir).
 
     ``path`` may also be a GGUF file or a model name such as ``smollm2`` (imported on the fly; the
-    third item is then the GGUF file)."""
+    third item is then the GGUF file). ``quantize="int8"``: int8 weights for faster decoding, inference
+    only (picochat/model/quant.py), quantized from the stored weights; ``dtype`` (default fp32) is then
+    the activations' and the KV cache's."""
     from ..model.gpt import GPT
+    from ..model.quant import quantize_model
     from .gguf import gguf_source, load_gguf
     gguf_file = gguf_source(path)
     if gguf_file is not None:
         model, tokenizer, _ = load_gguf(gguf_file)
+        if quantize:  # quantize the fp32 weights, not a bf16 copy of them
+            return quantize_model(model.to(device), quantize, dtype), tokenizer, gguf_file
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
         return model, tokenizer, gguf_file
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model = GPT(config)
     load_weights_into(model, load_state(ckpt / "model.safetensors"), str(ckpt))
-    model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    if quantize:
+        model = quantize_model(model.to(device), quantize, dtype)
+    else:
+        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     model.eval()
     tokenizer = None
     if (ckpt / "tokenizer.json").is_file():

@@ -238,7 +238,7 @@ class Engine:
         self._ids = self._ids[:n]
         self._cache.reserve(need)
         idx = torch.tensor([prompt[n:]], dtype=torch.long, device=self.device)  # (1, T_new)
-        logits, _ = self.model(idx, start_pos=n, kv_cache=self._cache)
+        logits, _ = self.model(idx, start_pos=n, kv_cache=self._cache, last_logits_only=True)
         self._ids = list(prompt)
         self.last_prefill_tokens = len(prompt) - n
         return self._cache, logits
@@ -258,14 +258,15 @@ class Engine:
             idx[i, L - len(p):] = torch.tensor(p, device=self.device)
         self.last_prefill_tokens = int(lens.sum())
         if int(pad.max()) == 0:  # equal lengths: the ordinary causal path
-            return cache, self.model(idx, kv_cache=cache)[0], None
+            return cache, self.model(idx, kv_cache=cache, last_logits_only=True)[0], None
         col = torch.arange(L, device=self.device)
         positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
         i, j = col[:, None], col[None, :]
         # causal, and no real key in the padding; a pad query sees only itself, so its row is never all
         # masked (some attention backends turn such a row into NaNs, which a zero weight cannot cancel)
         mask = (j <= i) & ((j >= pad[:, None, None]) | (j == i))  # (B, L, L)
-        logits, _ = self.model(idx, kv_cache=cache, positions=positions, attn_mask=mask.unsqueeze(1))
+        logits, _ = self.model(idx, kv_cache=cache, positions=positions, attn_mask=mask.unsqueeze(1),
+                               last_logits_only=True)
         return cache, logits, pad
 
     def _step(self, idx: torch.Tensor, cache: KVCache, pad: Optional[torch.Tensor]) -> torch.Tensor:

@@ -72,11 +72,16 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        n = sum(p.numel() for p in self.parameters())
+        # an int8-quantized model (model/quant.py) keeps its linear weights as buffers; a tied LM head's is a copy
+        tied = self.config.tie_embeddings
+        return n + sum(b.numel() for name, b in self.named_buffers()
+                       if name.endswith("weight_int8") and not (tied and name.startswith("lm_head.")))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, start_pos: int = 0,
                 kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean",
-                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None):
+                positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
+                last_logits_only: bool = False):
         """idx: (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the cross-entropy.
 
         targets equal to -1 are ignored (padding, or prompt tokens masked out in chat fine-tuning).
@@ -84,6 +89,8 @@ class GPT(nn.Module):
         positions, attn_mask: for left-padded batches in the engine, where each row has its own positions
         (B, T) and a (B, 1, T, T_k) bool mask (True = may attend) that is causal and hides the padding;
         start_pos then only locates the rows in the cache. Both None = the ordinary path.
+        last_logits_only: logits (B, 1, vocab) of the last position only, for a prefill that only needs
+        the next token: the LM head is the largest matmul (SmolLM2: 49152 x 576 per position).
         """
         B, T = idx.shape
         if positions is not None:
@@ -113,7 +120,7 @@ class GPT(nn.Module):
                       attn_mask=attn_mask)
         x = self.final_norm(x)
         if targets is None:
-            return self.lm_head(x), None
+            return self.lm_head(x[:, -1:] if last_logits_only else x), None
         logits = self.lm_head(x)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)

@@ -124,8 +124,9 @@ class Scripted(torch.nn.Module):
 
     def forward(self, idx, targets=None, *, start_pos=0, **kwargs):
         logits, _ = self.gpt(idx, start_pos=start_pos, **kwargs)
-        for t in range(idx.size(1)):
-            p = start_pos + t + 1
+        first = idx.size(1) - logits.size(1)  # a prefill may ask for the last position's logits only
+        for t in range(logits.size(1)):
+            p = start_pos + first + t + 1
             if p < len(self.script):
                 logits[:, t, self.script[p]] += 1000.0
         return logits, None

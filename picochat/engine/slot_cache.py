@@ -1,0 +1,124 @@
+"""A KV cache with one slot per running sequence, for continuous batching.
+
+Unlike `KVCache` (all rows share one column counter and ragged rows are left-padded), every slot here
+has its own length: column c of slot b holds the K/V of that sequence's position c. A sequence can
+therefore join a running batch at any step, and leave it, without touching the others:
+
+    join:   prefill the prompt straight into a free slot (columns 0..L-1)
+    step:   rows 0..n-1 each write their new K/V at their own column, attention masks keys > length
+    leave:  the last running row is copied into the freed slot, so rows 0..n-1 stay contiguous and
+            the decode step runs on plain views (no gather of the cache every step)
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import PicochatError
+
+
+class SlotCache:
+    def __init__(self, n_layer: int, slots: int, n_kv_head: int, head_dim: int, max_len: int,
+                 capacity: int = 256, dtype: torch.dtype = torch.float32, device=None):
+        self.n_layer, self.slots, self.max_len = n_layer, slots, max_len
+        capacity = min(capacity, max_len)
+        shape = (slots, n_kv_head, capacity, head_dim)  # (S, nkv, T_max, hs)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.lengths = [0] * slots  # filled columns per slot
+        self.n = 0                  # running rows: slots 0..n-1
+        self.device = device
+        self._len_t = None          # (n,) lengths as a tensor during one decode step
+
+    @classmethod
+    def for_model(cls, model, slots: int, max_len: int | None = None) -> "SlotCache":
+        c, p = model.config, next(model.parameters())
+        return cls(c.n_layer, slots, c.n_kv_head, c.head_dim, min(max_len or c.block_size, c.block_size),
+                   dtype=p.dtype, device=p.device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].size(2)
+
+    def reserve(self, n: int) -> None:
+        """Room for n columns in every slot; grows geometrically, never past max_len."""
+        if n <= self.capacity:
+            return
+        if n > self.max_len:
+            raise PicochatError(f"a sequence needs {n} positions but the cache holds at most {self.max_len}")
+        new = min(self.max_len, max(n, 2 * self.capacity))
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                grown = t.new_zeros(t.size(0), t.size(1), new, t.size(3))
+                grown[:, :, :t.size(2)] = t
+                store[i] = grown
+
+    # -- joining and leaving -------------------------------------------------------------------------
+
+    def prefill_view(self, slot: int) -> "_PrefillView":
+        """A KVCache-like object that writes a fresh prompt into `slot` from column 0."""
+        return _PrefillView(self, slot)
+
+    def add_row(self, length: int) -> int:
+        """Claim the next slot (its K/V already written by a prefill_view); returns its row."""
+        row = self.n
+        self.lengths[row] = length
+        self.n += 1
+        return row
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` columns of slot src into slot dst (a half-prefilled prompt moving down)."""
+        for store in (self.k, self.v):
+            for t in store:
+                t[dst, :, :length] = t[src, :, :length]
+
+    def remove_row(self, row: int) -> int | None:
+        """Free a row; the last running row moves into it. Returns the row that moved there (or None)."""
+        last = self.n - 1
+        moved = None
+        if row != last:
+            self.copy_slot(last, row, self.lengths[last])
+            self.lengths[row] = self.lengths[last]
+            moved = last
+        self.lengths[last] = 0
+        self.n -= 1
+        return moved
+
+    # -- one decode step -----------------------------------------------------------------------------
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (n, 1) and attention mask (n, 1, 1, T_k) for one new token per running row."""
+        lens = self.lengths[:self.n]
+        self.reserve(max(lens) + 1)
+        self._len_t = torch.tensor(lens, dtype=torch.long, device=self.device)
+        keys = torch.arange(max(lens) + 1, device=self.device)
+        mask = keys[None, :] <= self._len_t[:, None]  # a row sees its own past and the new token
+        return self._len_t.view(-1, 1), mask.view(self.n, 1, 1, -1)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v: (n, nkv, 1, hs), written at each row's own column; returns (n, nkv, T_k, hs) views."""
+        n = k.size(0)
+        rows = torch.arange(n, device=k.device)
+        self.k[layer][rows, :, self._len_t] = k[:, :, 0]  # advanced indices first: (n, nkv, hs)
+        self.v[layer][rows, :, self._len_t] = v[:, :, 0]
+        T_k = max(self.lengths[:n]) + 1
+        if layer == self.n_layer - 1:
+            for i in range(n):
+                self.lengths[i] += 1
+        return self.k[layer][:n, :, :T_k], self.v[layer][:n, :, :T_k]
+
+
+class _PrefillView:
+    """Duck-types KVCache.update for a prompt written into one slot (batch of one, columns 0..T-1)."""
+
+    def __init__(self, cache: SlotCache, slot: int):
+        self.cache, self.slot, self.pos = cache, slot, 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        c, T = self.cache, k.size(2)
+        end = self.pos + T
+        c.reserve(end)
+        c.k[layer][self.slot:self.slot + 1, :, self.pos:end] = k
+        c.v[layer][self.slot:self.slot + 1, :, self.pos:end] = v
+        if layer == c.n_layer - 1:
+            self.pos = end
+        return c.k[layer][self.slot:self.slot + 1, :, :end], c.v[layer][self.slot:self.slot + 1, :, :end]

@@ -1,0 +1,1 @@
+"""The chat service: OpenAI-compatible API, conversation store (SQLite) and the web page, one FastAPI app."""

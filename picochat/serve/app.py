@@ -1,0 +1,210 @@
+"""`create_app`: the FastAPI app that puts the models, the conversation store and the web page together.
+
+Cross-cutting rules live here: the API key (every route but /health and the page's static files),
+the request-size limit, and OpenAI-shaped errors for everything that goes wrong, including FastAPI's
+own validation errors and unknown routes.
+"""
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Optional
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import PicochatError
+from .errors import ApiError
+
+STATIC = Path(__file__).parent / "static"
+OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page holds no data: it asks for the key itself
+
+WEB_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": None, "min_p": None, "repetition_penalty": 1.1,
+                "max_tokens": 512}
+
+
+def _error(status: int, message: str, param=None, type="invalid_request_error", code=None, headers=None):
+    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class GuardMiddleware:
+    """Pure ASGI (streaming responses pass straight through): API key, body size, request counting."""
+
+    def __init__(self, app, api_key: Optional[str], max_body: int, counters: dict):
+        self.app, self.key, self.max_body, self.counters = app, api_key, max_body, counters
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        headers = dict(scope.get("headers") or [])
+        if self.key and path not in OPEN_PATHS and not path.startswith("/static/"):
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {self.key}".encode()):
+                return await self._reply(scope, receive, send, _error(
+                    401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    type="invalid_request_error", code="invalid_api_key"))
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            code = 400 if not length.isdigit() else 413
+            return await self._reply(scope, receive, send, _error(
+                code, "bad Content-Length header" if code == 400 else
+                f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # a chunked body has no announced size: read it here (at most max_body bytes), then replay it
+            body, more = b"", True
+            while more:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return
+                body += msg.get("body", b"")
+                more = msg.get("more_body", False)
+                if len(body) > self.max_body:
+                    return await self._reply(scope, receive, send, _error(
+                        413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+            app_receive = replay
+        else:
+            app_receive = receive  # the announced length is checked; the server enforces it
+
+        status = {"code": 500}
+
+        async def counting_send(msg):
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+        try:
+            await self.app(scope, app_receive, counting_send)
+        finally:
+            key = str(status["code"])
+            self.counters[key] = self.counters.get(key, 0) + 1
+
+    async def _reply(self, scope, receive, send, response):
+        key = str(response.status_code)
+        self.counters[key] = self.counters.get(key, 0) + 1
+        await response(scope, receive, send)
+
+
+def create_app(hosts: list, store=None, api_key: Optional[str] = None, max_body: int = 4 * 1024 * 1024,
+               default_max_tokens: int = 1024) -> FastAPI:
+    """hosts: loaded ModelHosts (the first is the default model); store: a Store or None (no history)."""
+    if not hosts:
+        raise PicochatError("the server needs at least one model")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        for h in hosts:
+            h.scheduler.start()
+        yield
+        for h in hosts:
+            h.scheduler.stop()
+
+    app = FastAPI(title="picochat", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API, conversation store and web page of picochat. See docs/api.md.")
+    app.state.hosts = {h.id: h for h in hosts}
+    app.state.store = store
+    app.state.default_max_tokens = default_max_tokens
+    app.state.started = time.time()
+    counters: dict = {}
+    app.add_middleware(GuardMiddleware, api_key=api_key, max_body=max_body, counters=counters)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status,
+                            headers={"Retry-After": "1"} if e.status in (429, 503) else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
+        param = ".".join(loc) or None
+        msg = err.get("msg", "invalid request")
+        return _error(400, f"{param}: {msg}" if param else msg, param)
+
+    @app.exception_handler(PicochatError)
+    async def picochat_error(request, e: PicochatError):
+        return _error(400, str(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return _error(e.status_code, str(e.detail), type=kind, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request, e: Exception):  # a bug: still an OpenAI-shaped answer, never a bare 500 page
+        return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
+
+    from .openai_api import router
+    app.include_router(router)
+    if store is not None:
+        from .store_api import store_router
+        app.include_router(store_router(store))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(app.state.hosts), "uptime_s": round(time.time() - app.state.started, 1)}
+
+    @app.get("/api/config")
+    async def config():
+        return {"models": [{"id": h.id, "context_length": h.context, "chat": h.template is not None}
+                           for h in hosts],
+                "default_model": hosts[0].id, "auth": bool(api_key),
+                # a default answer length that leaves room for a conversation in a short context
+                "defaults": WEB_DEFAULTS | {"max_tokens": min(WEB_DEFAULTS["max_tokens"], hosts[0].context // 4)},
+                "store": store is not None}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(_prometheus(app, counters), media_type="text/plain; version=0.0.4")
+
+    if (STATIC / "index.html").is_file():
+        app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+        @app.get("/", include_in_schema=False)
+        async def page():
+            return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
+
+    return app
+
+
+def _prometheus(app, counters: dict) -> str:
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        for labels, value in samples:
+            lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            lines.append(f"{name}{{{lab}}} {value}" if lab else f"{name} {value}")
+
+    stats = {h.id: h.scheduler.stats() for h in app.state.hosts.values()}
+    metric("picochat_http_requests_total", "counter", "HTTP requests answered, by status code",
+           [({"code": c}, n) for c, n in sorted(counters.items())])
+    metric("picochat_requests_total", "counter", "generation requests accepted by the scheduler",
+           [({"model": m}, s["requests_total"]) for m, s in stats.items()])
+    metric("picochat_generated_tokens_total", "counter", "tokens generated",
+           [({"model": m}, s["generated_tokens_total"]) for m, s in stats.items()])
+    metric("picochat_tokens_per_second", "gauge", "tokens generated per second over the last 10 s",
+           [({"model": m}, round(s["tokens_per_second"], 3)) for m, s in stats.items()])
+    metric("picochat_queue_depth", "gauge", "requests waiting for a batch slot",
+           [({"model": m}, s["queue_depth"]) for m, s in stats.items()])
+    metric("picochat_active_sequences", "gauge", "sequences in the running batch",
+           [({"model": m}, s["active_sequences"]) for m, s in stats.items()])
+    return "\n".join(lines) + "\n"
+

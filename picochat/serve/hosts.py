@@ -1,0 +1,64 @@
+"""A loaded model behind the server: weights, tokenizer, chat template and its own scheduler thread."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..errors import PicochatError
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+@dataclass
+class ModelHost:
+    id: str
+    model: object
+    tokenizer: object
+    scheduler: object
+    template: Optional[str]          # None: not a chat model (only /v1/completions)
+    default_system: Optional[str]
+    stop_ids: tuple[int, ...]        # end of an assistant turn
+    created: int
+
+    @property
+    def context(self) -> int:
+        return self.scheduler.context
+
+    def card(self) -> dict:
+        return {"id": self.id, "object": "model", "created": self.created, "owned_by": "picochat",
+                "context_length": self.context, "chat": self.template is not None}
+
+
+def model_id(spec: str) -> str:
+    p = Path(spec)
+    if p.suffix == ".gguf":
+        return p.stem
+    return p.name if (p.exists() or "/" in spec) else spec
+
+
+def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue: int = 64,
+              max_context: Optional[int] = 4096, quantize: Optional[str] = None,
+              name: Optional[str] = None) -> ModelHost:
+    """Load `spec` (smollm2, a .gguf file or a picochat checkpoint); the app's lifespan starts its scheduler."""
+    from ..chat_template import pick_template, stop_token_ids
+    from ..checkpoints.gguf import gguf_source
+    from ..checkpoints.io import load_model
+    from ..device import pick_device, pick_dtype
+    from ..engine.scheduler import Scheduler
+    device = pick_device("auto")
+    model, tokenizer, _ = load_model(spec, device=device, dtype=pick_dtype(dtype, device), quantize=quantize)
+    if tokenizer is None:
+        raise PicochatError(f"{spec} has no tokenizer.json; the server needs one to read and write text")
+    model.eval()  # (no grad: the scheduler thread turns autograd off for itself)
+    try:
+        template = pick_template(tokenizer)
+    except PicochatError:
+        template = None
+    eot = tokenizer.special_tokens.get("<|endoftext|>")
+    stops = stop_token_ids(tokenizer, template) if template else ((eot,) if eot is not None else ())
+    default_system = SMOLLM2_SYSTEM if (gguf_source(spec) is not None and template == "chatml") else None
+    sched = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    return ModelHost(name or model_id(spec), model, tokenizer, sched, template, default_system, stops,
+                     int(time.time()))

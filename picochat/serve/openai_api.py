@@ -1,0 +1,330 @@
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+
+A request becomes n scheduler requests (one per choice). Their events arrive from the model thread
+through `loop.call_soon_threadsafe` onto one asyncio queue; a client that goes away cancels them, which
+frees their batch slots at the next decode step.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator, Optional
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from ..engine.engine import SamplingParams
+from ..engine.scheduler import Event, QueueFull
+from ..engine.scheduler import Request as GenRequest
+from ..errors import PicochatError
+from .errors import ApiError, bad_request, not_found
+from .protocol import ChatCompletionRequest, CompletionRequest, ConversationMeta, Sampling
+
+
+def _host(app, name: Optional[str]):
+    hosts = app.state.hosts
+    if not name:
+        return next(iter(hosts.values()))
+    if name not in hosts:
+        raise not_found(f"model {name!r} is not loaded here; GET /v1/models lists {', '.join(hosts)}", "model")
+    return hosts[name]
+
+
+def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tuple[int, ...]) -> SamplingParams:
+    if body.frequency_penalty or body.presence_penalty:
+        raise bad_request("frequency_penalty and presence_penalty are not supported; use repetition_penalty",
+                          "frequency_penalty" if body.frequency_penalty else "presence_penalty")
+    room = host.context - prompt_len
+    if room < 1:
+        raise bad_request(f"this model's context is {host.context} tokens, but the prompt has {prompt_len}; "
+                          "shorten the messages", "messages")
+    max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if max_tokens is not None and max_tokens > room:
+        raise bad_request(f"this model's context is {host.context} tokens: the prompt has {prompt_len}, so "
+                          f"max_tokens can be at most {room}, got {max_tokens}", "max_tokens")
+    top_k = body.top_k if body.top_k and body.top_k > 0 else None
+    if top_k is not None and top_k > host.tokenizer.vocab_size:
+        top_k = None  # larger than the vocabulary: no filtering at all
+    return SamplingParams(max_tokens=max_tokens or min(room, default_max), temperature=body.temperature,
+                          top_p=body.top_p if body.top_p < 1.0 else None, top_k=top_k, min_p=body.min_p or None,
+                          repetition_penalty=body.repetition_penalty, seed=body.seed,
+                          stop_token_ids=stops, stop_strings=tuple(body.stop_list()))
+
+
+def _settings(body: Sampling, sp: SamplingParams) -> dict:
+    return {k: getattr(body, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+                                           "n", "stop") if getattr(body, k) not in (None, [])} | \
+        {"max_tokens": sp.max_tokens}
+
+
+async def _generate(app, request: Request, host, prompt: list[int], sp: SamplingParams, n: int,
+                    state: list[dict]) -> AsyncIterator[tuple[int, Event]]:
+    """Run n choices; yields (choice index, event). `state[i]` collects text, tokens and finish reason."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    reqs = []
+    for i in range(n):
+        p = SamplingParams(**{**sp.__dict__, "seed": None if sp.seed is None else sp.seed + i})
+        reqs.append(GenRequest(prompt, p, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))))
+    try:
+        for r in reqs:
+            host.scheduler.submit(r)
+    except QueueFull as e:
+        for r in reqs:
+            host.scheduler.cancel(r)
+        raise ApiError(503, f"the server is busy: {e}", type="server_error", code="queue_full") from None
+    except PicochatError as e:
+        for r in reqs:
+            host.scheduler.cancel(r)
+        raise bad_request(str(e), "messages") from None
+    state[0]["submitted"] = True  # from here on the request is real: it gets stored
+    open_, checked = n, time.monotonic()
+    try:
+        while open_:
+            try:
+                i, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                ev = None
+            # a client that hung up frees its slots now, not at max_tokens (checked twice a second,
+            # also while tokens flow: a non-streamed request gets no other signal)
+            if time.monotonic() - checked > 0.5 or ev is None:
+                checked = time.monotonic()
+                if await request.is_disconnected():
+                    return
+            if ev is None:
+                continue
+            s = state[i]
+            s["text"] += ev.text
+            s["tokens"] += len(ev.token_ids)
+            s["prompt_tokens"] = ev.prompt_tokens
+            if ev.finish_reason:
+                s["finish_reason"] = ev.finish_reason
+                s["error"] = ev.error
+                open_ -= 1
+            yield i, ev
+    finally:
+        for r in reqs:  # no-op for finished ones; frees the slots of a client that went away
+            host.scheduler.cancel(r)
+
+
+def _new_state(n: int) -> list[dict]:
+    return [{"text": "", "tokens": 0, "prompt_tokens": 0, "finish_reason": None, "error": None} for _ in range(n)]
+
+
+def _usage(state: list[dict], prompt_len: int) -> dict:
+    done = sum(s["tokens"] for s in state)
+    return {"prompt_tokens": prompt_len, "completion_tokens": done, "total_tokens": prompt_len + done}
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _check_error(state: list[dict]) -> None:
+    errors = [s["error"] for s in state if s["finish_reason"] == "error"]
+    if errors:
+        raise ApiError(500, f"generation failed: {errors[0]}", type="server_error")
+    gone = [s["error"] for s in state if s["finish_reason"] == "cancelled" and s["error"]]
+    if gone:  # the server is shutting down
+        raise ApiError(503, gone[0], type="server_error", code="shutting_down")
+
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": [h.card() for h in request.app.state.hosts.values()]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    from ..chat_template import render_conversation
+    app = request.app
+    host = _host(app, body.model)
+    if host.template is None:
+        raise bad_request(f"model {host.id!r} has no chat template (it was not trained for chat); "
+                          "use /v1/completions", "model")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    try:
+        ids, _ = render_conversation(messages, host.tokenizer, host.template, add_generation_prompt=True,
+                                     default_system=host.default_system)
+    except PicochatError as e:
+        raise bad_request(str(e), "messages") from None
+    sp = _params(body, host, len(ids), app.state.default_max_tokens, host.stop_ids)
+    store = app.state.store
+    saver = None
+    if store is not None:
+        saver = await _Saver.create(store, body, messages, host, _settings(body, sp))
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    state = _new_state(body.n)
+
+    if not body.stream:
+        try:
+            async for _ in _generate(app, request, host, ids, sp, body.n, state):
+                pass
+        finally:
+            if saver:
+                await asyncio.to_thread(saver.save, state)
+        _check_error(state)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": host.id,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": s["text"]}, "logprobs": None,
+                             "finish_reason": s["finish_reason"]} for i, s in enumerate(state)],
+                "usage": _usage(state, len(ids)), "system_fingerprint": None}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    gen = _generate(app, request, host, ids, sp, body.n, state)
+    first = await _first(gen)  # submit before answering 200, so a full queue is a real 503
+
+    def chunk(choices, usage=None):
+        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": host.id,
+             "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            c["usage"] = usage
+        return _sse(c)
+
+    async def events():
+        try:
+            for i in range(body.n):
+                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}])
+            async for i, ev in _chain(first, gen):
+                if ev.text:
+                    yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
+                if ev.finish_reason == "error":
+                    yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                          "param": None, "code": None}})
+                elif ev.finish_reason:
+                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+            if include_usage:
+                yield chunk([], _usage(state, len(ids)))
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()
+            if saver:  # synchronous on purpose: after a disconnect this task may not get to await again
+                saver.save(state)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    app = request.app
+    host = _host(app, body.model)
+    if isinstance(body.prompt, list):
+        V = host.tokenizer.vocab_size
+        if not body.prompt or any(not 0 <= t < V for t in body.prompt):
+            raise bad_request(f"prompt token ids must be in [0, {V})", "prompt")
+        ids = list(body.prompt)
+    else:
+        ids = host.tokenizer.encode(body.prompt)
+        if not ids:  # an empty prompt continues from the start-of-document token
+            eot = host.tokenizer.special_tokens.get("<|endoftext|>")
+            if eot is None:
+                raise bad_request("the prompt is empty", "prompt")
+            ids = [eot]
+    eot = host.tokenizer.special_tokens.get("<|endoftext|>")
+    sp = _params(body, host, len(ids), app.state.default_max_tokens, (eot,) if eot is not None else ())
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+    state = _new_state(body.n)
+    echo = host.tokenizer.decode(ids) if body.echo else ""
+    if not body.stream:
+        async for _ in _generate(app, request, host, ids, sp, body.n, state):
+            pass
+        _check_error(state)
+        return {"id": cid, "object": "text_completion", "created": created, "model": host.id,
+                "choices": [{"index": i, "text": echo + s["text"], "logprobs": None,
+                             "finish_reason": s["finish_reason"]} for i, s in enumerate(state)],
+                "usage": _usage(state, len(ids))}
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    gen = _generate(app, request, host, ids, sp, body.n, state)
+    first = await _first(gen)
+
+    def chunk(choices, usage=None):
+        c = {"id": cid, "object": "text_completion", "created": created, "model": host.id, "choices": choices}
+        if include_usage:
+            c["usage"] = usage
+        return _sse(c)
+
+    async def events():
+        try:
+            if echo:
+                for i in range(body.n):
+                    yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
+            async for i, ev in _chain(first, gen):
+                if ev.finish_reason == "error":
+                    yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
+                                          "param": None, "code": None}})
+                elif ev.text or ev.finish_reason:
+                    yield chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}])
+            if include_usage:
+                yield chunk([], _usage(state, len(ids)))
+            yield "data: [DONE]\n\n"
+        finally:
+            await gen.aclose()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def _first(gen):
+    """Start the generator (which submits the requests) so submission errors become HTTP errors."""
+    try:
+        return await gen.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _chain(first, gen):
+    if first is not None:
+        yield first
+        async for item in gen:
+            yield item
+
+
+class _Saver:
+    """Stores a chat completion: into the page's conversation (metadata) or as a new API conversation."""
+
+    def __init__(self, store, host, settings, cid, parent_id, messages=None):
+        self.store, self.host, self.settings, self.cid, self.parent_id = store, host, settings, cid, parent_id
+        self.messages = messages  # an API conversation is written only once it has an answer
+        self.saved = False
+
+    @classmethod
+    async def create(cls, store, body: ChatCompletionRequest, messages: list[dict], host, settings) -> "_Saver":
+        meta = body.metadata or {}
+        if "conversation_id" in meta:
+            try:
+                m = ConversationMeta(conversation_id=meta["conversation_id"], parent_id=meta.get("parent_id", ""))
+            except ValueError:
+                raise bad_request("metadata.parent_id must be the id (an integer) of a stored message",
+                                  "metadata") from None
+            msg = await asyncio.to_thread(store.get_message, m.parent_id)
+            if msg["conversation_id"] != m.conversation_id:
+                raise bad_request(f"message {m.parent_id} is not in conversation {m.conversation_id}", "metadata")
+            return cls(store, host, settings, m.conversation_id, m.parent_id)
+
+        return cls(store, host, settings, None, None, messages)
+
+    def save(self, state: list[dict]) -> None:
+        if self.saved or not state[0].get("submitted"):  # refused (4xx/503): nothing to keep
+            return
+        self.saved = True
+        if self.cid is None:
+            msgs = self.messages
+            system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+            conv = self.store.create_conversation(model=self.host.id, system_prompt=system,
+                                                  settings=self.settings, source="api")
+            self.cid = conv["id"]
+            chain = self.store.add_messages(self.cid, [{"role": m["role"], "content": m["content"]}
+                                                       for m in msgs[1 if system is not None else 0:]])
+            self.parent_id = chain[-1]["id"] if chain else None
+        for s in state:
+            reason = s["finish_reason"] or "cancelled"
+            if reason == "error":
+                continue
+            self.store.add_message(self.cid, role="assistant", content=s["text"], parent_id=self.parent_id,
+                                   model=self.host.id, settings=self.settings, finish_reason=reason,
+                                   prompt_tokens=s["prompt_tokens"], completion_tokens=s["tokens"])

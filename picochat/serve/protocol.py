@@ -1,0 +1,117 @@
+"""Request bodies of the OpenAI-compatible API, with the limits a public endpoint needs.
+
+Pydantic rejects wrong types and out-of-range values with the field's name, which the app turns into
+an OpenAI-shaped 400. Unknown fields are accepted and ignored (clients send `user`, `logprobs`: false,
+and so on), as OpenAI and vLLM do.
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_MESSAGES = 1024
+MAX_TEXT = 1_000_000  # characters per message / prompt; the body limit caps the total too
+MAX_N = 8
+MAX_STOP = 4
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_TEXT)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[TextPart], None] = Field(default="")
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+    @field_validator("content")
+    @classmethod
+    def _limit(cls, v):
+        if isinstance(v, str) and len(v) > MAX_TEXT:
+            raise ValueError(f"a message may have at most {MAX_TEXT} characters")
+        return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """The sampling fields both endpoints share (OpenAI's, plus vLLM's extras)."""
+    model_config = ConfigDict(extra="ignore")
+    model: Optional[str] = Field(default=None, max_length=256)
+    max_tokens: Optional[int] = Field(default=None, ge=1, le=1_000_000)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(default=None, ge=-1, le=1_000_000)    # -1 / 0 / None = off (vLLM: -1)
+    min_p: Optional[float] = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(default=None, gt=0.0, le=10.0)
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: Union[str, list[str], None] = None
+    seed: Optional[int] = Field(default=None, ge=-(2**63), le=2**63 - 1)
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop sequences")
+        if any(not s or len(s) > 256 for s in stops):
+            raise ValueError("each stop sequence must have 1 to 256 characters")
+        return stops
+
+    def stop_list(self) -> list[str]:
+        return list(self.stop or [])
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=1_000_000)
+    metadata: Optional[dict[str, str]] = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _meta(cls, v):
+        if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
+            raise ValueError("metadata: at most 16 keys of up to 64 characters, values up to 512")
+        return v
+
+
+class CompletionRequest(Sampling):
+    prompt: Union[str, list[str], list[int]] = Field(default="")
+    max_tokens: Optional[int] = Field(default=16, ge=1, le=1_000_000)  # OpenAI's default for completions
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], str):
+            if len(v) != 1:
+                raise ValueError("a list of several prompts is not supported; send one request per prompt")
+            v = v[0]
+        if isinstance(v, str) and len(v) > MAX_TEXT:
+            raise ValueError(f"the prompt may have at most {MAX_TEXT} characters")
+        if isinstance(v, list) and len(v) > 1_000_000:
+            raise ValueError("the prompt has too many tokens")
+        return v
+
+
+class ConversationMeta(BaseModel):
+    """metadata fields the web page sends to have an answer stored in one of its conversations."""
+    conversation_id: str = Field(max_length=64)
+    parent_id: int

@@ -1,0 +1,154 @@
+"""The conversation store's HTTP routes (`/api/...`, docs/api.md), minus `GET /api/config` (the app's).
+
+Handlers are plain `def`s: FastAPI runs them in its thread pool, so a slow SQLite write never blocks
+the event loop that streams tokens. The Store raises ApiErrors (404/400); the app's exception handler
+turns them into OpenAI-shaped JSON. Request models ignore unknown fields, so the page and the API can
+grow a field without breaking each other; every field has a type and a size limit.
+
+Ids in paths are taken as strings and checked by the store, so a malformed id is a 404, never a 422
+or a 500 (an integer wider than SQLite's 64 bits would otherwise crash the driver).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
+
+from .store import MAX_CONTENT_BYTES, MAX_INT, MAX_MODEL, MAX_TITLE, NotFound, Store
+
+Id = Field(None, ge=1, le=MAX_INT)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class NewConversation(_Body):
+    model: Optional[str] = Field(None, max_length=MAX_MODEL)
+    title: Optional[str] = Field(None, max_length=MAX_TITLE)
+    system_prompt: Optional[str] = Field(None, max_length=MAX_CONTENT_BYTES)
+    settings: Optional[dict[str, Any]] = None
+
+
+class ConversationPatch(NewConversation):
+    """Fields left out (or null) stay as they are."""
+
+
+class NewMessage(_Body):
+    role: Literal["user", "assistant", "system"] = "user"
+    content: str = Field(max_length=MAX_CONTENT_BYTES)
+    parent_id: Optional[int] = Id
+
+
+class Rating(_Body):
+    rating: Literal[1, -1, 0] = Field(description="1 thumbs up, -1 thumbs down, 0 cleared")
+
+
+class Ranking(_Body):
+    chosen_id: int = Field(ge=1, le=MAX_INT)
+    rejected_id: int = Field(ge=1, le=MAX_INT)
+
+
+class ConversationSummary(BaseModel):
+    id: str
+    title: str
+    model: Optional[str]
+    source: str
+    created_at: float
+    updated_at: float
+    message_count: int
+
+
+class Conversation(BaseModel):
+    id: str
+    title: str
+    model: Optional[str]
+    system_prompt: Optional[str]
+    settings: Optional[dict[str, Any]]
+    source: str
+    created_at: float
+    updated_at: float
+
+
+class Message(BaseModel):
+    id: int
+    parent_id: Optional[int]
+    role: str
+    content: str
+    model: Optional[str]
+    settings: Optional[dict[str, Any]]
+    finish_reason: Optional[str]
+    prompt_tokens: Optional[int]
+    completion_tokens: Optional[int]
+    created_at: float
+    rating: Optional[int]
+
+
+class ConversationWithMessages(Conversation):
+    messages: list[Message]
+    rankings: list["RankingOut"] = []
+
+
+class RatingOut(BaseModel):
+    message_id: int
+    rating: Optional[int]
+
+
+class RankingOut(Ranking):
+    id: int
+    created_at: float
+
+
+ConversationWithMessages.model_rebuild()
+
+
+class Deleted(BaseModel):
+    deleted: bool
+
+
+def _mid(text: str) -> int:
+    """A message id from a path: digits only (no sign, no spaces), else 404 like an unknown id."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19:
+        raise NotFound(f"no message with id {text[:40]!r}", "message_id")
+    return int(text)
+
+
+def store_router(store: Store) -> APIRouter:
+    r = APIRouter(prefix="/api", tags=["conversations"])
+
+    @r.get("/conversations", response_model=list[ConversationSummary])
+    def list_conversations(limit: int = Query(200, ge=1, le=10_000)):
+        return store.list_conversations(limit)
+
+    @r.post("/conversations", response_model=Conversation)
+    def create_conversation(body: Optional[NewConversation] = None):
+        body = body or NewConversation()
+        return store.create_conversation(**body.model_dump(), source="web")
+
+    @r.get("/conversations/{conversation_id}", response_model=ConversationWithMessages)
+    def get_conversation(conversation_id: str):
+        return store.get_conversation(conversation_id)
+
+    @r.patch("/conversations/{conversation_id}", response_model=Conversation)
+    def update_conversation(conversation_id: str, body: ConversationPatch):
+        return store.update_conversation(conversation_id, **body.model_dump())
+
+    @r.delete("/conversations/{conversation_id}", response_model=Deleted)
+    def delete_conversation(conversation_id: str):
+        store.delete_conversation(conversation_id)
+        return {"deleted": True}
+
+    @r.post("/conversations/{conversation_id}/messages", response_model=Message)
+    def add_message(conversation_id: str, body: NewMessage):
+        return store.add_message(conversation_id, role=body.role, content=body.content, parent_id=body.parent_id)
+
+    @r.post("/messages/{message_id}/rating", response_model=RatingOut)
+    def set_rating(message_id: str, body: Rating):
+        return store.set_rating(_mid(message_id), body.rating)
+
+    @r.post("/rankings", response_model=RankingOut)
+    def add_ranking(body: Ranking):
+        return store.add_ranking(body.chosen_id, body.rejected_id)
+
+    return r

@@ -1,0 +1,50 @@
+"""The conversation store's schema, as migrations: PRAGMA user_version says how many have run.
+
+Migration i takes the database from version i to i + 1, inside the transaction that bumps
+user_version, so a crash mid-migration leaves the old version. Append new ones; never edit old ones.
+"""
+
+MIGRATIONS = [
+    """
+    CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        title TEXT NOT NULL DEFAULT '',
+        model TEXT,
+        system_prompt TEXT,
+        settings TEXT,
+        source TEXT NOT NULL DEFAULT 'web' CHECK (source IN ('web', 'api')),
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX conversations_updated ON conversations(updated_at);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id TEXT NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+        parent_id INTEGER REFERENCES messages(id) ON DELETE CASCADE,
+        role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+        content TEXT NOT NULL,
+        model TEXT,
+        settings TEXT,
+        finish_reason TEXT,
+        prompt_tokens INTEGER,
+        completion_tokens INTEGER,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX messages_conversation ON messages(conversation_id);
+    CREATE INDEX messages_parent ON messages(parent_id);
+    CREATE TABLE ratings (
+        message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+        rating INTEGER NOT NULL CHECK (rating IN (-1, 1)),
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE rankings (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        chosen_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        rejected_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        created_at REAL NOT NULL,
+        UNIQUE (chosen_id, rejected_id)
+    );
+    CREATE INDEX rankings_rejected ON rankings(rejected_id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
