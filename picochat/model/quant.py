@@ -32,6 +32,7 @@ from ..errors import PicochatError
 
 QUANTIZE_CHOICES = ("int8",)
 KERNEL_DTYPE = torch.bfloat16
+PREFILL_ROWS = 64  # from this many rows on, dequantize + GEMM beats the int8 matrix-vector kernel (measured)
 
 
 def quantize_rows_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +73,12 @@ class Int8Linear(nn.Module):
             # one fused pass over the int8 rows, scales applied on the way out. The kernel reads K in
             # blocks of 16 and returns garbage (or crashes) otherwise, so other widths take the path below
             x2 = x.reshape(-1, self.in_features).to(self.scale.dtype).contiguous()
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale)
+            if x2.size(0) >= PREFILL_ROWS:
+                # many rows (a prompt): the kernel is matrix-vector, its time grows with the rows (512 rows:
+                # ~3x a bf16 GEMM); dequantizing the weight once and running one GEMM is faster
+                y = F.linear(x2, self.dequantized_weight())
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias
         # other devices and widths: dequantize on the fly (saves memory, not time)

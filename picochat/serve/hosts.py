@@ -46,9 +46,11 @@ def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue:
     from ..checkpoints.gguf import gguf_source
     from ..checkpoints.io import load_model
     from ..device import pick_device, pick_dtype
-    from ..engine.scheduler import Scheduler
+    from ..engine.scheduler import ModelThread, Scheduler
     device = pick_device("auto")
-    model, tokenizer, _ = load_model(spec, device=device, dtype=pick_dtype(dtype, device), quantize=quantize)
+    worker = ModelThread(f"picochat-{name or model_id(spec)}")  # loads the model, then runs its scheduler
+    model, tokenizer, _ = worker.call(
+        lambda: load_model(spec, device=device, dtype=pick_dtype(dtype, device), quantize=quantize))
     if tokenizer is None:
         raise PicochatError(f"{spec} has no tokenizer.json; the server needs one to read and write text")
     model.eval()  # (no grad: the scheduler thread turns autograd off for itself)
@@ -59,6 +61,7 @@ def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue:
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     stops = stop_token_ids(tokenizer, template) if template else ((eot,) if eot is not None else ())
     default_system = SMOLLM2_SYSTEM if (gguf_source(spec) is not None and template == "chatml") else None
-    sched = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue, max_context=max_context)
+    sched = worker.call(lambda: Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
+                                          max_context=max_context, worker=worker))  # its cache: same thread
     return ModelHost(name or model_id(spec), model, tokenizer, sched, template, default_system, stops,
                      int(time.time()))

@@ -41,6 +41,18 @@ def test_int8_linear_matches_float_linear(k):
     assert (y - ref).abs().max() < 0.03 * ref.abs().max()
 
 
+def test_many_rows_take_the_gemm_path_with_the_same_result():
+    """A prompt (>= PREFILL_ROWS rows) runs dequantize + GEMM; it must equal the int8 kernel row by row."""
+    from picochat.model.quant import PREFILL_ROWS
+    torch.manual_seed(0)
+    lin = Int8Linear(torch.randn(96, 64), torch.randn(96)).eval()
+    x = torch.randn(2, PREFILL_ROWS, 64)
+    with torch.no_grad():
+        whole = lin(x)                                                  # one GEMM over 128 rows
+        rows = torch.cat([lin(x[:, i:i + 8]) for i in range(0, PREFILL_ROWS, 8)], dim=1)  # the kernel
+    assert (whole - rows).abs().max() < 0.05 * rows.abs().max()
+
+
 @pytest.mark.parametrize("cfg", [tiny(), tiny(n_embd=40, n_head=4, n_kv_head=4, tie_embeddings=False),
                                  tiny(pos="learned", norm="layernorm", activation="gelu", bias=True)])
 def test_tiny_model_quantized_is_close(cfg):
