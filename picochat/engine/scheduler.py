@@ -41,6 +41,7 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     error: Optional[str] = None
+    cached_tokens: int = 0           # prompt tokens whose K/V were reused from an earlier request
 
 
 @dataclass
@@ -66,6 +67,8 @@ class _Running:
         self.seen: Optional[torch.Tensor] = None
         self.prefilled = 0  # prompt tokens already in the cache
         self.slot = -1      # the slot its prompt is being written to (while admitting)
+        self.cached = 0     # prompt tokens reused from a retained slot
+        self.fed: list[int] = []  # generated tokens already run through the model (their K/V are cached)
         self.last_token = -1
 
 
@@ -213,10 +216,12 @@ class Scheduler:
 
     def _prefill_chunk(self) -> None:
         r, slot = self.admitting, len(self.running)  # the admitted row always takes the next free slot
-        if r.prefilled and r.slot != slot:  # a row left between two chunks: move what is written so far
-            self.cache.copy_slot(r.slot, slot, r.prefilled)
-        r.slot = slot
         p = r.req.prompt
+        if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind
+            r.prefilled = r.cached = self.cache.claim(slot, p)
+        elif r.slot != slot:  # a row left between two chunks: move what is written so far
+            self.cache.move_partial(r.slot, slot, r.prefilled)
+        r.slot = slot
         end = min(len(p), r.prefilled + self.prefill_chunk)
         view = self.cache.prefill_view(slot)
         view.pos = r.prefilled
@@ -236,6 +241,8 @@ class Scheduler:
     def _decode(self) -> None:
         positions, mask = self.cache.step_inputs()
         idx = torch.tensor([[r.last_token] for r in self.running], dtype=torch.long, device=self.device)
+        for r in self.running:
+            r.fed.append(r.last_token)
         if len(self.running) == 1:  # alone: the plain single-query path (no mask, one start position)
             logits, _ = self.model(idx, start_pos=self.cache.lengths[0], kv_cache=self.cache)
         else:
@@ -282,16 +289,20 @@ class Scheduler:
 
     def _emit(self, r: _Running, text: str, tokens: list[int], finish: Optional[str], error=None) -> None:
         try:
-            r.req.on_event(Event(text, tokens, finish, len(r.row.prompt), len(r.row.tokens), error))
+            r.req.on_event(Event(text, tokens, finish, len(r.row.prompt), len(r.row.tokens), error, r.cached))
         except Exception:  # a broken callback (its client is gone) must not stop the others
             r.req.cancelled = True
 
     def _retire(self, r: _Running) -> None:
-        row = self.running.index(r)
-        moved = self.cache.remove_row(row)
-        if moved is not None:
-            self.running[row] = self.running[moved]
+        """r leaves the batch: swapped to the last row (rows stay contiguous), then popped; its K/V stay
+        behind for the conversation's next turn (see SlotCache)."""
+        row, last = self.running.index(r), len(self.running) - 1
+        if row != last:
+            self.cache.swap_rows(row, last)
+            self.running[row], self.running[last] = self.running[last], self.running[row]
         self.running.pop()
+        busy = (self.admitting.slot,) if self.admitting is not None and self.admitting.slot >= 0 else ()
+        self.cache.pop_row(r.row.prompt + r.fed, busy)
 
     def _drop_cancelled(self) -> None:
         with self.cv:
@@ -315,7 +326,7 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), collections.deque()
         rows = self.running + ([self.admitting] if self.admitting else [])
         self.running, self.admitting = [], None
-        self.cache.n, self.cache.lengths = 0, [0] * self.cache.slots
+        self.cache.n, self.cache.lengths, self.cache.retained = 0, [0] * self.cache.slots, {}
         for r in rows:
             self._emit(r, "", [], reason, error=message)
         for q in waiting:

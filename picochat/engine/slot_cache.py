@@ -8,8 +8,13 @@ therefore join a running batch at any step, and leave it, without touching the o
     step:   rows 0..n-1 each write their new K/V at their own column, attention masks keys > length
     leave:  the last running row is copied into the freed slot, so rows 0..n-1 stay contiguous and
             the decode step runs on plain views (no gather of the cache every step)
+    reuse:  a finished sequence's K/V stays in a free slot, remembered with its tokens; the next turn of
+            that conversation (same tokens, plus the answer, plus a new question) copies the shared
+            prefix instead of recomputing it. A growing batch takes those slots back first.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -28,6 +33,9 @@ class SlotCache:
         self.n = 0                  # running rows: slots 0..n-1
         self.device = device
         self._len_t = None          # (n,) lengths as a tensor during one decode step
+        self.retained: dict[int, list[int]] = {}  # free slot -> the tokens whose K/V it still holds
+        self._age = 0
+        self._used: dict[int, int] = {}           # slot -> when it was last retained or reused (LRU)
 
     @classmethod
     def for_model(cls, model, slots: int, max_len: int | None = None) -> "SlotCache":
@@ -58,6 +66,59 @@ class SlotCache:
         """A KVCache-like object that writes a fresh prompt into `slot` from column 0."""
         return _PrefillView(self, slot)
 
+    # -- prefix reuse ---------------------------------------------------------------------------------
+
+    MIN_REUSE = 8  # shorter shared prefixes are not worth a copy
+
+    def match(self, prompt: list[int]) -> tuple[Optional[int], int]:
+        """The retained slot sharing the longest prefix with `prompt`, and that prefix's length
+        (at most len(prompt) - 1: the last prompt token must run to give the next token's logits)."""
+        best, best_len = None, 0
+        for slot, tokens in self.retained.items():
+            n = 0
+            for a, b in zip(tokens, prompt):
+                if a != b:
+                    break
+                n += 1
+            if n > best_len:
+                best, best_len = slot, n
+        best_len = min(best_len, len(prompt) - 1)
+        return (best, best_len) if best_len >= self.MIN_REUSE else (None, 0)
+
+    def claim(self, slot: int, prompt: list[int]) -> int:
+        """Prepare `slot` (always the next free one, n) for `prompt`: reuse the best retained prefix.
+        Returns how many leading prompt tokens already have their K/V in the slot."""
+        src, n = self.match(prompt)
+        if src is not None and src != slot:
+            self.copy_slot(src, slot, n)
+        self.retained.pop(slot, None)  # a running sequence writes here from now on
+        if src is not None:
+            self._age += 1
+            self._used[src] = self._age
+        return n
+
+    def _retain(self, slot: int, tokens: list[int], busy: tuple[int, ...]) -> None:
+        """`slot` has just left the batch holding the K/V of `tokens`: remember it for reuse. It moves to
+        the highest empty free slot if there is one (the next request is admitted at the lowest free
+        slot, which evicts whatever is kept there), else over the least recently used kept slot,
+        else it stays where it is."""
+        if len(tokens) < self.MIN_REUSE:
+            return
+        free = [s for s in range(self.n, self.slots) if s not in busy]
+        empty = [s for s in free if s not in self.retained and s != slot]
+        kept = [s for s in free if s in self.retained and s != slot]
+        target = max(empty) if empty else (min(kept, key=lambda s: self._used.get(s, 0)) if kept else slot)
+        if target != slot:
+            self.copy_slot(slot, target, len(tokens))
+        self.retained[target] = list(tokens)
+        self._age += 1
+        self._used[target] = self._age
+
+    def move_partial(self, src: int, dst: int, length: int) -> None:
+        """A half-prefilled prompt moves down to the next free slot (a running row left meanwhile)."""
+        self.retained.pop(dst, None)
+        self.copy_slot(src, dst, length)
+
     def add_row(self, length: int) -> int:
         """Claim the next slot (its K/V already written by a prefill_view); returns its row."""
         row = self.n
@@ -71,17 +132,24 @@ class SlotCache:
             for t in store:
                 t[dst, :, :length] = t[src, :, :length]
 
-    def remove_row(self, row: int) -> int | None:
-        """Free a row; the last running row moves into it. Returns the row that moved there (or None)."""
-        last = self.n - 1
-        moved = None
-        if row != last:
-            self.copy_slot(last, row, self.lengths[last])
-            self.lengths[row] = self.lengths[last]
-            moved = last
-        self.lengths[last] = 0
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange two running rows' K/V and lengths (a row about to leave is swapped to the end)."""
+        L = max(self.lengths[a], self.lengths[b])
+        for store in (self.k, self.v):
+            for t in store:
+                tmp = t[a, :, :L].clone()
+                t[a, :, :L] = t[b, :, :L]
+                t[b, :, :L] = tmp
+        self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
+
+    def pop_row(self, tokens: Optional[list[int]] = None, busy: tuple[int, ...] = ()) -> None:
+        """The last running row leaves; with `tokens` (what its K/V hold) it is kept for reuse.
+        busy: a slot that must not be touched (a prompt being prefilled there)."""
         self.n -= 1
-        return moved
+        last = self.n
+        self.lengths[last] = 0
+        if tokens is not None:
+            self._retain(last, tokens, busy)
 
     # -- one decode step -----------------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ async def _generate(app, request: Request, host, prompt: list[int], sp: Sampling
             s["text"] += ev.text
             s["tokens"] += len(ev.token_ids)
             s["prompt_tokens"] = ev.prompt_tokens
+            s["cached"] = ev.cached_tokens
             if ev.finish_reason:
                 s["finish_reason"] = ev.finish_reason
                 s["error"] = ev.error
@@ -109,12 +110,14 @@ async def _generate(app, request: Request, host, prompt: list[int], sp: Sampling
 
 
 def _new_state(n: int) -> list[dict]:
-    return [{"text": "", "tokens": 0, "prompt_tokens": 0, "finish_reason": None, "error": None} for _ in range(n)]
+    return [{"text": "", "tokens": 0, "prompt_tokens": 0, "cached": 0, "finish_reason": None, "error": None}
+            for _ in range(n)]
 
 
 def _usage(state: list[dict], prompt_len: int) -> dict:
     done = sum(s["tokens"] for s in state)
-    return {"prompt_tokens": prompt_len, "completion_tokens": done, "total_tokens": prompt_len + done}
+    return {"prompt_tokens": prompt_len, "completion_tokens": done, "total_tokens": prompt_len + done,
+            "prompt_tokens_details": {"cached_tokens": max(s["cached"] for s in state)}}
 
 
 def _sse(obj) -> str:

@@ -26,6 +26,7 @@ class Collector:
     def __init__(self, n):
         self.tokens = {i: [] for i in range(n)}
         self.finish = {}
+        self.cached = {}
         self.done = threading.Event()
         self.n = n
 
@@ -34,6 +35,7 @@ class Collector:
             self.tokens[i].extend(ev.token_ids)
             if ev.finish_reason:
                 self.finish[i] = ev.finish_reason
+                self.cached[i] = ev.cached_tokens
                 if len(self.finish) == self.n:
                     self.done.set()
         return f
@@ -119,3 +121,58 @@ def test_context_limit_ends_with_length():
     finally:
         s.stop()
     assert c.finish[0] == "length" and 20 + len(c.tokens[0]) == 32
+
+
+def test_next_turn_reuses_the_cached_prefix_and_gives_the_same_tokens():
+    m = tiny()
+    first = [(3 * j) % 300 for j in range(40)]
+    s = Scheduler(m, None, max_batch=2).start()
+    try:
+        a = Collector(1)
+        s.submit(Request(first, SamplingParams(max_tokens=10, temperature=0), a.cb(0)))
+        a.wait()
+        answer = a.tokens[0]
+        second = first + answer + [7, 8, 9, 10]  # the conversation goes on: history + answer + new turn
+        events = []
+        b = Collector(1)
+
+        def cb(ev):
+            events.append(ev)
+            b.cb(0)(ev)
+        s.submit(Request(second, SamplingParams(max_tokens=12, temperature=0), cb))
+        b.wait()
+        other, other_events = Collector(1), []  # an unrelated prompt reuses nothing
+
+        def cb2(ev):
+            other_events.append(ev)
+            other.cb(0)(ev)
+        s.submit(Request([299 - j for j in range(30)], SamplingParams(max_tokens=3, temperature=0), cb2))
+        other.wait()
+    finally:
+        s.stop()
+    # every token of the first request's prompt and answer but the last sampled one has cached K/V
+    assert events[-1].cached_tokens == len(first) + len(answer) - 1
+    assert other_events[-1].cached_tokens == 0
+    assert b.tokens[0] == Engine(m).generate([second], max_tokens=12, temperature=0)[0].token_ids
+
+
+def test_shared_prefixes_under_batch_pressure_stay_exact():
+    """Many requests share a long "system prompt"; slots are retained, reused and evicted while the
+    batch fills and drains. Every answer must still be what the engine gives the prompt alone."""
+    m = tiny()
+    system = [(11 * j) % 300 for j in range(50)]
+    prompts = [system + [(5 * i + j) % 300 for j in range(3 + i)] for i in range(8)]
+    prompts += [prompts[2] + [1, 2, 3], system[:30] + [9, 9]]
+    ref = [Engine(m).generate([p], max_tokens=15, temperature=0)[0].token_ids for p in prompts]
+    s = Scheduler(m, None, max_batch=3, prefill_chunk=16).start()
+    c = Collector(len(prompts))
+    try:
+        for i, p in enumerate(prompts):
+            s.submit(Request(p, SamplingParams(max_tokens=15, temperature=0), c.cb(i)))
+            time.sleep(0.003 * (i % 3))
+        c.wait()
+        assert s.cache.retained  # finished sequences stay available for reuse
+    finally:
+        s.stop()
+    assert [c.tokens[i] for i in range(len(prompts))] == ref
+    assert sum(n > 0 for n in c.cached.values()) >= 3  # the shared prefix was reused, not recomputed

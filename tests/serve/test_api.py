@@ -210,3 +210,13 @@ def test_full_queue_is_503(tiny_chat_ckpt, tmp_path):
         t.join(timeout=30)
     assert results == [503]
     store.close()
+
+
+def test_next_turn_reports_cached_prompt_tokens(client):
+    first = [{"role": "user", "content": "Tell me about the sea and the ships on it, please."}]
+    a = client.post("/v1/chat/completions", json={"messages": first, "max_tokens": 8, "temperature": 0}).json()
+    turn = first + [{"role": "assistant", "content": a["choices"][0]["message"]["content"]},
+                    {"role": "user", "content": "And the fish?"}]
+    b = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 4, "temperature": 0}).json()
+    cached = b["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert a["usage"]["prompt_tokens"] - 1 <= cached < b["usage"]["prompt_tokens"]
