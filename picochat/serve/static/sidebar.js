@@ -1,0 +1,55 @@
+// The conversation list in the sidebar, and showing / hiding the sidebar (a drawer on phones).
+import { $, el, icon } from "./dom.js";
+import { api, showError } from "./api.js";
+import { state, handlers } from "./store.js";
+
+export async function loadConversations() {
+  const list = $("#conversation-list");
+  let convs;
+  try { convs = await api("/api/conversations"); } catch (e) { showError(e); return; }
+  list.replaceChildren(...convs.map((c) => {
+    const del = el("button", {
+      type: "button", class: "conv-delete", "data-testid": "delete-conversation", "aria-label": "Delete conversation",
+      title: "Delete",
+    }, icon("trash"));
+    del.addEventListener("click", (ev) => {
+      ev.stopPropagation();
+      if (del.dataset.confirm !== "1") { // two clicks: the first one asks
+        del.dataset.confirm = "1";
+        del.textContent = "Delete?";
+        setTimeout(() => { if (del.isConnected) { del.dataset.confirm = ""; del.replaceChildren(icon("trash")); } }, 3000);
+        return;
+      }
+      deleteConversation(c.id);
+    });
+    const open = el("button", { type: "button", class: "conv-open", "data-testid": "open-conversation", title: c.title || "" },
+      el("span", { class: "conv-name", text: c.title || "Untitled" }),
+      el("span", { class: "conv-meta", text: `${c.message_count ?? ""} msg · ${c.model || ""}${c.source && c.source !== "web" ? " · " + c.source : ""}` }));
+    open.addEventListener("click", () => { handlers.openConversation(c.id); closeSidebarOnPhone(); });
+    return el("li", {
+      class: "conv-item" + (c.id === state.convId ? " active" : ""), "data-testid": "conversation-item", "data-id": c.id,
+    }, open, del);
+  }));
+}
+
+async function deleteConversation(id) {
+  try {
+    await api(`/api/conversations/${encodeURIComponent(id)}`, { method: "DELETE" });
+    if (id === state.convId) handlers.newChat();
+    await loadConversations();
+  } catch (e) { showError(e); }
+}
+
+function isPhone() { return window.matchMedia("(max-width: 760px)").matches; }
+export function closeSidebarOnPhone() { if (isPhone()) toggleSidebar(false); }
+export function toggleSidebar(force) {
+  const app = $("#app");
+  if (isPhone()) {
+    const open = force ?? !app.classList.contains("sidebar-open");
+    app.classList.toggle("sidebar-open", open);
+    $("#scrim").hidden = !open;
+  } else {
+    const collapsed = force === undefined ? !app.classList.contains("sidebar-collapsed") : !force;
+    app.classList.toggle("sidebar-collapsed", collapsed);
+  }
+}
