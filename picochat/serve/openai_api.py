@@ -13,7 +13,7 @@ import uuid
 from typing import AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ..engine.engine import SamplingParams
 from ..engine.scheduler import Event, QueueFull
@@ -51,6 +51,30 @@ def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tupl
                           top_p=body.top_p if body.top_p < 1.0 else None, top_k=top_k, min_p=body.min_p or None,
                           repetition_penalty=body.repetition_penalty, seed=body.seed,
                           stop_token_ids=stops, stop_strings=tuple(body.stop_list()))
+
+
+def _render(host, messages: list[dict], body: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
+    """Token ids of the conversation (+ the assistant's turn opening), and the messages they contain.
+    With truncate_history, the oldest turns go first (as in the terminal chat) until the prompt leaves
+    room for an answer; the system prompt and the last message always stay."""
+    from ..chat_template import render_conversation
+
+    def render(msgs):
+        return render_conversation(msgs, host.tokenizer, host.template, add_generation_prompt=True,
+                                   default_system=host.default_system)[0]
+    ids, kept = render(messages), messages
+    if not body.truncate_history:
+        return ids, kept
+    want = min(body.max_completion_tokens or body.max_tokens or 256, max(1, host.context // 4))
+    system = kept[:1] if kept and kept[0]["role"] == "system" else []
+    turns = kept[len(system):]
+    while len(ids) + want > host.context and len(turns) > 1:
+        turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts at a question
+            turns = turns[1:]
+        kept = system + turns
+        ids = render(kept)
+    return ids, kept
 
 
 def _settings(body: Sampling, sp: SamplingParams) -> dict:
@@ -143,7 +167,6 @@ async def list_models(request: Request):
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    from ..chat_template import render_conversation
     app = request.app
     host = _host(app, body.model)
     if host.template is None:
@@ -151,11 +174,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                           "use /v1/completions", "model")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        ids, _ = render_conversation(messages, host.tokenizer, host.template, add_generation_prompt=True,
-                                     default_system=host.default_system)
+        ids, kept = _render(host, messages, body)
     except PicochatError as e:
         raise bad_request(str(e), "messages") from None
     sp = _params(body, host, len(ids), app.state.default_max_tokens, host.stop_ids)
+    headers = {"X-Picochat-Dropped-Messages": str(len(messages) - len(kept))}
     store = app.state.store
     saver = None
     if store is not None:
@@ -172,10 +195,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             if saver:
                 await asyncio.to_thread(saver.save, state)
         _check_error(state)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": host.id,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": s["text"]}, "logprobs": None,
-                             "finish_reason": s["finish_reason"]} for i, s in enumerate(state)],
-                "usage": _usage(state, len(ids)), "system_fingerprint": None}
+        return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": host.id,
+                             "choices": [{"index": i, "message": {"role": "assistant", "content": s["text"]},
+                                          "logprobs": None, "finish_reason": s["finish_reason"]}
+                                         for i, s in enumerate(state)],
+                             "usage": _usage(state, len(ids)), "system_fingerprint": None}, headers=headers)
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     gen = _generate(app, request, host, ids, sp, body.n, state)
@@ -210,7 +234,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 saver.save(state)
 
     return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
 
 @router.post("/v1/completions")

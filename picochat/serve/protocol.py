@@ -83,6 +83,9 @@ class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=1_000_000)
     metadata: Optional[dict[str, str]] = None
+    # picochat extension (the web page sets it): when the conversation no longer fits the context, drop
+    # its oldest turns (never the system prompt or the last message) instead of answering 400
+    truncate_history: bool = False
 
     @field_validator("metadata")
     @classmethod

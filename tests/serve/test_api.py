@@ -220,3 +220,20 @@ def test_next_turn_reports_cached_prompt_tokens(client):
     b = client.post("/v1/chat/completions", json={"messages": turn, "max_tokens": 4, "temperature": 0}).json()
     cached = b["usage"]["prompt_tokens_details"]["cached_tokens"]
     assert a["usage"]["prompt_tokens"] - 1 <= cached < b["usage"]["prompt_tokens"]
+
+
+def test_truncate_history_drops_the_oldest_turns(client):
+    long = "the sea " * 12  # a turn of ~100 characters; 13 of them overflow the 512-token context
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"{i} {long}"}, {"role": "assistant", "content": long}]
+    messages.append({"role": "user", "content": "and the last question?"})
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "truncate_history": True})
+    assert r.status_code == 200, r.text
+    dropped = int(r.headers["x-picochat-dropped-messages"])
+    assert dropped % 2 == 0 and 0 < dropped < len(messages) - 2  # whole turns, system + last kept
+    assert r.json()["usage"]["prompt_tokens"] + 8 <= 512
+    short = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "truncate_history": True})
+    assert short.headers["x-picochat-dropped-messages"] == "0"

@@ -145,6 +145,7 @@ async function generateInner(userId, { compare = false } = {}) {
     const body = {
       model: currentModel(), messages: promptMessages(userId), stream: true, ...readSettings(),
       metadata: { conversation_id: String(convId), parent_id: String(userId) }, // OpenAI metadata: strings
+      truncate_history: true, // a long chat drops its oldest turns rather than fail (picochat extension)
     };
     let res;
     try {
