@@ -237,3 +237,19 @@ def test_truncate_history_drops_the_oldest_turns(client):
     assert r.json()["usage"]["prompt_tokens"] + 8 <= 512
     short = client.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "truncate_history": True})
     assert short.headers["x-picochat-dropped-messages"] == "0"
+
+
+def test_two_models_side_by_side(tiny_chat_ckpt, tmp_path):
+    hosts = [load_host(str(tiny_chat_ckpt), dtype="fp32", max_batch=2, max_context=256, name=n)
+             for n in ("first", "second")]
+    store = Store(tmp_path / "two.db")
+    with TestClient(create_app(hosts, store=store)) as c:
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["first", "second"]
+        assert c.get("/api/config").json()["default_model"] == "first"
+        for name in ("first", "second"):
+            r = c.post("/v1/chat/completions", json={"model": name, "messages": USER, "max_tokens": 3}).json()
+            assert r["model"] == name
+        assert c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 3}).json()["model"] == "first"
+        stored = {x["model"] for x in c.get("/api/conversations").json()}
+        assert stored == {"first", "second"}
+    store.close()
