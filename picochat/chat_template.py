@@ -27,8 +27,10 @@ def pick_template(tokenizer) -> str:
 
 
 def stop_token_ids(tokenizer, template: str) -> tuple[int, ...]:
-    """Tokens that end an assistant turn."""
-    names = ["<|im_end|>", "<|endoftext|>"] if template == "chatml" else ["<|assistant_end|>", "<|endoftext|>"]
+    """Tokens that end an assistant turn: its end marker, the end of the text, and the start of any
+    new turn (a model that opens a turn has finished its own, and must never write the user's)."""
+    names = (["<|im_end|>", "<|endoftext|>", "<|im_start|>"] if template == "chatml" else
+             ["<|assistant_end|>", "<|endoftext|>", "<|user_start|>", "<|system_start|>", "<|assistant_start|>"])
     return tuple(tokenizer.special_tokens[n] for n in names if n in tokenizer.special_tokens)
 
 

@@ -64,12 +64,14 @@ class _Text:
         if stop_strings and tokenizer is None:
             raise PicochatError("stop strings need a tokenizer (Engine(model, tokenizer))")
         self.tokenizer, self.stops = tokenizer, stop_strings
+        # special tokens are markup, not text: a generated <|user_end|> is never shown (vLLM's default)
+        self.special = set(tokenizer.special_tokens.values()) if tokenizer is not None else set()
         self.longest = max((len(s) for s in stop_strings), default=0)
         self.utf8, self.text, self.emitted = Utf8Stream(), "", 0
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (the text now safe to show, whether a stop string matched)."""
-        if self.tokenizer is None:
+        if self.tokenizer is None or token in self.special:
             return "", False
         return self._add(self.utf8.push(self.tokenizer.token_bytes(token)))
 

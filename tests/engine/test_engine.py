@@ -257,3 +257,15 @@ def test_kv_cache_positions_truncate_and_growth():
     assert torch.allclose(step, full[:, 5:], atol=1e-4)
     with pytest.raises(PicochatError):
         cache.truncate(11)
+
+
+def test_special_tokens_are_not_shown_as_text():
+    from picochat.chat_template import stop_token_ids
+    from picochat.engine.engine import _Text
+    t = Tokenizer({bytes([b]): b for b in range(256)},
+                  {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}, [])
+    text = _Text(t, ())
+    shown = [text.push(i)[0] for i in (ord("h"), 257, ord("i"))] + [text.finish()]
+    assert "".join(shown) == "hi"
+    # a model that opens a new turn has finished its own
+    assert set(stop_token_ids(t, "chatml")) == {256, 257, 258}
