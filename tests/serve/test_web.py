@@ -342,3 +342,24 @@ def test_web_api_key(tiny_chat_ckpt, chromium_browser, tmp_path):
         ctx.close()
     finally:
         srv.stop()
+
+
+def test_web_long_conversation_drops_oldest_turns(tiny_server, chromium_browser):
+    """A chat longer than the model's context (512 tokens here) keeps working: the oldest turns are
+    left out of the prompt and the page says so."""
+    ctx, page, errors = open_page(chromium_browser, tiny_server.url)
+    try:
+        page.evaluate("""() => {  // remember every toast, however briefly shown
+          window.__toasts = [];
+          new MutationObserver(() => { const t = document.querySelector('#toast');
+            if (t && t.textContent) window.__toasts.push(t.textContent); })
+            .observe(document.body, {subtree: true, childList: true, characterData: true});
+        }""")
+        for i in range(4):  # ~120 tokens a question on the tiny tokenizer, plus the answers
+            answered(page, lambda i=i: send(page, f"Question {i}: " + "tell me about the sea " * 20))
+        toasts = page.evaluate("window.__toasts")
+        assert any("oldest messages were left out" in t for t in toasts), toasts
+        assert not page.locator("[data-testid=error]").is_visible()
+        assert errors == []
+    finally:
+        ctx.close()

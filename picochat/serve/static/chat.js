@@ -157,6 +157,8 @@ async function generateInner(userId, { compare = false } = {}) {
       delete body.max_tokens;
       res = await api("/v1/chat/completions", { method: "POST", raw: true, signal: controller.signal, body });
     }
+    const dropped = Number(res.headers.get("X-Picochat-Dropped-Messages") || 0);
+    if (dropped > 0) toast(`The conversation is longer than the model's context: its ${dropped} oldest messages were left out of this answer.`);
     await readSSE(res, (chunk) => {
       const choice = (chunk.choices || [])[0];
       if (!choice) return;
