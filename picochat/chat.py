@@ -21,7 +21,6 @@ HELP = """commands:
   /help              this list
   /quit              leave (Ctrl-D works too)"""
 
-SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 @dataclass
@@ -119,15 +118,15 @@ class ChatSession:
 
 def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> None:
     """The terminal loop; `input_fn` and `out` are swappable for tests."""
+    from .chat_template import default_system_prompt
     from .checkpoints.gguf import gguf_source
     from .checkpoints.io import load_model
     out = out or sys.stdout
     model, tokenizer, where = load_model(cfg.model, quantize=cfg.quantize)
     if tokenizer is None:
         raise PicochatError(f"{cfg.model} has no tokenizer; it cannot chat")
-    default_system = SMOLLM2_SYSTEM if gguf_source(cfg.model) is not None and "<|im_start|>" in \
-        tokenizer.special_tokens else None
-    session = ChatSession(model, tokenizer, cfg, default_system)
+    session = ChatSession(model, tokenizer, cfg,
+                          default_system_prompt(tokenizer, from_gguf=gguf_source(cfg.model) is not None))
 
     def write(text: str) -> None:
         out.write(text)

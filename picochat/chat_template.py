@@ -14,6 +14,14 @@ from .errors import PicochatError
 
 ROLES = ("system", "user", "assistant")
 
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def default_system_prompt(tokenizer, from_gguf: bool) -> Optional[str]:
+    """The system prompt a model was tuned with, used when a conversation has none: SmolLM2's GGUF
+    chat template inserts this one (our own models have no default)."""
+    return SMOLLM2_SYSTEM if from_gguf and "<|im_start|>" in tokenizer.special_tokens else None
+
 
 def pick_template(tokenizer) -> str:
     """ChatML when the vocabulary has <|im_start|>, else picochat's own when it has <|user_start|>."""

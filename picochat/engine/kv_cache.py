@@ -17,6 +17,16 @@ import torch
 from ..errors import PicochatError
 
 
+def grow_columns(stores, new: int, keep: int) -> None:
+    """Replace every (B, nkv, T, hs) tensor in the lists `stores` by one with `new` columns, the first
+    `keep` copied over (the caches grow geometrically instead of preallocating a whole long context)."""
+    for store in stores:
+        for i, t in enumerate(store):
+            grown = t.new_zeros(t.size(0), t.size(1), new, t.size(3))
+            grown[:, :, :keep] = t[:, :, :keep]
+            store[i] = grown
+
+
 class KVCache:
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, head_dim: int, capacity: int,
                  max_len: Optional[int] = None, dtype: torch.dtype = torch.float32, device=None):
@@ -51,12 +61,7 @@ class KVCache:
             return
         if n > self.max_len:
             raise PicochatError(f"the KV cache needs {n} positions but the model's context is {self.max_len}")
-        new = min(self.max_len, max(n, 2 * self.capacity))
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                grown = t.new_zeros(t.size(0), t.size(1), new, t.size(3))
-                grown[:, :, :self.pos] = t[:, :, :self.pos]
-                store[i] = grown
+        grow_columns((self.k, self.v), min(self.max_len, max(n, 2 * self.capacity)), keep=self.pos)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write this step's k, v (B, nkv, T, hs) at pos and return all K/V so far, (B, nkv, pos + T, hs)."""

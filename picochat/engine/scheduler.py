@@ -16,8 +16,8 @@ import collections
 import itertools
 import queue
 import threading
-from concurrent.futures import Future
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -50,8 +50,6 @@ class Request:
     params: SamplingParams
     on_event: Callable[[Event], None]    # called from the scheduler thread
     id: int = field(default_factory=itertools.count().__next__)
-    submitted: float = field(default_factory=time.monotonic)
-    first_token: Optional[float] = None
     cancelled: bool = False
 
 
@@ -223,10 +221,10 @@ class Scheduler:
             self.cache.move_partial(r.slot, slot, r.prefilled)
         r.slot = slot
         end = min(len(p), r.prefilled + self.prefill_chunk)
-        view = self.cache.prefill_view(slot)
-        view.pos = r.prefilled
         idx = torch.tensor([p[r.prefilled:end]], dtype=torch.long, device=self.device)
-        logits, _ = self.model(idx, start_pos=r.prefilled, kv_cache=view)
+        # only the last chunk's last position is sampled from: the LM head runs on it alone
+        logits, _ = self.model(idx, start_pos=r.prefilled, kv_cache=self.cache.prefill_view(slot, r.prefilled),
+                               last_logits_only=True)
         r.prefilled = end
         if end < len(p):
             return
@@ -275,8 +273,6 @@ class Scheduler:
                 r.seen[t] = True
             r.last_token = t
             token, delta = r.row.push(t, r.req.params, self.context)
-            if r.req.first_token is None:
-                r.req.first_token = now
             self._emit(r, delta, [] if token is None else [token], r.row.finish_reason)
             if r.row.finish_reason is not None:
                 done.append(r)
@@ -288,10 +284,7 @@ class Scheduler:
             self._retire(r)
 
     def _emit(self, r: _Running, text: str, tokens: list[int], finish: Optional[str], error=None) -> None:
-        try:
-            r.req.on_event(Event(text, tokens, finish, len(r.row.prompt), len(r.row.tokens), error, r.cached))
-        except Exception:  # a broken callback (its client is gone) must not stop the others
-            r.req.cancelled = True
+        _notify(r.req, Event(text, tokens, finish, len(r.row.prompt), len(r.row.tokens), error, r.cached))
 
     def _retire(self, r: _Running) -> None:
         """r leaves the batch: swapped to the last row (rows stay contiguous), then popped; its K/V stay
@@ -310,10 +303,7 @@ class Scheduler:
             for q in gone:
                 self.waiting.remove(q)
         for q in gone:
-            try:
-                q.on_event(Event("", [], "cancelled", len(q.prompt), 0))
-            except Exception:
-                pass
+            _notify(q, Event("", [], "cancelled", len(q.prompt), 0))
         if self.admitting is not None and self.admitting.req.cancelled:
             r, self.admitting = self.admitting, None
             self._emit(r, "", [], "cancelled")
@@ -326,11 +316,15 @@ class Scheduler:
             waiting, self.waiting = list(self.waiting), collections.deque()
         rows = self.running + ([self.admitting] if self.admitting else [])
         self.running, self.admitting = [], None
-        self.cache.n, self.cache.lengths, self.cache.retained = 0, [0] * self.cache.slots, {}
+        self.cache.clear()
         for r in rows:
             self._emit(r, "", [], reason, error=message)
         for q in waiting:
-            try:
-                q.on_event(Event("", [], reason, len(q.prompt), 0, error=message))
-            except Exception:
-                pass
+            _notify(q, Event("", [], reason, len(q.prompt), 0, error=message))
+
+
+def _notify(req: Request, ev: Event) -> None:
+    try:
+        req.on_event(ev)
+    except Exception:  # a broken callback (its client is gone) must not stop the others
+        req.cancelled = True

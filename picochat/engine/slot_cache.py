@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..errors import PicochatError
+from .kv_cache import grow_columns
 
 
 class SlotCache:
@@ -33,6 +34,8 @@ class SlotCache:
         self.n = 0                  # running rows: slots 0..n-1
         self.device = device
         self._len_t = None          # (n,) lengths as a tensor during one decode step
+        self._rows = None           # arange(n), and T_k = longest length + 1, for the same step
+        self._T_k = 0
         self.retained: dict[int, list[int]] = {}  # free slot -> the tokens whose K/V it still holds
         self._age = 0
         self._used: dict[int, int] = {}           # slot -> when it was last retained or reused (LRU)
@@ -53,18 +56,13 @@ class SlotCache:
             return
         if n > self.max_len:
             raise PicochatError(f"a sequence needs {n} positions but the cache holds at most {self.max_len}")
-        new = min(self.max_len, max(n, 2 * self.capacity))
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                grown = t.new_zeros(t.size(0), t.size(1), new, t.size(3))
-                grown[:, :, :t.size(2)] = t
-                store[i] = grown
+        grow_columns((self.k, self.v), min(self.max_len, max(n, 2 * self.capacity)), keep=self.capacity)
 
     # -- joining and leaving -------------------------------------------------------------------------
 
-    def prefill_view(self, slot: int) -> "_PrefillView":
-        """A KVCache-like object that writes a fresh prompt into `slot` from column 0."""
-        return _PrefillView(self, slot)
+    def prefill_view(self, slot: int, start: int = 0) -> "_PrefillView":
+        """A KVCache-like object that writes (a chunk of) a prompt into `slot` from column `start`."""
+        return _PrefillView(self, slot, start)
 
     # -- prefix reuse ---------------------------------------------------------------------------------
 
@@ -127,7 +125,7 @@ class SlotCache:
         return row
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` columns of slot src into slot dst (a half-prefilled prompt moving down)."""
+        """Copy the first `length` columns of slot src into slot dst."""
         for store in (self.k, self.v):
             for t in store:
                 t[dst, :, :length] = t[src, :, :length]
@@ -151,24 +149,28 @@ class SlotCache:
         if tokens is not None:
             self._retain(last, tokens, busy)
 
+    def clear(self) -> None:
+        """Forget every row and every kept prefix (after a failure: nothing in the slots is trusted)."""
+        self.n, self.lengths, self.retained = 0, [0] * self.slots, {}
+
     # -- one decode step -----------------------------------------------------------------------------
 
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (n, 1) and attention mask (n, 1, 1, T_k) for one new token per running row."""
         lens = self.lengths[:self.n]
-        self.reserve(max(lens) + 1)
+        self._T_k = max(lens) + 1
+        self.reserve(self._T_k)
         self._len_t = torch.tensor(lens, dtype=torch.long, device=self.device)
-        keys = torch.arange(max(lens) + 1, device=self.device)
+        self._rows = torch.arange(self.n, device=self.device)
+        keys = torch.arange(self._T_k, device=self.device)
         mask = keys[None, :] <= self._len_t[:, None]  # a row sees its own past and the new token
         return self._len_t.view(-1, 1), mask.view(self.n, 1, 1, -1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v: (n, nkv, 1, hs), written at each row's own column; returns (n, nkv, T_k, hs) views."""
-        n = k.size(0)
-        rows = torch.arange(n, device=k.device)
-        self.k[layer][rows, :, self._len_t] = k[:, :, 0]  # advanced indices first: (n, nkv, hs)
-        self.v[layer][rows, :, self._len_t] = v[:, :, 0]
-        T_k = max(self.lengths[:n]) + 1
+        n, T_k = k.size(0), self._T_k
+        self.k[layer][self._rows, :, self._len_t] = k[:, :, 0]  # advanced indices first: (n, nkv, hs)
+        self.v[layer][self._rows, :, self._len_t] = v[:, :, 0]
         if layer == self.n_layer - 1:
             for i in range(n):
                 self.lengths[i] += 1
@@ -178,8 +180,8 @@ class SlotCache:
 class _PrefillView:
     """Duck-types KVCache.update for a prompt written into one slot (batch of one, columns 0..T-1)."""
 
-    def __init__(self, cache: SlotCache, slot: int):
-        self.cache, self.slot, self.pos = cache, slot, 0
+    def __init__(self, cache: SlotCache, slot: int, start: int = 0):
+        self.cache, self.slot, self.pos = cache, slot, start
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         c, T = self.cache, k.size(2)

@@ -14,7 +14,7 @@ from typing import Optional
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,8 +29,7 @@ WEB_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": None, "min_p": None, 
 
 
 def _error(status: int, message: str, param=None, type="invalid_request_error", code=None, headers=None):
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}},
-                        status_code=status, headers=headers)
+    return ApiError(status, message, param, type, code).response(headers)
 
 
 class GuardMiddleware:
@@ -58,7 +57,7 @@ class GuardMiddleware:
                 f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
             # a chunked body has no announced size: read it here (at most max_body bytes), then replay it
-            body, more = b"", True
+            body, more = bytearray(), True
             while more:
                 msg = await receive()
                 if msg["type"] != "http.request":
@@ -74,7 +73,7 @@ class GuardMiddleware:
                 nonlocal replayed
                 if not replayed:
                     replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
                 return await receive()
             app_receive = replay
         else:
@@ -123,8 +122,7 @@ def create_app(hosts: list, store=None, api_key: Optional[str] = None, max_body:
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status,
-                            headers={"Retry-After": "1"} if e.status in (429, 503) else None)
+        return e.response({"Retry-After": "1"} if e.status in (429, 503) else None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):

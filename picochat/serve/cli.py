@@ -119,10 +119,4 @@ def add_parser(sub) -> None:
                        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                        formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_dataclass_args(p, ServeConfig, positional=("models",))
-    p.set_defaults(func=lambda args: serve(_with_default_model(dataclass_from_args(ServeConfig, args))))
-
-
-def _with_default_model(cfg: ServeConfig) -> ServeConfig:
-    if not cfg.models:
-        cfg.models = ["smollm2"]
-    return cfg
+    p.set_defaults(func=lambda args: serve(dataclass_from_args(ServeConfig, args)))

@@ -13,6 +13,10 @@ class ApiError(Exception):
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
+    def response(self, headers: Optional[dict] = None):
+        from fastapi.responses import JSONResponse
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
 
 def bad_request(message: str, param: Optional[str] = None) -> ApiError:
     return ApiError(400, message, param)

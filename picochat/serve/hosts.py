@@ -8,9 +8,6 @@ from typing import Optional
 
 from ..errors import PicochatError
 
-SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-
 @dataclass
 class ModelHost:
     id: str
@@ -42,7 +39,7 @@ def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue:
               max_context: Optional[int] = 4096, quantize: Optional[str] = None,
               name: Optional[str] = None) -> ModelHost:
     """Load `spec` (smollm2, a .gguf file or a picochat checkpoint); the app's lifespan starts its scheduler."""
-    from ..chat_template import pick_template, stop_token_ids
+    from ..chat_template import default_system_prompt, pick_template, stop_token_ids
     from ..checkpoints.gguf import gguf_source
     from ..checkpoints.io import load_model
     from ..device import pick_device, pick_dtype
@@ -60,7 +57,7 @@ def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue:
         template = None
     eot = tokenizer.special_tokens.get("<|endoftext|>")
     stops = stop_token_ids(tokenizer, template) if template else ((eot,) if eot is not None else ())
-    default_system = SMOLLM2_SYSTEM if (gguf_source(spec) is not None and template == "chatml") else None
+    default_system = default_system_prompt(tokenizer, from_gguf=gguf_source(spec) is not None)
     sched = worker.call(lambda: Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                                           max_context=max_context, worker=worker))  # its cache: same thread
     return ModelHost(name or model_id(spec), model, tokenizer, sched, template, default_system, stops,

@@ -62,19 +62,28 @@ def _render(host, messages: list[dict], body: ChatCompletionRequest) -> tuple[li
     def render(msgs):
         return render_conversation(msgs, host.tokenizer, host.template, add_generation_prompt=True,
                                    default_system=host.default_system)[0]
-    ids, kept = render(messages), messages
-    if not body.truncate_history:
-        return ids, kept
+    ids = render(messages)
     want = min(body.max_completion_tokens or body.max_tokens or 256, max(1, host.context // 4))
-    system = kept[:1] if kept and kept[0]["role"] == "system" else []
-    turns = kept[len(system):]
-    while len(ids) + want > host.context and len(turns) > 1:
-        turns = turns[1:]
-        while len(turns) > 1 and turns[0]["role"] != "user":  # a conversation restarts at a question
-            turns = turns[1:]
-        kept = system + turns
-        ids = render(kept)
-    return ids, kept
+    if not body.truncate_history or len(ids) + want <= host.context:
+        return ids, messages
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    # where the kept part may start: a question (a conversation restarts at one), or the last message.
+    # Fewer turns never need more tokens, so the shortest history that fits is found by bisection:
+    # O(log n) renders, not one per dropped turn (a long history would make that quadratic)
+    starts = [i for i, m in enumerate(turns) if i > 0 and m["role"] == "user"]
+    if not starts or starts[-1] != len(turns) - 1:
+        starts.append(len(turns) - 1)
+    lo, hi = 0, len(starts) - 1
+    best = render(system + turns[starts[hi]:])
+    while lo < hi:  # invariant: starts[hi] fits (or is the last resort)
+        mid = (lo + hi) // 2
+        cand = render(system + turns[starts[mid]:])
+        if len(cand) + want <= host.context:
+            hi, best = mid, cand
+        else:
+            lo = mid + 1
+    return best, system + turns[starts[hi]:]
 
 
 def _settings(body: Sampling, sp: SamplingParams) -> dict:
@@ -83,7 +92,7 @@ def _settings(body: Sampling, sp: SamplingParams) -> dict:
         {"max_tokens": sp.max_tokens}
 
 
-async def _generate(app, request: Request, host, prompt: list[int], sp: SamplingParams, n: int,
+async def _generate(request: Request, host, prompt: list[int], sp: SamplingParams, n: int,
                     state: list[dict]) -> AsyncIterator[tuple[int, Event]]:
     """Run n choices; yields (choice index, event). `state[i]` collects text, tokens and finish reason."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -189,7 +198,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     if not body.stream:
         try:
-            async for _ in _generate(app, request, host, ids, sp, body.n, state):
+            async for _ in _generate(request, host, ids, sp, body.n, state):
                 pass
         finally:
             if saver:
@@ -201,46 +210,27 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                          for i, s in enumerate(state)],
                              "usage": _usage(state, len(ids)), "system_fingerprint": None}, headers=headers)
 
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    gen = _generate(app, request, host, ids, sp, body.n, state)
-    first = await _first(gen)  # submit before answering 200, so a full queue is a real 503
+    envelope = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": host.id,
+                "system_fingerprint": None}
+    openers = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+               for i in range(body.n)]
 
-    def chunk(choices, usage=None):
-        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": host.id,
-             "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            c["usage"] = usage
-        return _sse(c)
-
-    async def events():
-        try:
-            for i in range(body.n):
-                yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            async for i, ev in _chain(first, gen):
-                if ev.text:
-                    yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}])
-                if ev.finish_reason == "error":
-                    yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
-                                          "param": None, "code": None}})
-                elif ev.finish_reason:
-                    yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
-            if include_usage:
-                yield chunk([], _usage(state, len(ids)))
-            yield "data: [DONE]\n\n"
-        finally:
-            await gen.aclose()
-            if saver:  # synchronous on purpose: after a disconnect this task may not get to await again
-                saver.save(state)
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
+    def choices(i, ev):  # the text, then (in a chunk of its own) the finish reason
+        if ev.text:
+            yield {"index": i, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}
+        if ev.finish_reason:
+            yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}
+    # the answer is stored synchronously as the stream closes: after a disconnect this task may not
+    # get to await again
+    return await _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers,
+                         on_close=saver.save if saver else None)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     app = request.app
     host = _host(app, body.model)
+    eot = host.tokenizer.special_tokens.get("<|endoftext|>")
     if isinstance(body.prompt, list):
         V = host.tokenizer.vocab_size
         if not body.prompt or any(not 0 <= t < V for t in body.prompt):
@@ -249,51 +239,61 @@ async def completions(body: CompletionRequest, request: Request):
     else:
         ids = host.tokenizer.encode(body.prompt)
         if not ids:  # an empty prompt continues from the start-of-document token
-            eot = host.tokenizer.special_tokens.get("<|endoftext|>")
             if eot is None:
                 raise bad_request("the prompt is empty", "prompt")
             ids = [eot]
-    eot = host.tokenizer.special_tokens.get("<|endoftext|>")
     sp = _params(body, host, len(ids), app.state.default_max_tokens, (eot,) if eot is not None else ())
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     state = _new_state(body.n)
     echo = host.tokenizer.decode(ids) if body.echo else ""
     if not body.stream:
-        async for _ in _generate(app, request, host, ids, sp, body.n, state):
+        async for _ in _generate(request, host, ids, sp, body.n, state):
             pass
         _check_error(state)
         return {"id": cid, "object": "text_completion", "created": created, "model": host.id,
                 "choices": [{"index": i, "text": echo + s["text"], "logprobs": None,
                              "finish_reason": s["finish_reason"]} for i, s in enumerate(state)],
                 "usage": _usage(state, len(ids))}
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    gen = _generate(app, request, host, ids, sp, body.n, state)
-    first = await _first(gen)
+    envelope = {"id": cid, "object": "text_completion", "created": created, "model": host.id}
+    openers = [{"index": i, "text": echo, "logprobs": None, "finish_reason": None} for i in range(body.n)] if echo else []
 
-    def chunk(choices, usage=None):
-        c = {"id": cid, "object": "text_completion", "created": created, "model": host.id, "choices": choices}
-        if include_usage:
-            c["usage"] = usage
-        return _sse(c)
+    def choices(i, ev):  # text and finish reason together, as OpenAI's completions stream them
+        if ev.text or ev.finish_reason:
+            yield {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+    return await _stream(request, host, ids, sp, body, state, envelope, openers, choices, {})
+
+
+async def _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers, on_close=None):
+    """The SSE response both endpoints share: opening chunks, one chunk per choice delta, an error event
+    if generation failed, the usage chunk when asked for, then [DONE]."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    gen = _generate(request, host, ids, sp, body.n, state)
+    first = await _first(gen)  # submit before answering 200, so a full queue is a real 503
+
+    def chunk(choice_list, usage=None):
+        return _sse({**envelope, "choices": choice_list, **({"usage": usage} if include_usage else {})})
 
     async def events():
         try:
-            if echo:
-                for i in range(body.n):
-                    yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
+            for c in openers:
+                yield chunk([c])
             async for i, ev in _chain(first, gen):
                 if ev.finish_reason == "error":
                     yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error",
                                           "param": None, "code": None}})
-                elif ev.text or ev.finish_reason:
-                    yield chunk([{"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}])
+                    continue
+                for c in choices(i, ev):
+                    yield chunk([c])
             if include_usage:
                 yield chunk([], _usage(state, len(ids)))
             yield "data: [DONE]\n\n"
         finally:
             await gen.aclose()
+            if on_close:
+                on_close(state)
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
 
 async def _first(gen):
