@@ -55,6 +55,7 @@ pipeline: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/serve_load.py
+	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/decode.py  # llama.cpp column needs: $(PIP) install llama-cpp-python==0.3.36 diskcache (~3 min build)
 
 clean:
