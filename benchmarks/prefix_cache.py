@@ -45,7 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     from picochat.chat_template import render_conversation, stop_token_ids
     from picochat.checkpoints.io import load_model
-    from picochat.engine.scheduler import ModelThread, Scheduler
+    from picochat.engine.model_thread import ModelThread
+    from picochat.engine.scheduler import Scheduler
     worker = ModelThread()  # the model is loaded and run on one thread, as in the server
     model, tok, _ = worker.call(lambda: load_model("smollm2", dtype=torch.bfloat16))
     stops = stop_token_ids(tok, "chatml")

@@ -42,14 +42,32 @@ def stop_token_ids(tokenizer, template: str) -> tuple[int, ...]:
     return tuple(tokenizer.special_tokens[n] for n in names if n in tokenizer.special_tokens)
 
 
-def _check(messages: list[dict]) -> None:
+def turn_order_error(roles: list[str], answer: bool = False) -> Optional[str]:
+    """Why this sequence of roles is not a conversation, or None. The one rule set that the template,
+    the server and the conversation store share: a system message only comes first, and an assistant
+    message answers a user message (so it comes right after one). answer=True: an assistant answer is
+    about to be appended (a generation prompt), so the last message must be a user message."""
+    for i, role in enumerate(roles):
+        if role not in ROLES:
+            return f"message {i}: role must be one of {', '.join(ROLES)}, got {str(role)[:40]!r}"
+        if role == "system" and i != 0:
+            return f"message {i}: a system message may only come first"
+        if role == "assistant" and (i == 0 or roles[i - 1] != "user"):
+            return f"message {i}: an assistant message must answer a user message (come right after one)"
+    if answer and (not roles or roles[-1] != "user"):
+        return "the last message must be a user message: the answer is generated for it"
+    return None
+
+
+def _check(messages: list[dict], answer: bool = False) -> None:
     if not isinstance(messages, list):
         raise PicochatError("messages must be a list of {'role', 'content'} objects")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise PicochatError(f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': str}}")
-        if m["role"] == "system" and i != 0:
-            raise PicochatError(f"message {i}: a system message may only come first")
+    why = turn_order_error([m["role"] for m in messages], answer)
+    if why:
+        raise PicochatError(why)
 
 
 def render_conversation(messages: list[dict], tokenizer, template: Optional[str] = None,
@@ -57,7 +75,7 @@ def render_conversation(messages: list[dict], tokenizer, template: Optional[str]
                         default_system: Optional[str] = None) -> tuple[list[int], list[int]]:
     """-> (ids, loss_mask). Message text is encoded as plain text: a user typing "<|im_end|>" gets
     ordinary tokens, never the special one (no prompt injection through the template)."""
-    _check(messages)
+    _check(messages, answer=add_generation_prompt)
     template = template or pick_template(tokenizer)
     sp = tokenizer.special_tokens
     ids: list[int] = []

@@ -2,9 +2,14 @@
 
     p_i = softmax(z / tau)_i;  top-k keeps the k largest z_i;  top-p keeps the smallest set whose
     probabilities sum to at least p (Holtzman et al. 2020);  min-p keeps tokens with p_i >= min_p * max_j p_j
-    (Nguyen et al. 2024);  tau = 0 means argmax (greedy).
+    (Nguyen et al. 2024);  tau = 0 means argmax (greedy), and so does any tau < GREEDY_BELOW.
     Repetition penalty (CTRL, Keskar et al. 2019), applied first: for tokens already in the context,
     z_i / r if z_i > 0 else z_i * r, so r > 1 always makes them less likely.
+
+Sampling never produces NaN, whatever the knobs: NaN logits count as -inf, and a row with +inf logits
+(a tiny repetition penalty overflows float32) samples among those tokens only, the limit of softmax.
+A row with nothing left to sample (every logit -inf or NaN: a broken model) raises `Unsampleable`
+naming the rows, so a batch can fail that row alone.
 """
 from __future__ import annotations
 
@@ -15,10 +20,23 @@ import torch
 
 from ..errors import PicochatError
 
+# A temperature below this is greedy (vLLM's _SAMPLING_EPS is the same 1e-5): softmax(z / tau) is
+# already one-hot in float32 there, and far below it z / tau overflows (1e-300 gave inf - inf = NaN).
+GREEDY_BELOW = 1e-5
+
+
+class Unsampleable(PicochatError):
+    """Some rows have no token left to sample (every logit is -inf or NaN)."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(f"no token can be sampled for row(s) {rows}: every logit is -inf or NaN")
+        self.rows = rows
+
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float],
                    min_p: Optional[float] = None, repetition_penalty: Optional[float] = None) -> None:
-    if temperature < 0:
+    # written as "not (x in range)" so that NaN, which fails every comparison, is refused too
+    if not 0 <= temperature < math.inf:
         raise PicochatError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 0:
         raise PicochatError(f"top_k must be >= 1 (or 0 for off), got {top_k}")
@@ -26,7 +44,7 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
         raise PicochatError(f"top_p must be in (0, 1], got {top_p}")
     if min_p is not None and not 0.0 <= min_p <= 1.0:
         raise PicochatError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
-    if repetition_penalty is not None and repetition_penalty <= 0:
+    if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:
         raise PicochatError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
 
 
@@ -51,6 +69,7 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False  # even when top_p rounds to 0 in float32 (1e-300 did, dropping every token)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     if min_p:
@@ -64,12 +83,27 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
                 min_p: Optional[float] = None) -> torch.Tensor:
     """logits (B, V) -> next ids (B,). Apply apply_repetition_penalty before, if wanted."""
-    logits = logits.float()
-    if temperature == 0:
+    logits = sanitize_logits(logits.float())
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits / temperature, top_k, top_p, min_p)
+    logits = sanitize_logits(filter_logits(logits / temperature, top_k, top_p, min_p))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) float logits -> logits softmax can take: NaN -> -inf; a row holding +inf keeps only its
+    +inf entries (at 0, the others -inf: softmax's limit, uniform over them). Raises Unsampleable for
+    rows that are all -inf."""
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    pos = torch.isposinf(logits)
+    if bool(pos.any()):
+        rows = pos.any(dim=-1, keepdim=True)
+        logits = torch.where(rows, torch.where(pos, 0.0, float("-inf")), logits)
+    dead = torch.isneginf(logits).all(dim=-1)
+    if bool(dead.any()):
+        raise Unsampleable(dead.nonzero().flatten().tolist())
+    return logits
 
 
 class Utf8Stream:

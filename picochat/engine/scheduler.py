@@ -9,22 +9,28 @@ One thread owns the model. Each turn of its loop:
 
 Requests talk to the thread through callbacks (`on_event`), so the caller decides how to hand events
 to its own world (the server puts them on an asyncio queue).
+
+Sharing: a request names its `client`; one client may hold at most half the queue, and a free slot
+goes to the waiting request whose client has the fewest rows running (oldest first among equals), so
+one client's many requests (or one request's many choices) cannot starve the others. Failures stay
+with their row: a row whose logits cannot be sampled, or whose prompt fails to prefill, ends alone
+with an error; only a failed batched forward pass (which no row can be blamed for) fails them all.
 """
 from __future__ import annotations
 
 import collections
 import itertools
-import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Hashable, Optional
 
 import torch
 
 from ..errors import PicochatError
 from .engine import SamplingParams, _Row, _Text
+from .model_thread import ModelThread
 from .sampling import apply_repetition_penalty, sample_next
 from .slot_cache import SlotCache
 
@@ -51,6 +57,8 @@ class Request:
     on_event: Callable[[Event], None]    # called from the scheduler thread
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
+    client: Optional[str] = None       # who asked (API key name or address): fair sharing of the queue
+    cache_scope: Hashable = None       # its prompt may reuse K/V only from requests of the same scope
 
 
 class _Running:
@@ -70,49 +78,20 @@ class _Running:
         self.last_token = -1
 
 
-class ModelThread:
-    """One OS thread that does all of a model's torch work: loading it, then running its scheduler loop.
-
-    Why not load in the main thread and decode in another: once two threads have used torch's OpenMP
-    pool, their worker teams compete for the cores. Measured on 2 cores: a 2-thread decode in a second
-    thread ran at half the speed (22 vs 45 tok/s) of the same decode in the thread that loaded the model;
-    benchmarks/serve_load.py's one-client level went from 22 to 33 tok/s when the server moved to this.
-    """
-
-    def __init__(self, name: str = "picochat-model"):
-        self._jobs: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            fn, fut = self._jobs.get()
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # handed to the caller, who re-raises it
-                fut.set_exception(e)
-
-    def submit(self, fn) -> Future:
-        fut: Future = Future()
-        self._jobs.put((fn, fut))
-        return fut
-
-    def call(self, fn):
-        """Run fn() on the model thread and return its result (or raise its exception) here."""
-        return self.submit(fn).result()
-
-
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  max_context: Optional[int] = None, prefill_chunk: int = 512,
-                 worker: Optional[ModelThread] = None):
+                 worker: Optional[ModelThread] = None, retain_prefixes: bool = True):
+        """retain_prefixes=False: a finished sequence's K/V are forgotten at once (nothing of a request
+        outlives it; `picochat serve --no-store`)."""
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         if model.config.pos == "alibi":  # its bias is built from one shared query position
             max_batch = 1
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.retain_prefixes = retain_prefixes
+        self._admitted: dict = {}  # client -> when it last got a slot (an admission counter)
+        self._admissions = 0
         self.context = min(max_context or model.config.block_size, model.config.block_size)
         self.cache = SlotCache.for_model(model, max_batch, self.context)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -149,23 +128,44 @@ class Scheduler:
             except Exception:
                 pass
 
+    @property
+    def client_share(self) -> int:
+        """How many requests one client may have waiting: half the queue, so one never fills it."""
+        return max(1, self.max_queue // 2)
+
     def submit(self, req: Request) -> Request:
-        req.params.check()
-        if not req.prompt:
-            raise PicochatError("the prompt is empty")
-        if req.params.max_tokens < 1:
-            raise PicochatError("max_tokens must be at least 1")
-        if len(req.prompt) >= self.context:
-            raise PicochatError(f"the prompt is {len(req.prompt)} tokens but the context is {self.context}")
+        return self.submit_many([req])[0]
+
+    def submit_many(self, reqs: list[Request]) -> list[Request]:
+        """Queue requests all together or none of them (the n choices of one API request).
+        PicochatError for a request that can never run; QueueFull when it cannot wait now."""
+        for req in reqs:
+            req.params.check()
+            if not req.prompt:
+                raise PicochatError("the prompt is empty")
+            if req.params.max_tokens < 1:
+                raise PicochatError("max_tokens must be at least 1")
+            if len(req.prompt) >= self.context:
+                raise PicochatError(f"the prompt is {len(req.prompt)} tokens but the context is {self.context}")
+        client = reqs[0].client if reqs else None
+        share = self.client_share if client is not None else self.max_queue
+        if len(reqs) > share:
+            raise PicochatError(f"{len(reqs)} sequences can never wait at once: one client may queue at most "
+                                f"{share} (ask for fewer choices)")
         with self.cv:
             if self.stopped:
                 raise PicochatError("the scheduler is stopped")
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(reqs) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting; try again shortly")
-            self.waiting.append(req)
-            self.requests_total += 1
+            if client is not None:
+                mine = sum(q.client == client for q in self.waiting)
+                if mine + len(reqs) > share:
+                    raise QueueFull(f"you already have {mine} requests waiting (at most {share} per client); "
+                                    "try again when they have started")
+            self.waiting.extend(reqs)
+            self.requests_total += len(reqs)
             self.cv.notify_all()
-        return req
+        return reqs
 
     def cancel(self, req: Request) -> None:
         """The client went away: the request leaves the queue or its slot at the next step."""
@@ -197,7 +197,7 @@ class Scheduler:
                     break
             try:
                 self._turn()
-            except Exception as e:  # a bug must not leave clients hanging: fail everyone, keep serving
+            except Exception as e:  # the batched decode failed (or a bug): no row to blame, fail them all
                 self._fail_all(f"{type(e).__name__}: {e}")
         self._fail_all("the server is shutting down", reason="cancelled")
 
@@ -205,19 +205,46 @@ class Scheduler:
         self._drop_cancelled()
         if self.admitting is None and len(self.running) < self.max_batch:
             with self.cv:
-                req = self.waiting.popleft() if self.waiting else None
+                req = self._next_waiting()
             if req is not None:
                 self.admitting = _Running(req, self.tokenizer, self.device)
         if self.admitting is not None:
-            self._prefill_chunk()
+            try:
+                self._prefill_chunk()
+            except Exception as e:  # this prompt's failure is its own (the running rows are untouched)
+                r = self.admitting
+                if r is not None and r not in self.running:
+                    self.admitting = None
+                    if r.slot >= 0:
+                        self.cache._forget(r.slot)  # half-written: never offer it for reuse
+                    self._emit(r, "", [], "error", error=f"{type(e).__name__}: {e}")
+                else:
+                    raise
         if self.running:
             self._decode()
+
+    def _next_waiting(self) -> Optional[Request]:
+        """(Under self.cv.) The oldest waiting request of the client with the fewest running rows."""
+        if not self.waiting:
+            return None
+        busy = collections.Counter(r.req.client for r in self.running)
+        last = self._admitted  # among equals, the client served longest ago goes first (round robin)
+        best = min(range(len(self.waiting)),
+                   key=lambda i: (busy[self.waiting[i].client], last.get(self.waiting[i].client, -1), i))
+        req = self.waiting[best]
+        del self.waiting[best]
+        self._admissions += 1
+        last[req.client] = self._admissions
+        if len(last) > 4 * (self.max_queue + self.max_batch):  # forget clients long gone
+            present = {q.client for q in self.waiting} | set(busy) | {req.client}
+            self._admitted = {c: n for c, n in last.items() if c in present}
+        return req
 
     def _prefill_chunk(self) -> None:
         r, slot = self.admitting, len(self.running)  # the admitted row always takes the next free slot
         p = r.req.prompt
         if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind
-            r.prefilled = r.cached = self.cache.claim(slot, p)
+            r.prefilled = r.cached = self.cache.claim(slot, p, r.req.cache_scope)
         elif r.slot != slot:  # a row left between two chunks: move what is written so far
             self.cache.move_partial(r.slot, slot, r.prefilled)
         r.slot = slot
@@ -252,6 +279,7 @@ class Scheduler:
     def _sample(self, rows: list[tuple[_Running, torch.Tensor]]) -> None:
         now = time.monotonic()
         picks: dict[int, int] = {}
+        failed: dict[int, str] = {}
         groups: dict[tuple, list[int]] = {}  # rows that sample alike share one batched call
         lasts = []
         for j, (r, logits) in enumerate(rows):
@@ -260,43 +288,64 @@ class Scheduler:
             if r.seen is not None:
                 last = apply_repetition_penalty(last, r.seen.unsqueeze(0), sp.repetition_penalty)
             lasts.append(last)
-            if r.gen is not None:  # its own seeded generator: sampled alone, so it is reproducible
-                picks[j] = int(sample_next(last, sp.temperature, sp.top_k or None, sp.top_p, r.gen, sp.min_p)[0])
-            else:
-                groups.setdefault((sp.temperature, sp.top_k or None, sp.top_p, sp.min_p), []).append(j)
-        for (temp, top_k, top_p, min_p), js in groups.items():
-            out = sample_next(torch.cat([lasts[j] for j in js]), temp, top_k, top_p, None, min_p)
-            picks.update(zip(js, out.tolist()))
+            key = (sp.temperature, sp.top_k or None, sp.top_p, sp.min_p)
+            groups.setdefault(key if r.gen is None else ("own", j), []).append(j)
+        for key, js in groups.items():
+            sp = rows[js[0]][0].req.params
+            try:
+                out = sample_next(torch.cat([lasts[j] for j in js]), sp.temperature, sp.top_k or None, sp.top_p,
+                                  rows[js[0]][0].gen, sp.min_p)  # seeded rows: their own generator, alone
+                picks.update(zip(js, out.tolist()))
+            except Exception as e:  # one bad row must not take its group down: the others again, alone
+                if len(js) == 1:
+                    failed[js[0]] = f"{type(e).__name__}: {e}"
+                    continue
+                for j in js:
+                    try:
+                        picks[j] = int(sample_next(lasts[j], sp.temperature, sp.top_k or None, sp.top_p,
+                                                   None, sp.min_p)[0])
+                    except Exception as e1:
+                        failed[j] = f"{type(e1).__name__}: {e1}"
         done = []
         for j, (r, _) in enumerate(rows):
-            t = picks[j]
-            if r.seen is not None:
-                r.seen[t] = True
-            r.last_token = t
-            token, delta = r.row.push(t, r.req.params, self.context)
-            self._emit(r, delta, [] if token is None else [token], r.row.finish_reason)
+            if j not in failed:
+                try:
+                    t = picks[j]
+                    if r.seen is not None:
+                        r.seen[t] = True
+                    r.last_token = t
+                    token, delta = r.row.push(t, r.req.params, self.context)
+                except Exception as e:
+                    failed[j] = f"{type(e).__name__}: {e}"
+            if j in failed:
+                r.row.finish_reason = "error"
+                self._emit(r, "", [], "error", error=f"generation failed: {failed[j]}")
+            else:
+                self._emit(r, delta, [] if token is None else [token], r.row.finish_reason)
             if r.row.finish_reason is not None:
                 done.append(r)
         with self.cv:
-            self.generated_total += len(rows)
-            self._recent.append((now, len(rows)))
+            self.generated_total += len(rows) - len(failed)
+            self._recent.append((now, len(rows) - len(failed)))
             self._first_sample = self._first_sample or now
         for r in done:
-            self._retire(r)
+            self._retire(r, keep=r.row.finish_reason != "error")
 
     def _emit(self, r: _Running, text: str, tokens: list[int], finish: Optional[str], error=None) -> None:
         _notify(r.req, Event(text, tokens, finish, len(r.row.prompt), len(r.row.tokens), error, r.cached))
 
-    def _retire(self, r: _Running) -> None:
+    def _retire(self, r: _Running, keep: bool = True) -> None:
         """r leaves the batch: swapped to the last row (rows stay contiguous), then popped; its K/V stay
-        behind for the conversation's next turn (see SlotCache)."""
+        behind for the conversation's next turn (see SlotCache), unless retain_prefixes is off or the
+        row failed (keep=False)."""
         row, last = self.running.index(r), len(self.running) - 1
         if row != last:
             self.cache.swap_rows(row, last)
             self.running[row], self.running[last] = self.running[last], self.running[row]
         self.running.pop()
         busy = (self.admitting.slot,) if self.admitting is not None and self.admitting.slot >= 0 else ()
-        self.cache.pop_row(r.row.prompt + r.fed, busy)
+        keep = keep and self.retain_prefixes
+        self.cache.pop_row(r.row.prompt + r.fed if keep else None, busy, r.req.cache_scope)
 
     def _drop_cancelled(self) -> None:
         with self.cv:

@@ -11,10 +11,14 @@ therefore join a running batch at any step, and leave it, without touching the o
     reuse:  a finished sequence's K/V stays in a free slot, remembered with its tokens; the next turn of
             that conversation (same tokens, plus the answer, plus a new question) copies the shared
             prefix instead of recomputing it. A growing batch takes those slots back first.
+            A kept prefix carries its request's scope (who made it: an API key, a conversation) and
+            is reused only by requests of the same scope: whether a prompt's prefix is cached, which
+            shows in cached_tokens and in the time to the first token, must not tell one client
+            what another one wrote.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Hashable, Optional
 
 import torch
 
@@ -37,6 +41,7 @@ class SlotCache:
         self._rows = None           # arange(n), and T_k = longest length + 1, for the same step
         self._T_k = 0
         self.retained: dict[int, list[int]] = {}  # free slot -> the tokens whose K/V it still holds
+        self.scopes: dict[int, Hashable] = {}     # free slot -> the scope of the request that left them
         self._age = 0
         self._used: dict[int, int] = {}           # slot -> when it was last retained or reused (LRU)
 
@@ -68,11 +73,14 @@ class SlotCache:
 
     MIN_REUSE = 8  # shorter shared prefixes are not worth a copy
 
-    def match(self, prompt: list[int]) -> tuple[Optional[int], int]:
-        """The retained slot sharing the longest prefix with `prompt`, and that prefix's length
-        (at most len(prompt) - 1: the last prompt token must run to give the next token's logits)."""
+    def match(self, prompt: list[int], scope: Hashable = None) -> tuple[Optional[int], int]:
+        """The retained slot of the same scope sharing the longest prefix with `prompt`, and that
+        prefix's length (at most len(prompt) - 1: the last prompt token must run to give the next
+        token's logits)."""
         best, best_len = None, 0
         for slot, tokens in self.retained.items():
+            if self.scopes.get(slot) != scope:
+                continue
             n = 0
             for a, b in zip(tokens, prompt):
                 if a != b:
@@ -83,19 +91,23 @@ class SlotCache:
         best_len = min(best_len, len(prompt) - 1)
         return (best, best_len) if best_len >= self.MIN_REUSE else (None, 0)
 
-    def claim(self, slot: int, prompt: list[int]) -> int:
-        """Prepare `slot` (always the next free one, n) for `prompt`: reuse the best retained prefix.
-        Returns how many leading prompt tokens already have their K/V in the slot."""
-        src, n = self.match(prompt)
+    def claim(self, slot: int, prompt: list[int], scope: Hashable = None) -> int:
+        """Prepare `slot` (always the next free one, n) for `prompt`: reuse the best retained prefix
+        of the same scope. Returns how many leading prompt tokens already have their K/V in the slot."""
+        src, n = self.match(prompt, scope)
         if src is not None and src != slot:
             self.copy_slot(src, slot, n)
-        self.retained.pop(slot, None)  # a running sequence writes here from now on
+        self._forget(slot)  # a running sequence writes here from now on
         if src is not None:
             self._age += 1
             self._used[src] = self._age
         return n
 
-    def _retain(self, slot: int, tokens: list[int], busy: tuple[int, ...]) -> None:
+    def _forget(self, slot: int) -> None:
+        self.retained.pop(slot, None)
+        self.scopes.pop(slot, None)
+
+    def _retain(self, slot: int, tokens: list[int], busy: tuple[int, ...], scope: Hashable) -> None:
         """`slot` has just left the batch holding the K/V of `tokens`: remember it for reuse. It moves to
         the highest empty free slot if there is one (the next request is admitted at the lowest free
         slot, which evicts whatever is kept there), else over the least recently used kept slot,
@@ -109,12 +121,13 @@ class SlotCache:
         if target != slot:
             self.copy_slot(slot, target, len(tokens))
         self.retained[target] = list(tokens)
+        self.scopes[target] = scope
         self._age += 1
         self._used[target] = self._age
 
     def move_partial(self, src: int, dst: int, length: int) -> None:
         """A half-prefilled prompt moves down to the next free slot (a running row left meanwhile)."""
-        self.retained.pop(dst, None)
+        self._forget(dst)
         self.copy_slot(src, dst, length)
 
     def add_row(self, length: int) -> int:
@@ -140,18 +153,19 @@ class SlotCache:
                 t[b, :, :L] = tmp
         self.lengths[a], self.lengths[b] = self.lengths[b], self.lengths[a]
 
-    def pop_row(self, tokens: Optional[list[int]] = None, busy: tuple[int, ...] = ()) -> None:
-        """The last running row leaves; with `tokens` (what its K/V hold) it is kept for reuse.
-        busy: a slot that must not be touched (a prompt being prefilled there)."""
+    def pop_row(self, tokens: Optional[list[int]] = None, busy: tuple[int, ...] = (),
+                scope: Hashable = None) -> None:
+        """The last running row leaves; with `tokens` (what its K/V hold) it is kept for reuse by
+        requests of the same `scope`. busy: a slot that must not be touched (a prompt being prefilled there)."""
         self.n -= 1
         last = self.n
         self.lengths[last] = 0
         if tokens is not None:
-            self._retain(last, tokens, busy)
+            self._retain(last, tokens, busy, scope)
 
     def clear(self) -> None:
         """Forget every row and every kept prefix (after a failure: nothing in the slots is trusted)."""
-        self.n, self.lengths, self.retained = 0, [0] * self.slots, {}
+        self.n, self.lengths, self.retained, self.scopes = 0, [0] * self.slots, {}, {}
 
     # -- one decode step -----------------------------------------------------------------------------
 

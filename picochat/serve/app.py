@@ -1,16 +1,15 @@
 """`create_app`: the FastAPI app that puts the models, the conversation store and the web page together.
 
-Cross-cutting rules live here: the API key (every route but /health and the page's static files),
-the request-size limit, and OpenAI-shaped errors for everything that goes wrong, including FastAPI's
-own validation errors and unknown routes.
+Cross-cutting rules: guard.py checks every request (Host, cross-site requests, API keys, body size)
+and adds the security headers; here, OpenAI-shaped errors for everything that goes wrong, including
+FastAPI's own validation errors and unknown routes.
 """
 from __future__ import annotations
 
-import hmac
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Mapping, Optional, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -20,9 +19,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PicochatError
 from .errors import ApiError
+from .guard import GuardMiddleware, as_keys, normalize_allowed
 
 STATIC = Path(__file__).parent / "static"
-OPEN_PATHS = ("/health", "/", "/favicon.ico")  # the page holds no data: it asks for the key itself
 
 WEB_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": None, "min_p": None, "repetition_penalty": 1.1,
                 "max_tokens": 512}
@@ -32,76 +31,21 @@ def _error(status: int, message: str, param=None, type="invalid_request_error", 
     return ApiError(status, message, param, type, code).response(headers)
 
 
-class GuardMiddleware:
-    """Pure ASGI (streaming responses pass straight through): API key, body size, request counting."""
+def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, str]] = None,
+               max_body: int = 4 * 1024 * 1024, default_max_tokens: int = 1024,
+               allowed_hosts: Optional[Iterable[str]] = None) -> FastAPI:
+    """hosts: loaded ModelHosts (the first is the default model); store: a Store or None (no history).
 
-    def __init__(self, app, api_key: Optional[str], max_body: int, counters: dict):
-        self.app, self.key, self.max_body, self.counters = app, api_key, max_body, counters
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        headers = dict(scope.get("headers") or [])
-        if self.key and path not in OPEN_PATHS and not path.startswith("/static/"):
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.key}".encode()):
-                return await self._reply(scope, receive, send, _error(
-                    401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                    type="invalid_request_error", code="invalid_api_key"))
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            code = 400 if not length.isdigit() else 413
-            return await self._reply(scope, receive, send, _error(
-                code, "bad Content-Length header" if code == 400 else
-                f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            # a chunked body has no announced size: read it here (at most max_body bytes), then replay it
-            body, more = bytearray(), True
-            while more:
-                msg = await receive()
-                if msg["type"] != "http.request":
-                    return
-                body += msg.get("body", b"")
-                more = msg.get("more_body", False)
-                if len(body) > self.max_body:
-                    return await self._reply(scope, receive, send, _error(
-                        413, f"the request body is larger than {self.max_body} bytes", code="request_too_large"))
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": bytes(body), "more_body": False}
-                return await receive()
-            app_receive = replay
-        else:
-            app_receive = receive  # the announced length is checked; the server enforces it
-
-        status = {"code": 500}
-
-        async def counting_send(msg):
-            if msg["type"] == "http.response.start":
-                status["code"] = msg["status"]
-            await send(msg)
-        try:
-            await self.app(scope, app_receive, counting_send)
-        finally:
-            key = str(status["code"])
-            self.counters[key] = self.counters.get(key, 0) + 1
-
-    async def _reply(self, scope, receive, send, response):
-        key = str(response.status_code)
-        self.counters[key] = self.counters.get(key, 0) + 1
-        await response(scope, receive, send)
-
-
-def create_app(hosts: list, store=None, api_key: Optional[str] = None, max_body: int = 4 * 1024 * 1024,
-               default_max_tokens: int = 1024) -> FastAPI:
-    """hosts: loaded ModelHosts (the first is the default model); store: a Store or None (no history)."""
+    api_key: None (no auth), one key (principal 'key1') or {principal name: key}.
+    allowed_hosts: the Host names answered (any port; '*' any, '*.domain' its subdomains). None means
+    no Host check, for tests (TestClient sends Host 'testserver') and embedding; `picochat serve`
+    always passes the list guard.allowed_hosts_for() computes from its bind address.
+    """
     if not hosts:
         raise PicochatError("the server needs at least one model")
+    keys = as_keys(api_key)
+    if allowed_hosts is not None:  # checked now, not at the first request
+        allowed_hosts = [normalize_allowed(a) for a in allowed_hosts]
 
     @asynccontextmanager
     async def lifespan(app):
@@ -111,14 +55,18 @@ def create_app(hosts: list, store=None, api_key: Optional[str] = None, max_body:
         for h in hosts:
             h.scheduler.stop()
 
-    app = FastAPI(title="picochat", version="0.1.0", lifespan=lifespan,
+    # no /docs or /redoc: Swagger UI and ReDoc come from a CDN at a floating version, and would run
+    # in the origin that holds the API key; /openapi.json stays for tools
+    app = FastAPI(title="picochat", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API, conversation store and web page of picochat. See docs/api.md.")
     app.state.hosts = {h.id: h for h in hosts}
     app.state.store = store
     app.state.default_max_tokens = default_max_tokens
     app.state.started = time.time()
+    app.state.allowed_hosts = allowed_hosts
     counters: dict = {}
-    app.add_middleware(GuardMiddleware, api_key=api_key, max_body=max_body, counters=counters)
+    app.add_middleware(GuardMiddleware, keys=keys, max_body=max_body, counters=counters,
+                       allowed_hosts=allowed_hosts)
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):
@@ -155,11 +103,15 @@ def create_app(hosts: list, store=None, api_key: Optional[str] = None, max_body:
     async def health():
         return {"status": "ok", "models": list(app.state.hosts), "uptime_s": round(time.time() - app.state.started, 1)}
 
+    @app.head("/health", include_in_schema=False)
+    async def health_head():  # load balancers and uptime checkers probe with HEAD
+        return Response(status_code=200, media_type="application/json")
+
     @app.get("/api/config")
     async def config():
         return {"models": [{"id": h.id, "context_length": h.context, "chat": h.template is not None}
                            for h in hosts],
-                "default_model": hosts[0].id, "auth": bool(api_key),
+                "default_model": hosts[0].id, "auth": bool(keys),
                 # a default answer length that leaves room for a conversation in a short context
                 "defaults": WEB_DEFAULTS | {"max_tokens": min(WEB_DEFAULTS["max_tokens"], hosts[0].context // 4)},
                 "store": store is not None}

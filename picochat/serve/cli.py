@@ -2,7 +2,12 @@
 
     picochat serve                      SmolLM2-135M-Instruct at http://127.0.0.1:8000
     picochat serve smollm2 runs/sft     two models; the first is the default, the page has a picker
-    curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi"}]}'
+    curl localhost:8000/v1/chat/completions --json '{"messages": [{"role": "user", "content": "Hi"}]}'
+
+API keys (one per user or tool; the name is the request's principal, e.g. for per-user caches):
+    PICOCHAT_API_KEY='alice KEY1,bob KEY2' picochat serve      entries: KEY or NAME KEY, comma-separated
+    picochat serve --api-key-file keys.txt                      one entry a line, # comments
+    make a key: python -c 'import secrets; print(secrets.token_urlsafe(32))'
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ class ServeConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2"])
     """Models to serve: smollm2, .gguf files or picochat checkpoints; the first is the default."""
     host: str = "127.0.0.1"
-    """Address to bind; 0.0.0.0 exposes the server to the network (set --api-key then)."""
+    """Address to bind. Beyond loopback (0.0.0.0: every interface) it needs an API key, or --insecure-no-key."""
     port: int = 8000
     """TCP port."""
     db: Optional[str] = None
@@ -28,7 +33,19 @@ class ServeConfig:
     store: bool = True
     """Keep conversations and feedback in the database (--no-store: keep no history at all)."""
     api_key: Optional[str] = None
-    """Demand 'Authorization: Bearer KEY' on every route but /health (default: $PICOCHAT_API_KEY)."""
+    """Demand 'Authorization: Bearer KEY' on every route but /health and the page. KEY, or NAME KEY to name
+    its user or tool (unnamed: key1, key2, ... by position); several separated by commas. Visible to anyone
+    on this machine in `ps`: prefer $PICOCHAT_API_KEY (same format, used when neither --api-key nor
+    --api-key-file is given) or --api-key-file."""
+    api_key_file: Optional[str] = None
+    """File of API keys, one a line: KEY or NAME KEY (NAME: letters, digits, . _ @ -); blank lines and
+    lines starting with # are skipped. Adds to --api-key."""
+    allowed_hosts: Optional[str] = None
+    """Host names answered besides the bind address, comma-separated, any port ('*': any; '*.example.org':
+    its subdomains). Guards against DNS rebinding; bound to 0.0.0.0 or :: the server answers loopback,
+    this machine's hostname and addresses, so name here what clients or a reverse proxy use."""
+    insecure_no_key: bool = False
+    """Allow --host beyond loopback without an API key: anyone who can reach the port can use the server."""
     max_batch: int = 16
     """Sequences decoded together (continuous batching slots per model)."""
     max_queue: int = 64
@@ -37,6 +54,8 @@ class ServeConfig:
     """KV-cache positions per sequence (prompt + answer), at most the model's own context."""
     max_tokens: int = 1024
     """Default answer length limit when a request gives none."""
+    max_request_tokens: int = 8192
+    """Most tokens one request may ask for in all (n x max_tokens), so one client cannot book every slot."""
     dtype: str = "auto"
     """auto (bf16 where the CPU/GPU is fast at it), fp32, bf16 or fp16."""
     quantize: Optional[str] = None
@@ -45,10 +64,36 @@ class ServeConfig:
     """Largest request body accepted, in MB."""
 
 
-def _check(cfg: ServeConfig) -> None:
+def api_keys(cfg: ServeConfig) -> dict[str, str]:
+    """{principal name: key} from --api-key and --api-key-file, else $PICOCHAT_API_KEY; {} for none."""
+    from .guard import name_keys, parse_keys
+    entries = []
+    if cfg.api_key is not None:
+        entries += parse_keys(cfg.api_key, "--api-key")
+    if cfg.api_key_file:
+        try:
+            text = open(cfg.api_key_file, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PicochatError(f"--api-key-file {cfg.api_key_file}: cannot read it ({e})") from None
+        entries += parse_keys(text, f"--api-key-file {cfg.api_key_file}", lines=True)
+    if cfg.api_key is None and not cfg.api_key_file:
+        entries = parse_keys(os.environ.get("PICOCHAT_API_KEY", ""), "$PICOCHAT_API_KEY")
+    elif not entries:  # e.g. --api-key "$KEY" with KEY unset: never quietly serve without a key
+        raise PicochatError("--api-key / --api-key-file name no key; give one, or leave both out for no auth")
+    return name_keys(entries)
+
+
+def _allowed_extra(cfg: ServeConfig) -> list[str]:
+    from .guard import normalize_allowed
+    return [normalize_allowed(a) for a in (cfg.allowed_hosts or "").split(",") if a.strip()]
+
+
+def _check(cfg: ServeConfig) -> dict[str, str]:
+    """Refuse bad settings before anything loads; returns the API keys."""
+    from .guard import is_loopback
     if not 0 < cfg.port < 65536:
         raise PicochatError(f"--port must be in 1..65535, got {cfg.port}")
-    for name in ("max_batch", "max_queue", "max_context", "max_tokens"):
+    for name in ("max_batch", "max_queue", "max_context", "max_tokens", "max_request_tokens"):
         if getattr(cfg, name) < 1:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_batch > 256:
@@ -57,17 +102,27 @@ def _check(cfg: ServeConfig) -> None:
         raise PicochatError("--max-body-mb must be positive")
     if not cfg.models:
         raise PicochatError("name at least one model (e.g. smollm2)")
+    keys = api_keys(cfg)
+    _allowed_extra(cfg)
+    if not keys and not is_loopback(cfg.host) and not cfg.insecure_no_key:
+        raise PicochatError(f"--host {cfg.host} lets other machines reach the server, which has no API key: set "
+                            "PICOCHAT_API_KEY or --api-key-file (or pass --insecure-no-key if anyone who can "
+                            "reach it may use it)")
+    return keys
 
 
 def build_app(cfg: ServeConfig):
     """The app for `cfg` (models loaded, store opened); what `serve` runs, usable from Python too."""
     from .app import create_app
+    from .guard import allowed_hosts_for
     from .hosts import load_host
-    _check(cfg)
+    keys = _check(cfg)
     hosts, seen = [], set()
     for spec in cfg.models:
+        # --no-store: nothing of a request outlives it, its K/V cache included (no prompt caching across requests)
         h = load_host(spec, dtype=cfg.dtype, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
-                      max_context=cfg.max_context, quantize=cfg.quantize)
+                      max_context=cfg.max_context, quantize=cfg.quantize, retain_prefixes=cfg.store,
+                      max_request_tokens=cfg.max_request_tokens)
         if h.id in seen:
             raise PicochatError(f"two models are both called {h.id!r}; serve them from differently named paths")
         seen.add(h.id)
@@ -76,9 +131,9 @@ def build_app(cfg: ServeConfig):
     if cfg.store:
         from .store import Store, default_db_path
         store = Store(cfg.db or default_db_path())
-    key = cfg.api_key or os.environ.get("PICOCHAT_API_KEY") or None
-    return create_app(hosts, store=store, api_key=key, max_body=int(cfg.max_body_mb * 1024 * 1024),
-                      default_max_tokens=cfg.max_tokens)
+    return create_app(hosts, store=store, api_key=keys or None, max_body=int(cfg.max_body_mb * 1024 * 1024),
+                      default_max_tokens=cfg.max_tokens,
+                      allowed_hosts=allowed_hosts_for(cfg.host, _allowed_extra(cfg)))
 
 
 def _check_port(host: str, port: int) -> None:
@@ -96,16 +151,29 @@ def _check_port(host: str, port: int) -> None:
 
 def serve(cfg: ServeConfig) -> int:
     import uvicorn
-    _check(cfg)
+    from .guard import NEW_KEY, WILDCARD_ADDRESSES, is_loopback
+    keys = _check(cfg)
     _check_port(cfg.host, cfg.port)
+    if cfg.api_key is not None:
+        print("note: --api-key is visible to anyone on this machine in `ps`; prefer PICOCHAT_API_KEY or "
+              "--api-key-file", file=sys.stderr)
+    for name, key in keys.items():
+        if len(key) < 16:
+            print(f"warning: the API key {name!r} has only {len(key)} characters, easy to guess; make one "
+                  f"with: {NEW_KEY}", file=sys.stderr)
+    if not keys and not is_loopback(cfg.host):
+        print("warning: listening beyond this machine without an API key (--insecure-no-key): anyone who "
+              "can reach it can use it", file=sys.stderr)
     app = build_app(cfg)
     hosts = list(app.state.hosts)
-    where = f"http://{cfg.host if cfg.host not in ('0.0.0.0', '::') else 'localhost'}:{cfg.port}"
-    print(f"picochat serve: {', '.join(hosts)} at {where}  (API: {where}/v1, docs: {where}/docs; Ctrl-C stops)",
-          flush=True)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("PICOCHAT_API_KEY")):
-        print("warning: listening beyond this machine without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
+    wildcard = cfg.host in WILDCARD_ADDRESSES
+    bound = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    where = f"http://{bound if not wildcard else 'localhost'}:{cfg.port}"
+    print(f"picochat serve: {', '.join(hosts)} at {where}  (API: {where}/v1, schema: {where}/openapi.json; "
+          "Ctrl-C stops)", flush=True)
+    if wildcard:
+        print(f"answering the Host names {', '.join(app.state.allowed_hosts)} (others: --allowed-hosts)",
+              flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:

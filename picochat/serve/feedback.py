@@ -3,11 +3,16 @@
 Two sources: explicit rankings (the page's "A is better than B"), and sibling answers to the same
 user message of which one got a thumbs up and the other a thumbs down. A pair that is ranked is not
 repeated from thumbs: the explicit judgement wins, even where the thumbs disagree with it.
+
+A pair whose prompt the chat template refuses (a database from before the store enforced turn order:
+a system message deep in the tree, an answer under an answer) is skipped, never exported: training
+on it would teach a conversation shape the model never sees when it serves.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
+from ..chat_template import turn_order_error
 from .store import NotFound
 
 if TYPE_CHECKING:
@@ -30,8 +35,11 @@ def pair_candidates(store: "Store") -> list[tuple]:
     return [tuple(r) for r in ranked] + [tuple(r) for r in thumbs if frozenset((r[1], r[2])) not in seen]
 
 
-def preference_pairs(store: "Store") -> Iterator[dict[str, Any]]:
-    """prompt = the system prompt (if any) + the path from the root to the shared user message."""
+def preference_pairs(store: "Store", on_skip: Optional[Callable[[dict], None]] = None) -> Iterator[dict[str, Any]]:
+    """prompt = the system prompt (if any) + the path from the root to the shared user message.
+
+    A pair the chat template would refuse goes to on_skip({"conversation_id", "chosen_id", "rejected_id",
+    "source", "reason"}) instead of being yielded."""
     cache: dict[str, tuple[dict, dict[int, dict]]] = {}
     for cid, chosen, rejected, source, created_at in pair_candidates(store):
         if cid not in cache:  # one read per conversation, however many pairs it holds
@@ -48,9 +56,23 @@ def preference_pairs(store: "Store") -> Iterator[dict[str, Any]]:
             path.append({"role": msgs[node]["role"], "content": msgs[node]["content"]})
             node = msgs[node]["parent_id"]
         path.reverse()
+        # the system prompt the answers saw: the page records it in an answer's settings when it differed
+        # from the conversation's (edited between turns); two answers that saw different ones are no pair
+        seen = {(msgs[i]["settings"] or {}).get("system_prompt", conv["system_prompt"]) or "" for i in (chosen, rejected)}
+        system = seen.pop() if len(seen) == 1 else None
         # API conversations may hold the system message itself: do not say it twice
-        if conv["system_prompt"] and (not path or path[0]["role"] != "system"):
-            path.insert(0, {"role": "system", "content": conv["system_prompt"]})
+        if system and (not path or path[0]["role"] != "system"):
+            path.insert(0, {"role": "system", "content": system})
+        why = turn_order_error([m["role"] for m in path], answer=True)
+        if why is None and seen:
+            why = "the two answers saw different system prompts"
+        if why is None and not msgs[chosen]["role"] == msgs[rejected]["role"] == "assistant":
+            why = "chosen and rejected must both be assistant messages"
+        if why is not None:
+            if on_skip is not None:
+                on_skip({"conversation_id": cid, "chosen_id": chosen, "rejected_id": rejected, "source": source,
+                         "reason": why})
+            continue
         yield {"prompt": path,
                "chosen": [{"role": "assistant", "content": msgs[chosen]["content"]}],
                "rejected": [{"role": "assistant", "content": msgs[rejected]["content"]}],
@@ -61,9 +83,10 @@ def preference_pairs(store: "Store") -> Iterator[dict[str, Any]]:
 def feedback_stats(store: "Store") -> dict:
     def one(sql):
         return store._read(sql)[0][0]
-    pairs = {"ranking": 0, "thumbs": 0}
-    for c in pair_candidates(store):
-        pairs[c[3]] += 1
+    # the pairs an export would write, so that stats and export never disagree
+    pairs, skipped = {"ranking": 0, "thumbs": 0}, []
+    for p in preference_pairs(store, skipped.append):
+        pairs[p["source"]] += 1
     return {"conversations": one("SELECT COUNT(*) FROM conversations"),
             "conversations_by_source": {r[0]: r[1] for r in store._read(
                 "SELECT source, COUNT(*) FROM conversations GROUP BY source")},
@@ -71,4 +94,4 @@ def feedback_stats(store: "Store") -> dict:
             "thumbs_up": one("SELECT COUNT(*) FROM ratings WHERE rating = 1"),
             "thumbs_down": one("SELECT COUNT(*) FROM ratings WHERE rating = -1"),
             "rankings": one("SELECT COUNT(*) FROM rankings"),
-            "pairs": pairs}
+            "pairs": pairs, "skipped_pairs": len(skipped)}

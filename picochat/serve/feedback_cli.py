@@ -2,7 +2,9 @@
 
 Export writes one preference pair per line in trl's conversational format (docs/api.md), ready for
 the reward and DPO stages. It reads the server's database while the server runs (WAL lets a reader
-and a writer work at once) and replaces OUT atomically, so a crash never leaves half a file.
+and a writer work at once) and replaces OUT atomically, so a crash never leaves half a file. OUT is
+made 0600: it holds people's chats, like the database. Pairs whose prompt the chat template refuses
+(stored before the store checked turn order) are left out and counted.
 """
 from __future__ import annotations
 
@@ -40,13 +42,18 @@ def _open(db: str | None):
 
 def export(cfg: ExportArgs) -> int:
     from ..fsutil import atomic_open
-    counts = {"ranking": 0, "thumbs": 0}
-    with _open(cfg.db) as store, atomic_open(cfg.out) as f:
-        for pair in store.preference_pairs():
+    counts, skipped = {"ranking": 0, "thumbs": 0}, []
+    with _open(cfg.db) as store, atomic_open(cfg.out, mode=0o600) as f:
+        for pair in store.preference_pairs(skipped.append):
             f.write((json.dumps(pair, ensure_ascii=False) + "\n").encode("utf-8"))
             counts[pair["source"]] += 1
     print(f"wrote {sum(counts.values())} preference pairs ({counts['ranking']} from rankings, "
           f"{counts['thumbs']} from thumbs) -> {cfg.out}")
+    if skipped:
+        s = skipped[0]
+        print(f"skipped {len(skipped)} pairs whose prompt the chat template refuses (stored by an older picochat),"
+              f" e.g. messages {s['chosen_id']}/{s['rejected_id']} of conversation {s['conversation_id']}:"
+              f" {s['reason']}")
     return 0
 
 
@@ -59,7 +66,9 @@ def stats(cfg: StatsArgs) -> int:
     print(f"thumbs         {s['thumbs_up']} up, {s['thumbs_down']} down")
     print(f"rankings       {s['rankings']}")
     print(f"pairs          {s['pairs']['ranking'] + s['pairs']['thumbs']} "
-          f"({s['pairs']['ranking']} from rankings, {s['pairs']['thumbs']} from thumbs)")
+          f"({s['pairs']['ranking']} from rankings, {s['pairs']['thumbs']} from thumbs)"
+          + (f", {s['skipped_pairs']} skipped (their prompt breaks the chat template's turn order)"
+             if s["skipped_pairs"] else ""))
     return 0
 
 

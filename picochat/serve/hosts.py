@@ -18,6 +18,7 @@ class ModelHost:
     default_system: Optional[str]
     stop_ids: tuple[int, ...]        # end of an assistant turn
     created: int
+    max_request_tokens: int = 8192   # n x max_tokens of one request: one client cannot book every slot
 
     @property
     def context(self) -> int:
@@ -37,13 +38,16 @@ def model_id(spec: str) -> str:
 
 def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue: int = 64,
               max_context: Optional[int] = 4096, quantize: Optional[str] = None,
-              name: Optional[str] = None) -> ModelHost:
-    """Load `spec` (smollm2, a .gguf file or a picochat checkpoint); the app's lifespan starts its scheduler."""
+              name: Optional[str] = None, retain_prefixes: bool = True,
+              max_request_tokens: int = 8192) -> ModelHost:
+    """Load `spec` (smollm2, a .gguf file or a picochat checkpoint); the app's lifespan starts its scheduler.
+    retain_prefixes=False: no request's K/V outlive it (prompt caching across requests off)."""
     from ..chat_template import default_system_prompt, pick_template, stop_token_ids
     from ..checkpoints.gguf import gguf_source
     from ..checkpoints.io import load_model
     from ..device import pick_device, pick_dtype
-    from ..engine.scheduler import ModelThread, Scheduler
+    from ..engine.model_thread import ModelThread
+    from ..engine.scheduler import Scheduler
     device = pick_device("auto")
     worker = ModelThread(f"picochat-{name or model_id(spec)}")  # loads the model, then runs its scheduler
     model, tokenizer, _ = worker.call(
@@ -59,6 +63,7 @@ def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue:
     stops = stop_token_ids(tokenizer, template) if template else ((eot,) if eot is not None else ())
     default_system = default_system_prompt(tokenizer, from_gguf=gguf_source(spec) is not None)
     sched = worker.call(lambda: Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                                          max_context=max_context, worker=worker))  # its cache: same thread
+                                          max_context=max_context, worker=worker,
+                                          retain_prefixes=retain_prefixes))  # its cache: same thread
     return ModelHost(name or model_id(spec), model, tokenizer, sched, template, default_system, stops,
-                     int(time.time()))
+                     int(time.time()), max_request_tokens)

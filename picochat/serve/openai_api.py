@@ -1,8 +1,14 @@
 """The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
 
-A request becomes n scheduler requests (one per choice). Their events arrive from the model thread
+A request becomes n scheduler requests (one per choice), queued all together or not at all, under
+its client's name (fair sharing) and its cache scope: prompt caching is per API key and, when the
+request names one, per conversation, so no client learns from cached_tokens (or from the time to the
+first token) what another client's prompt said. Their events arrive from the model thread
 through `loop.call_soon_threadsafe` onto one asyncio queue; a client that goes away cancels them, which
 frees their batch slots at the next decode step.
+
+Everything that costs CPU in proportion to the request (rendering and tokenizing up to 4 MB of text)
+runs in a worker thread: the event loop keeps streaming the other clients' tokens meanwhile.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ from ..engine.scheduler import Event, QueueFull
 from ..engine.scheduler import Request as GenRequest
 from ..errors import PicochatError
 from .errors import ApiError, bad_request, not_found
-from .protocol import ChatCompletionRequest, CompletionRequest, ConversationMeta, Sampling
+from .protocol import ChatCompletionRequest, CompletionRequest, Sampling
+from .recorder import Recorder
 
 
 def _host(app, name: Optional[str]):
@@ -33,6 +40,8 @@ def _host(app, name: Optional[str]):
 
 
 def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tuple[int, ...]) -> SamplingParams:
+    """The engine's sampling parameters, or a 400 naming the field that cannot be honoured. (A temperature
+    below sampling.GREEDY_BELOW is greedy decoding, as documented in docs/api.md.)"""
     if body.frequency_penalty or body.presence_penalty:
         raise bad_request("frequency_penalty and presence_penalty are not supported; use repetition_penalty",
                           "frequency_penalty" if body.frequency_penalty else "presence_penalty")
@@ -44,10 +53,19 @@ def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tupl
     if max_tokens is not None and max_tokens > room:
         raise bad_request(f"this model's context is {host.context} tokens: the prompt has {prompt_len}, so "
                           f"max_tokens can be at most {room}, got {max_tokens}", "max_tokens")
+    share = host.scheduler.client_share
+    if body.n > share:
+        raise bad_request(f"n can be at most {share} on this server (half its queue), got {body.n}", "n")
+    budget = host.max_request_tokens
+    if max_tokens is not None and body.n * max_tokens > budget:
+        raise bad_request(f"n x max_tokens is {body.n * max_tokens}; one request may ask for at most {budget} "
+                          "tokens in all: lower n or max_tokens", "max_tokens")
+    if max_tokens is None:  # the default shrinks to fit the budget rather than refuse a request that set nothing
+        max_tokens = max(1, min(room, default_max, budget // body.n))
     top_k = body.top_k if body.top_k and body.top_k > 0 else None
     if top_k is not None and top_k > host.tokenizer.vocab_size:
         top_k = None  # larger than the vocabulary: no filtering at all
-    return SamplingParams(max_tokens=max_tokens or min(room, default_max), temperature=body.temperature,
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                           top_p=body.top_p if body.top_p < 1.0 else None, top_k=top_k, min_p=body.min_p or None,
                           repetition_penalty=body.repetition_penalty, seed=body.seed,
                           stop_token_ids=stops, stop_strings=tuple(body.stop_list()))
@@ -92,17 +110,28 @@ def _settings(body: Sampling, sp: SamplingParams) -> dict:
         {"max_tokens": sp.max_tokens}
 
 
+def _principal(request: Request) -> Optional[str]:
+    """The API key's name (set by the guard middleware), or None on a key-less server."""
+    return getattr(request.state, "principal", None)
+
+
+def _client(request: Request) -> Optional[str]:
+    """Who is asking, for fair sharing: the key's name, else the client's address."""
+    return getattr(request.state, "client", None) or (request.client.host if request.client else None)
+
+
 async def _generate(request: Request, host, prompt: list[int], sp: SamplingParams, n: int,
-                    state: list[dict]) -> AsyncIterator[tuple[int, Event]]:
+                    state: list[dict], conversation: Optional[str] = None) -> AsyncIterator[tuple[int, Event]]:
     """Run n choices; yields (choice index, event). `state[i]` collects text, tokens and finish reason."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     reqs = []
+    client, scope = _client(request), (_principal(request), conversation)
     for i in range(n):
         p = SamplingParams(**{**sp.__dict__, "seed": None if sp.seed is None else sp.seed + i})
-        reqs.append(GenRequest(prompt, p, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev))))
+        reqs.append(GenRequest(prompt, p, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)),
+                               client=client, cache_scope=scope))
     try:
-        for r in reqs:
-            host.scheduler.submit(r)
+        host.scheduler.submit_many(reqs)
     except QueueFull as e:
         for r in reqs:
             host.scheduler.cancel(r)
@@ -183,7 +212,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                           "use /v1/completions", "model")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
     try:
-        ids, kept = _render(host, messages, body)
+        ids, kept = await asyncio.to_thread(_render, host, messages, body)
     except PicochatError as e:
         raise bad_request(str(e), "messages") from None
     sp = _params(body, host, len(ids), app.state.default_max_tokens, host.stop_ids)
@@ -191,14 +220,15 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     store = app.state.store
     saver = None
     if store is not None:
-        saver = await _Saver.create(store, body, messages, host, _settings(body, sp))
+        saver = await Recorder.create(store, body, messages, kept, host, _settings(body, sp))
+    conversation = saver.conversation_id if saver else None
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     state = _new_state(body.n)
 
     if not body.stream:
         try:
-            async for _ in _generate(request, host, ids, sp, body.n, state):
+            async for _ in _generate(request, host, ids, sp, body.n, state, conversation):
                 pass
         finally:
             if saver:
@@ -223,7 +253,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     # the answer is stored synchronously as the stream closes: after a disconnect this task may not
     # get to await again
     return await _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers,
-                         on_close=saver.save if saver else None)
+                         on_close=saver.save if saver else None, conversation=conversation)
 
 
 @router.post("/v1/completions")
@@ -237,7 +267,7 @@ async def completions(body: CompletionRequest, request: Request):
             raise bad_request(f"prompt token ids must be in [0, {V})", "prompt")
         ids = list(body.prompt)
     else:
-        ids = host.tokenizer.encode(body.prompt)
+        ids = await asyncio.to_thread(host.tokenizer.encode, body.prompt)
         if not ids:  # an empty prompt continues from the start-of-document token
             if eot is None:
                 raise bad_request("the prompt is empty", "prompt")
@@ -245,7 +275,7 @@ async def completions(body: CompletionRequest, request: Request):
     sp = _params(body, host, len(ids), app.state.default_max_tokens, (eot,) if eot is not None else ())
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     state = _new_state(body.n)
-    echo = host.tokenizer.decode(ids) if body.echo else ""
+    echo = await asyncio.to_thread(host.tokenizer.decode, ids) if body.echo else ""
     if not body.stream:
         async for _ in _generate(request, host, ids, sp, body.n, state):
             pass
@@ -263,11 +293,12 @@ async def completions(body: CompletionRequest, request: Request):
     return await _stream(request, host, ids, sp, body, state, envelope, openers, choices, {})
 
 
-async def _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers, on_close=None):
+async def _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers, on_close=None,
+                  conversation=None):
     """The SSE response both endpoints share: opening chunks, one chunk per choice delta, an error event
     if generation failed, the usage chunk when asked for, then [DONE]."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    gen = _generate(request, host, ids, sp, body.n, state)
+    gen = _generate(request, host, ids, sp, body.n, state, conversation)
     first = await _first(gen)  # submit before answering 200, so a full queue is a real 503
 
     def chunk(choice_list, usage=None):
@@ -309,49 +340,3 @@ async def _chain(first, gen):
         yield first
         async for item in gen:
             yield item
-
-
-class _Saver:
-    """Stores a chat completion: into the page's conversation (metadata) or as a new API conversation."""
-
-    def __init__(self, store, host, settings, cid, parent_id, messages=None):
-        self.store, self.host, self.settings, self.cid, self.parent_id = store, host, settings, cid, parent_id
-        self.messages = messages  # an API conversation is written only once it has an answer
-        self.saved = False
-
-    @classmethod
-    async def create(cls, store, body: ChatCompletionRequest, messages: list[dict], host, settings) -> "_Saver":
-        meta = body.metadata or {}
-        if "conversation_id" in meta:
-            try:
-                m = ConversationMeta(conversation_id=meta["conversation_id"], parent_id=meta.get("parent_id", ""))
-            except ValueError:
-                raise bad_request("metadata.parent_id must be the id (an integer) of a stored message",
-                                  "metadata") from None
-            msg = await asyncio.to_thread(store.get_message, m.parent_id)
-            if msg["conversation_id"] != m.conversation_id:
-                raise bad_request(f"message {m.parent_id} is not in conversation {m.conversation_id}", "metadata")
-            return cls(store, host, settings, m.conversation_id, m.parent_id)
-
-        return cls(store, host, settings, None, None, messages)
-
-    def save(self, state: list[dict]) -> None:
-        if self.saved or not state[0].get("submitted"):  # refused (4xx/503): nothing to keep
-            return
-        self.saved = True
-        if self.cid is None:
-            msgs = self.messages
-            system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
-            conv = self.store.create_conversation(model=self.host.id, system_prompt=system,
-                                                  settings=self.settings, source="api")
-            self.cid = conv["id"]
-            chain = self.store.add_messages(self.cid, [{"role": m["role"], "content": m["content"]}
-                                                       for m in msgs[1 if system is not None else 0:]])
-            self.parent_id = chain[-1]["id"] if chain else None
-        for s in state:
-            reason = s["finish_reason"] or "cancelled"
-            if reason == "error":
-                continue
-            self.store.add_message(self.cid, role="assistant", content=s["text"], parent_id=self.parent_id,
-                                   model=self.host.id, settings=self.settings, finish_reason=reason,
-                                   prompt_tokens=s["prompt_tokens"], completion_tokens=s["tokens"])

@@ -3,23 +3,42 @@
 Pydantic rejects wrong types and out-of-range values with the field's name, which the app turns into
 an OpenAI-shaped 400. Unknown fields are accepted and ignored (clients send `user`, `logprobs`: false,
 and so on), as OpenAI and vLLM do.
+
+Text is held to the conversation store's own rule (`store_rules.check_text`: valid Unicode, at most
+1,000,000 bytes of UTF-8 per message) here, before any generation: a request the store would refuse
+afterwards must not cost a generation, nor leave half a conversation behind.
 """
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .store_rules import MAX_CONTENT_BYTES, StoreError, check_text
 
 MAX_MESSAGES = 1024
-MAX_TEXT = 1_000_000  # characters per message / prompt; the body limit caps the total too
+MAX_TEXT = MAX_CONTENT_BYTES  # bytes of UTF-8 per message / prompt; the body limit caps the total too
 MAX_N = 8
 MAX_STOP = 4
+
+
+def storable(value: str, what: str, limit: int = MAX_TEXT) -> str:
+    """check_text's rule as a pydantic validation error (a 400 naming the field)."""
+    try:
+        return check_text(value, what, limit)
+    except StoreError as e:
+        raise ValueError(e.message) from None
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
-    text: str = Field(max_length=MAX_TEXT)
+    text: str
+
+    @field_validator("text")
+    @classmethod
+    def _limit(cls, v):
+        return storable(v, "text")
 
 
 class Message(BaseModel):
@@ -34,12 +53,10 @@ class Message(BaseModel):
             return self.content
         return "".join(p.text for p in self.content)
 
-    @field_validator("content")
-    @classmethod
-    def _limit(cls, v):
-        if isinstance(v, str) and len(v) > MAX_TEXT:
-            raise ValueError(f"a message may have at most {MAX_TEXT} characters")
-        return v
+    @model_validator(mode="after")
+    def _limit(self):
+        storable(self.text(), "content")  # parts joined: the message as it is stored
+        return self
 
 
 class StreamOptions(BaseModel):
@@ -73,6 +90,8 @@ class Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s or len(s) > 256 for s in stops):
             raise ValueError("each stop sequence must have 1 to 256 characters")
+        for s in stops:
+            storable(s, "stop")
         return stops
 
     def stop_list(self) -> list[str]:
@@ -92,6 +111,9 @@ class ChatCompletionRequest(Sampling):
     def _meta(cls, v):
         if v is not None and (len(v) > 16 or any(len(k) > 64 or len(x) > 512 for k, x in v.items())):
             raise ValueError("metadata: at most 16 keys of up to 64 characters, values up to 512")
+        for k, x in (v or {}).items():
+            storable(k, "metadata")
+            storable(x, "metadata")
         return v
 
 
@@ -107,8 +129,8 @@ class CompletionRequest(Sampling):
             if len(v) != 1:
                 raise ValueError("a list of several prompts is not supported; send one request per prompt")
             v = v[0]
-        if isinstance(v, str) and len(v) > MAX_TEXT:
-            raise ValueError(f"the prompt may have at most {MAX_TEXT} characters")
+        if isinstance(v, str):
+            storable(v, "prompt")
         if isinstance(v, list) and len(v) > 1_000_000:
             raise ValueError("the prompt has too many tokens")
         return v

@@ -3,6 +3,10 @@
 One file, stdlib sqlite3, WAL journal: readers never block the writer, so `picochat feedback export`
 can read while the server writes. Every write is one transaction (BEGIN IMMEDIATE ... COMMIT), so a
 crash leaves either all of it or none of it. Errors are ApiErrors (404 / 400 in OpenAI's shape).
+
+Every message tree follows the chat template's turn order (store_rules.check_turn_order), so whatever
+is stored can be rendered, continued and exported. The file, its WAL and its folder are private (0600,
+0700): they hold people's chats.
 """
 from __future__ import annotations
 
@@ -14,38 +18,27 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
-from .errors import ApiError
+from ..fsutil import create_private_file, make_private, make_private_dirs
+from .store_rules import (MAX_CONTENT_BYTES, MAX_FINISH_REASON, MAX_INT, MAX_MODEL,  # noqa: F401 - re-exported
+                          MAX_SETTINGS_BYTES, MAX_TITLE, ROLES, SOURCES, Invalid, NotFound, StoreError, check_text,
+                          check_turn_order, message_id as _message_id, message_row, settings_json, text)
 from .store_schema import MIGRATIONS, SCHEMA_VERSION
 
-MAX_CONTENT_BYTES = 1_000_000   # one message (and the system prompt)
-MAX_TITLE = 200
-MAX_MODEL = 200
-MAX_FINISH_REASON = 32
-MAX_SETTINGS_BYTES = 64_000
-MAX_INT = 2**63 - 1             # SQLite INTEGER; a bigger Python int makes sqlite3 raise OverflowError
-ROLES = ("system", "user", "assistant")
-SOURCES = ("web", "api")
 _CID = re.compile(r"[0-9a-f]{32}")
+_NEW_CONVERSATION_KEYS = frozenset({"model", "system_prompt", "settings", "source", "title"})
 
 _CONV_COLS = "id, title, model, system_prompt, settings, source, created_at, updated_at"
 _MSG_COLS = ("m.id, m.conversation_id, m.parent_id, m.role, m.content, m.model, m.settings, m.finish_reason,"
              " m.prompt_tokens, m.completion_tokens, m.created_at, r.rating")
-
-
-class StoreError(ApiError):
-    """Base of the store's errors; an ApiError so the app answers with its status and OpenAI's shape."""
-
-
-class NotFound(StoreError):
-    def __init__(self, message: str, param: Optional[str] = None):
-        super().__init__(404, message, param, type="not_found_error", code="not_found")
-
-
-class Invalid(StoreError):
-    def __init__(self, message: str, param: Optional[str] = None):
-        super().__init__(400, message, param)
+# the path from the root down to a message, root first. A parent is always older than its child (ids
+# only grow), so `parent_id < id` costs nothing on a sound file and ends the walk on a corrupt one
+_PATH = ("WITH RECURSIVE up(id, depth) AS ("
+         " SELECT id, 0 FROM messages WHERE id = ? AND conversation_id = ?"
+         " UNION ALL SELECT m.parent_id, up.depth + 1 FROM messages m JOIN up ON m.id = up.id"
+         " WHERE m.parent_id IS NOT NULL AND m.parent_id < m.id)"
+         " SELECT m.id, m.role{} FROM up JOIN messages m ON m.id = up.id ORDER BY up.depth DESC")
 
 
 def default_db_path() -> Path:
@@ -54,57 +47,22 @@ def default_db_path() -> Path:
     return picochat_home() / "picochat.db"
 
 
-def _text(value, name: str, limit: int, *, optional: bool = True, in_bytes: bool = False) -> Optional[str]:
-    if value is None and optional:
-        return None
-    if not isinstance(value, str):
-        raise Invalid(f"{name} must be a string", name)
-    try:  # a lone surrogate (legal in JSON "\ud800") cannot be stored as UTF-8
-        size = len(value.encode("utf-8")) if in_bytes else len(value)
-    except UnicodeEncodeError:
-        raise Invalid(f"{name} is not valid Unicode", name) from None
-    if size > limit:
-        raise Invalid(f"{name} is too long ({size} > {limit} {'bytes' if in_bytes else 'characters'})", name)
-    return value
-
-
-def _settings(value) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise Invalid("settings must be a JSON object", "settings")
-    try:  # allow_nan=False: NaN is not JSON, and the response encoder would fail on it later
-        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
-        size = len(text.encode("utf-8"))
-    except (TypeError, ValueError, UnicodeEncodeError) as e:
-        raise Invalid(f"settings is not storable JSON: {e}", "settings") from None
-    if size > MAX_SETTINGS_BYTES:
-        raise Invalid(f"settings is too large ({size} > {MAX_SETTINGS_BYTES} bytes)", "settings")
-    return text
-
-
-def _count(value, name: str) -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
-        raise Invalid(f"{name} must be a non-negative integer", name)
-    return value
-
-
-def _message_id(value, name: str = "message_id") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise Invalid(f"{name} must be an integer", name)
-    if not 1 <= value <= MAX_INT:
-        raise NotFound(f"no message with id {value}", name)
-    return value
+def _private_files(path: Path) -> None:
+    """A 0700 folder if we make it, a 0600 database whatever the umask. SQLite gives -wal and -shm the
+    main file's mode, so creating that one 0600 before SQLite opens it covers them; files made before
+    (with the umask's 0644) are tightened."""
+    make_private_dirs(path.parent)
+    if not create_private_file(path):
+        for p in (path, *(path.with_name(path.name + s) for s in ("-wal", "-shm", "-journal"))):
+            make_private(p)
 
 
 def _title_from(content: str) -> str:
     """The first user message, on one line, cut to about 60 characters at a word boundary."""
-    text = " ".join(content.split())
-    if len(text) <= 60:
-        return text
-    cut = text[:60]
+    line = " ".join(content.split())
+    if len(line) <= 60:
+        return line
+    cut = line[:60]
     space = cut.rfind(" ")
     return (cut[:space] if space > 40 else cut) + "…"
 
@@ -125,7 +83,7 @@ class Store:
     def __init__(self, path: str | Path | None = None, *, timeout: float = 10.0):
         self.path = Path(path) if path is not None else default_db_path()
         if str(self.path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_files(self.path)
         # isolation_level=None: no implicit transactions; we open them ourselves with BEGIN IMMEDIATE
         self._db = sqlite3.connect(str(self.path), timeout=timeout, isolation_level=None,
                                    check_same_thread=False)
@@ -186,19 +144,28 @@ class Store:
             raise NotFound(f"no conversation with id {str(cid)[:80]!r}", "conversation_id")
         return cid
 
+    @staticmethod
+    def _new_conversation(model=None, title=None, system_prompt=None, settings=None, source="web") -> tuple:
+        """The checked (id, title, model, system_prompt, settings, source) of a conversation to insert."""
+        if source not in SOURCES:
+            raise Invalid(f"source must be one of {SOURCES}, got {str(source)[:40]!r}", "source")
+        return (uuid.uuid4().hex, text(title, "title", MAX_TITLE) or "", text(model, "model", MAX_MODEL),
+                None if system_prompt is None else check_text(system_prompt, "system_prompt"),
+                settings_json(settings), source)
+
     def create_conversation(self, *, model: Optional[str] = None, title: Optional[str] = None,
                             system_prompt: Optional[str] = None, settings: Optional[dict] = None,
                             source: str = "web") -> dict:
-        if source not in SOURCES:
-            raise Invalid(f"source must be one of {SOURCES}", "source")
-        row = (uuid.uuid4().hex, _text(title, "title", MAX_TITLE) or "", _text(model, "model", MAX_MODEL),
-               _text(system_prompt, "system_prompt", MAX_CONTENT_BYTES, in_bytes=True), _settings(settings),
-               source)
+        row = self._new_conversation(model, title, system_prompt, settings, source)
         now = time.time()
         with self._tx() as db:
             db.execute(f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (*row, now, now))
         return self._conversation(row[0])
+
+    def conversation(self, cid: str) -> dict:
+        """One conversation's fields, without its messages (NotFound if there is none)."""
+        return self._conversation(cid)
 
     def _conversation(self, cid: str) -> dict:
         rows = self._read(f"SELECT {_CONV_COLS} FROM conversations WHERE id = ?", (self._cid(cid),))
@@ -232,13 +199,13 @@ class Store:
         """None leaves a field as it is; "" clears a title or system prompt, {} the settings."""
         changes = {}
         if title is not None:
-            changes["title"] = _text(title, "title", MAX_TITLE)
+            changes["title"] = text(title, "title", MAX_TITLE)
         if system_prompt is not None:
-            changes["system_prompt"] = _text(system_prompt, "system_prompt", MAX_CONTENT_BYTES, in_bytes=True)
+            changes["system_prompt"] = check_text(system_prompt, "system_prompt")
         if settings is not None:
-            changes["settings"] = _settings(settings)
+            changes["settings"] = settings_json(settings)
         if model is not None:
-            changes["model"] = _text(model, "model", MAX_MODEL)
+            changes["model"] = text(model, "model", MAX_MODEL)
         changes["updated_at"] = time.time()
         sets = ", ".join(f"{k} = ?" for k in changes)  # keys are ours, never the caller's
         with self._tx() as db:
@@ -265,46 +232,100 @@ class Store:
     def add_messages(self, cid: str, messages: list[dict], parent_id: Optional[int] = None) -> list[dict]:
         """A chain in one transaction: each message is the child of the one before, the first of parent_id.
 
-        For the OpenAI API, which stores a request's messages and its answer at once. Keys of each
-        dict are add_message's keyword arguments.
+        Keys of each dict are add_message's keyword arguments. The path from the root through the
+        chain must keep the chat template's turn order (Invalid otherwise).
         """
-        allowed = {"role", "content", "model", "settings", "finish_reason", "prompt_tokens", "completion_tokens"}
-        rows = []
-        for m in messages:
-            if not isinstance(m, dict) or set(m) - allowed:
-                raise Invalid(f"a message takes only {sorted(allowed)}", "messages")
-            if m.get("role") not in ROLES:
-                raise Invalid(f"role must be one of {ROLES}, got {str(m.get('role'))[:40]!r}", "role")
-            rows.append((m["role"], _text(m.get("content"), "content", MAX_CONTENT_BYTES, optional=False,
-                                          in_bytes=True),
-                         _text(m.get("model"), "model", MAX_MODEL), _settings(m.get("settings")),
-                         _text(m.get("finish_reason"), "finish_reason", MAX_FINISH_REASON),
-                         _count(m.get("prompt_tokens"), "prompt_tokens"),
-                         _count(m.get("completion_tokens"), "completion_tokens")))
+        if not isinstance(messages, list):
+            raise Invalid("messages must be a list of messages", "messages")
+        rows = [message_row(m) for m in messages]
         if parent_id is not None:
             parent_id = _message_id(parent_id, "parent_id")
         self._cid(cid)
-        ids = []
         with self._tx() as db:
-            conv = db.execute("SELECT title FROM conversations WHERE id = ?", (cid,)).fetchone()
-            if conv is None:
-                raise NotFound(f"no conversation with id {cid!r}", "conversation_id")
-            if parent_id is not None:
-                p = db.execute("SELECT conversation_id FROM messages WHERE id = ?", (parent_id,)).fetchone()
-                if p is None or p[0] != cid:
-                    raise NotFound(f"no message with id {parent_id} in conversation {cid}", "parent_id")
-            title, now = conv[0], time.time()
-            for row in rows:
-                ids.append(db.execute(
-                    "INSERT INTO messages (conversation_id, parent_id, role, content, model, settings,"
-                    " finish_reason, prompt_tokens, completion_tokens, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (cid, parent_id, *row, now)).lastrowid)
-                parent_id = ids[-1]
-                if not title and row[0] == "user" and row[1].strip():
-                    title = _title_from(row[1])
-                    db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))
-            db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
+            ids, _ = self._append(db, cid, parent_id, rows, [], "parent_id" if parent_id is not None else "role")
         return [self.get_message(i) for i in ids]
+
+    def record_exchange(self, *, conversation_id: Optional[str], parent_id: Optional[int],
+                        messages: list[dict], answers: list[dict],
+                        new_conversation: Optional[dict] = None) -> dict:
+        """Store one chat completion in ONE transaction.
+
+        conversation_id None: create a conversation from new_conversation (keys: model, system_prompt,
+        settings, source (default "api"), title; all optional), then add `messages` as a chain from the root.
+        conversation_id given: add `messages` (may be []) as a chain under parent_id.
+        Then every dict in `answers` (assistant messages: content, model, settings, finish_reason,
+        prompt_tokens, completion_tokens) becomes a child of the chain's last message (siblings: n > 1).
+        The whole path keeps the chat template's turn order. Everything is checked before the
+        transaction, and a failure inside it rolls all of it back: never a conversation without its
+        messages. Returns {"conversation_id", "message_ids", "answer_ids"}.
+        """
+        if not isinstance(messages, list) or not isinstance(answers, list):
+            raise Invalid("messages and answers must be lists of messages", "messages")
+        rows = [message_row(m) for m in messages]
+        answer_rows = [message_row(a, "answers", role="assistant") for a in answers]
+        conv = None
+        if conversation_id is None:
+            if parent_id is not None:
+                raise Invalid("parent_id needs a conversation_id: a new conversation starts at its root", "parent_id")
+            new_conversation = {} if new_conversation is None else new_conversation
+            if not isinstance(new_conversation, dict) or set(new_conversation) - _NEW_CONVERSATION_KEYS:
+                raise Invalid(f"new_conversation takes only {sorted(_NEW_CONVERSATION_KEYS)}", "new_conversation")
+            conv = self._new_conversation(**{"source": "api", **new_conversation})
+            cid = conv[0]
+        else:
+            if new_conversation is not None:
+                raise Invalid("new_conversation is only for a new conversation (conversation_id None)",
+                              "new_conversation")
+            cid = self._cid(conversation_id)
+            if parent_id is not None:
+                parent_id = _message_id(parent_id, "parent_id")
+        with self._tx() as db:
+            if conv is not None:
+                now = time.time()
+                db.execute(f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                           (*conv, now, now))
+            ids, answer_ids = self._append(db, cid, parent_id, rows, answer_rows, "messages")
+        return {"conversation_id": cid, "message_ids": ids, "answer_ids": answer_ids}
+
+    def _append(self, db: sqlite3.Connection, cid: str, parent_id: Optional[int], rows: list[tuple],
+                answers: list[tuple], param: str) -> tuple[list[int], list[int]]:
+        """Inside a transaction: `rows` as a chain under parent_id, then `answers` as siblings under its end."""
+        conv = db.execute("SELECT title FROM conversations WHERE id = ?", (cid,)).fetchone()
+        if conv is None:
+            raise NotFound(f"no conversation with id {cid!r}", "conversation_id")
+        path = [r["role"] for r in self._path(db, cid, parent_id)] if parent_id is not None else []
+        check_turn_order(path, [r[0] for r in rows], answered=bool(answers), param=param)
+        title, now, ids = conv[0], time.time(), []
+
+        def insert(parent, row):
+            return db.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model, settings,"
+                              " finish_reason, prompt_tokens, completion_tokens, created_at)"
+                              " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (cid, parent, *row, now)).lastrowid
+        for row in rows:
+            ids.append(insert(ids[-1] if ids else parent_id, row))
+            if not title and row[0] == "user" and row[1].strip():
+                title = _title_from(row[1])
+                db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))
+        answer_ids = [insert(ids[-1] if ids else parent_id, row) for row in answers]
+        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (now, cid))
+        return ids, answer_ids
+
+    @staticmethod
+    def _path(db: sqlite3.Connection, cid: str, mid: int, content: bool = False,
+              param: str = "parent_id") -> list[sqlite3.Row]:
+        rows = db.execute(_PATH.format(", m.content" if content else ""), (mid, cid)).fetchall()
+        if not rows:
+            raise NotFound(f"no message with id {mid} in conversation {cid}: pass the id of a message of that "
+                           "conversation", param)
+        return rows
+
+    def path_to(self, conversation_id: str, message_id: int) -> list[dict]:
+        """[{"id", "role", "content"}] of each message from the root down to message_id (the last one):
+        the conversation as a model answering under message_id sees it (without the system_prompt column)."""
+        cid, mid = self._cid(conversation_id), _message_id(message_id)
+        with self._lock:
+            return [{"id": r["id"], "role": r["role"], "content": r["content"]}
+                    for r in self._path(self._db, cid, mid, content=True, param="message_id")]
 
     def get_message(self, message_id: int) -> dict:
         """A message with its conversation_id and rating (the app checks metadata.parent_id with it)."""
@@ -367,10 +388,11 @@ class Store:
                              (chosen_id, rejected_id)).fetchone()[0]
         return {"id": rid, "chosen_id": chosen_id, "rejected_id": rejected_id, "created_at": now}
 
-    def preference_pairs(self) -> Iterator[dict[str, Any]]:
-        """Preference pairs in trl's conversational format (docs/api.md, "Feedback export")."""
+    def preference_pairs(self, on_skip: Optional[Callable[[dict], None]] = None) -> Iterator[dict[str, Any]]:
+        """Preference pairs in trl's conversational format (docs/api.md, "Feedback export"); pairs the
+        chat template would refuse (stored before the store checked turn order) go to on_skip instead."""
         from .feedback import preference_pairs
-        return preference_pairs(self)
+        return preference_pairs(self, on_skip)
 
     def stats(self) -> dict:
         """Counts for `picochat feedback stats`."""

@@ -6,18 +6,40 @@ turns them into OpenAI-shaped JSON. Request models ignore unknown fields, so the
 grow a field without breaking each other; every field has a type and a size limit.
 
 Ids in paths are taken as strings and checked by the store, so a malformed id is a 404, never a 422
-or a 500 (an integer wider than SQLite's 64 bits would otherwise crash the driver).
+or a 500 (an integer wider than SQLite's 64 bits would otherwise crash the driver). Text fields are
+checked with the store's own rules (store_rules.check_text: valid Unicode, a limit in UTF-8 bytes), so a
+body is refused before any work, with the same message the store would give.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .store import MAX_CONTENT_BYTES, MAX_INT, MAX_MODEL, MAX_TITLE, NotFound, Store
+from .store_rules import Invalid, check_text
 
 Id = Field(None, ge=1, le=MAX_INT)
+
+
+def _stored_as(name: str, limit_bytes: int):
+    """The store's text rule as a pydantic validator (a ValueError becomes the app's 400)."""
+    def check(value):
+        try:
+            return value if value is None else check_text(value, name, limit_bytes)
+        except Invalid as e:
+            raise ValueError(e.message) from None
+    return AfterValidator(check)
+
+
+# max_length (characters) is a cheap first cut, and documents the field in the OpenAPI schema; the
+# validator is the real rule: 1,000,000 characters of "é" are 2,000,000 bytes
+Content = Annotated[str, Field(max_length=MAX_CONTENT_BYTES), _stored_as("content", MAX_CONTENT_BYTES)]
+SystemPrompt = Annotated[Optional[str], Field(max_length=MAX_CONTENT_BYTES),
+                         _stored_as("system_prompt", MAX_CONTENT_BYTES)]
+Title = Annotated[Optional[str], Field(max_length=MAX_TITLE), _stored_as("title", 4 * MAX_TITLE)]
+Model = Annotated[Optional[str], Field(max_length=MAX_MODEL), _stored_as("model", 4 * MAX_MODEL)]
 
 
 class _Body(BaseModel):
@@ -25,9 +47,9 @@ class _Body(BaseModel):
 
 
 class NewConversation(_Body):
-    model: Optional[str] = Field(None, max_length=MAX_MODEL)
-    title: Optional[str] = Field(None, max_length=MAX_TITLE)
-    system_prompt: Optional[str] = Field(None, max_length=MAX_CONTENT_BYTES)
+    model: Model = None
+    title: Title = None
+    system_prompt: SystemPrompt = None
     settings: Optional[dict[str, Any]] = None
 
 
@@ -37,7 +59,7 @@ class ConversationPatch(NewConversation):
 
 class NewMessage(_Body):
     role: Literal["user", "assistant", "system"] = "user"
-    content: str = Field(max_length=MAX_CONTENT_BYTES)
+    content: Content
     parent_id: Optional[int] = Id
 
 

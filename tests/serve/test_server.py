@@ -115,3 +115,46 @@ def test_sigkill_during_traffic_loses_no_committed_conversation(tiny_chat_ckpt, 
         assert len(convs) >= len(done)
     finally:
         again.stop()
+
+
+# Issue 8, finding 1: temperature 1e-300, top_p 1e-300 or repetition_penalty 1e-40 made NaN logits, and
+# the scheduler then failed every running request: a victim's stream ended in an error, its answer unstored.
+BAD_SAMPLING = [{"temperature": 1e-300}, {"top_p": 1e-300}, {"repetition_penalty": 1e-40},
+                {"temperature": 1e-300, "top_p": 1e-300, "repetition_penalty": 1e-40, "min_p": 1.0, "top_k": 1},
+                {"temperature": 1e-30, "repetition_penalty": 1e-40, "seed": 3}]
+
+
+@pytest.mark.slow
+def test_bad_sampling_values_never_hurt_another_clients_stream(smol_server):
+    url = smol_server.url
+    body = {"messages": [{"role": "user", "content": "Write a very long story about a brave knight."}],
+            "max_tokens": 160, "temperature": 0, "stream": True}
+    answers, text, finish, events = [], "", None, []
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if line[6:] == "[DONE]":
+                break
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            delta = chunk["choices"][0]
+            text += delta["delta"].get("content") or ""
+            finish = delta["finish_reason"] or finish
+            if text and not answers:  # the victim is streaming: now the bad requests, one after another
+                for bad in BAD_SAMPLING:
+                    a = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+                        "messages": [{"role": "user", "content": "x"}], "max_tokens": 1, **bad})
+                    answers.append((bad, a.status_code, a.json()))
+    assert events[-1] == "[DONE]" and finish in ("stop", "length") and len(text) > 200, (finish, text)
+    for bad, status, payload in answers:  # each got an answer (greedy-like) or a clear 400, never a 500
+        assert status == 200 or (status == 400 and payload["error"]["param"]), (bad, status, payload)
+    convs = httpx.get(url + "/api/conversations?limit=50").json()
+    stored = None
+    for c in convs:
+        msgs = httpx.get(f"{url}/api/conversations/{c['id']}").json()["messages"]
+        if msgs and msgs[0]["content"] == body["messages"][0]["content"]:
+            stored = msgs[-1]
+            break
+    assert stored is not None and stored["content"] == text and stored["finish_reason"] == finish

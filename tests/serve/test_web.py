@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -53,9 +54,22 @@ def open_page(browser, url: str, **context_args):
     page = ctx.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    # anything the page's Content-Security-Policy blocks is a bug too
+    page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(url)
     page.wait_for_selector("body[data-ready='1']")
     return ctx, page, errors
+
+
+def wait_js(page, expression: str, timeout: float = TIMEOUT_MS) -> None:
+    """page.wait_for_function evaluates its string with eval(), which the page's CSP forbids (no
+    'unsafe-eval'); page.evaluate goes through the DevTools protocol, outside the CSP."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    deadline = time.monotonic() + timeout / 1000
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise PlaywrightTimeout(f"timed out after {timeout} ms waiting for: {expression}")
+        page.wait_for_timeout(50)
 
 
 def conversation_id(page) -> str:
@@ -69,7 +83,7 @@ def answered(page, action):
     has reloaded the conversation (message ids known): body[data-generated] counts generations."""
     n = int(page.get_attribute("body", "data-generated"))
     action()
-    page.wait_for_function(f"Number(document.body.dataset.generated) > {n} && document.body.dataset.busy === '0'")
+    wait_js(page, f"Number(document.body.dataset.generated) > {n} && document.body.dataset.busy === '0'")
 
 
 # records, per generation, the lengths of the streaming answer's text and whether Stop was shown
@@ -203,8 +217,8 @@ def run_chat_flow(browser, url: str, db: Path, out: Path):
     def send_and_stop():
         send(page, "Write a long story.")
         try:  # stop once the first words are on screen (the server then stores what it generated)
-            page.wait_for_function("(document.querySelector('[data-testid=streaming-message] .msg-body')"
-                                   "?.textContent.length ?? 0) > 0", timeout=10_000)
+            wait_js(page, "(document.querySelector('[data-testid=streaming-message] .msg-body')"
+                          "?.textContent.length ?? 0) > 0", timeout=10_000)
             page.locator("#stop").click(timeout=2_000)
         except PlaywrightTimeout:  # the tiny model was quicker than the click
             pass
@@ -262,12 +276,12 @@ def run_phone(browser, url: str, cid: str, out: Path):
     page.click("#sidebar-toggle")
     item = page.locator(f"#conversation-list [data-testid=conversation-item][data-id='{cid}']")
     item.wait_for(state="visible")
-    page.wait_for_function("document.querySelector('#sidebar').getBoundingClientRect().left >= 0")
+    wait_js(page, "document.querySelector('#sidebar').getBoundingClientRect().left >= 0")
     page.screenshot(path=str(out / "05-phone-sidebar.png"))
     item.locator("[data-testid=open-conversation]").click()
     page.wait_for_selector("#messages [data-testid=message][data-role=assistant]")
     # the drawer slides away (0.2 s)
-    page.wait_for_function("document.querySelector('#sidebar').getBoundingClientRect().right <= 0")
+    wait_js(page, "document.querySelector('#sidebar').getBoundingClientRect().right <= 0")
     # nothing wider than the screen
     width = page.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, width

@@ -6,46 +6,107 @@
 // `inline code`, fenced code blocks (``` or ~~~, with a copy button; an unclosed fence, as seen
 // while streaming, runs to the end), ordered / unordered lists (nested by indentation),
 // > blockquotes, horizontal rules, [links](https://...) and bare https:// links.
+//
+// The text is untrusted, so rendering must take linear time and bounded stack whatever it is:
+// no regex here has two quantifiers that can trade the same characters (or, for *italic*, their
+// scan ends at the next delimiter), and pairing (code spans, **bold**, ...) is done with
+// forward-only scans instead of lazy regexes that rescan the rest of the text from every
+// unmatched opener. Blockquotes and lists nest at most MAX_DEPTH deep.
+// As a backstop, only the first MARKDOWN_LIMIT characters are Markdown; the rest is plain text.
 
+export const MARKDOWN_LIMIT = 100_000;
+const MAX_DEPTH = 16;
+
+const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
 export function escapeHtml(s) {
-  return String(s)
-    .replace(/&/g, "&amp;")
-    .replace(/</g, "&lt;")
-    .replace(/>/g, "&gt;")
-    .replace(/"/g, "&quot;")
-    .replace(/'/g, "&#39;");
+  return String(s).replace(/[&<>"']/g, (c) => ESCAPES[c]);
 }
 
 const SAFE_URL = /^(https?:\/\/|mailto:)[^\s]*$/i;
+
+// Code spans (CommonMark): a run of N backticks is closed by the next run of exactly N; a run
+// with no such partner is literal text. Run indices are kept per length, each with a cursor
+// that only moves forward, so pairing is linear in the number of runs.
+function codeSpans(s, keep) {
+  const starts = [], lens = [];
+  for (let p = s.indexOf("`"); p !== -1; p = s.indexOf("`", p)) {
+    let q = p + 1;
+    while (s.charCodeAt(q) === 96) q++; // `
+    starts.push(p);
+    lens.push(q - p);
+    p = q;
+  }
+  const byLen = new Map(); // length -> {at: [run indices], next: cursor into at}
+  lens.forEach((len, i) => {
+    if (!byLen.has(len)) byLen.set(len, { at: [], next: 0 });
+    byLen.get(len).at.push(i);
+  });
+  let out = "", pos = 0;
+  for (let i = 0; i < starts.length; i++) {
+    const same = byLen.get(lens[i]);
+    while (same.next < same.at.length && same.at[same.next] <= i) same.next++;
+    if (same.next === same.at.length) continue; // no closing run: literal backticks
+    const j = same.at[same.next];
+    const code = s.slice(starts[i] + lens[i], starts[j]);
+    out += s.slice(pos, starts[i]) + keep(`<code>${escapeHtml(code.trim() || code)}</code>`);
+    pos = starts[j] + lens[j];
+    i = j; // the runs in between are code
+  }
+  return out + s.slice(pos);
+}
+
+// Wraps open...close pairs in <tag>, like the regex /D(?=\S)([\s\S]*?\S)D/g (`close` matches one
+// non-space character then the delimiter) but linear: the closer of an opener is the first
+// `close` match after it, so once an opener finds none no later opener can and the scan stops
+// (the lazy regex would rescan to the end of the text from every later opener).
+function wrapPairs(s, open, close, tag) {
+  let out = "", pos = 0;
+  open.lastIndex = 0;
+  for (let o; (o = open.exec(s));) {
+    close.lastIndex = o.index + o[0].length;
+    const c = close.exec(s);
+    if (!c) break;
+    out += s.slice(pos, o.index) + `<${tag}>` + s.slice(o.index + o[0].length, c.index + 1) + `</${tag}>`;
+    pos = open.lastIndex = c.index + c[0].length;
+  }
+  return out + s.slice(pos);
+}
+
+// [text](url "title"). The text stops at the next [ or ], the url at the next "](" (or a space,
+// ")", a backtick, a slot), so the scans of successive candidates never overlap: linear.
+// A url holding a code span (a slot) or a backtick is not a link: an href never contains markup.
+const LINK = /\[([^[\]\n]+)\]\(\s*((?:[^\s)\]`\u0000]|\](?!\())+)(?:\s+"[^"\n]*")?\s*\)/g;
+// bare links; \u0000 is excluded: a bare url must never swallow the placeholder of a link kept above
+const BARE_LINK = /\bhttps?:\/\/[^\s<>"'`)\]\u0000]+[^\s<>"'`)\].,;:!?\u0000]/g;
 
 // Inline markup on one block of raw text.
 export function renderInline(raw) {
   const slots = [];
   const keep = (html) => `\u0000${slots.push(html) - 1}\u0000`;
   let s = String(raw).replace(/\u0000/g, "");
+  // (each pass is skipped when its marker is absent: most lines of an answer have none)
   // inline code first: its content is not parsed further
-  s = s.replace(/(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/g, (_, ticks, code) =>
-    keep(`<code>${escapeHtml(code.trim() || code)}</code>`));
-  // links [text](url): the url must be safe; the text keeps inline markup
-  s = s.replace(/\[([^\]\n]+)\]\(\s*([^)\s]+)(?:\s+"[^"]*")?\s*\)/g, (m, text, url) => {
-    if (!SAFE_URL.test(url)) return m;
-    return keep(`<a href="${escapeHtml(url)}" target="_blank" rel="noopener noreferrer">`) + text + keep("</a>");
-  });
-  // bare links
-  // (\u0000 is excluded: a bare url must never swallow the placeholder of a link kept above)
-  s = s.replace(/\bhttps?:\/\/[^\s<>"'`)\]\u0000]+[^\s<>"'`)\].,;:!?\u0000]/g, (url) =>
-    keep(`<a href="${escapeHtml(url)}" target="_blank" rel="noopener noreferrer">${escapeHtml(url)}</a>`));
-  s = escapeHtml(s);
-  s = s.replace(/\*\*(?=\S)([\s\S]*?\S)\*\*/g, "<strong>$1</strong>")
-       .replace(/__(?=\S)([\s\S]*?\S)__(?![A-Za-z0-9])/g, "<strong>$1</strong>")
-       .replace(/~~(?=\S)([\s\S]*?\S)~~/g, "<del>$1</del>")
-       .replace(/(^|[^*\w])\*(?=[^\s*])([^*]*?[^\s*])\*(?!\*)/g, "$1<em>$2</em>")
-       .replace(/(^|[^_A-Za-z0-9])_(?=[^\s_])([^_]*?[^\s_])_(?![_A-Za-z0-9])/g, "$1<em>$2</em>");
-  // restore slots (slots may contain further slots: links wrap text)
-  for (let i = 0; i < 3 && s.includes("\u0000"); i++) {
-    s = s.replace(/\u0000(\d+)\u0000/g, (_, n) => slots[Number(n)]);
+  if (s.includes("`")) s = codeSpans(s, keep);
+  // links: the url must be safe; the text keeps inline markup (it stays outside the slots)
+  if (s.includes("](")) {
+    s = s.replace(LINK, (m, text, url) => {
+      if (!SAFE_URL.test(url)) return m;
+      return keep(`<a href="${escapeHtml(url)}" target="_blank" rel="noopener noreferrer">`) + text + keep("</a>");
+    });
   }
-  return s;
+  if (s.includes("://")) {
+    s = s.replace(BARE_LINK, (url) =>
+      keep(`<a href="${escapeHtml(url)}" target="_blank" rel="noopener noreferrer">${escapeHtml(url)}</a>`));
+  }
+  s = escapeHtml(s);
+  if (s.includes("**")) s = wrapPairs(s, /\*\*(?=\S)/g, /\S\*\*/g, "strong");
+  if (s.includes("__")) s = wrapPairs(s, /__(?=\S)/g, /\S__(?![A-Za-z0-9])/g, "strong");
+  if (s.includes("~~")) s = wrapPairs(s, /~~(?=\S)/g, /\S~~/g, "del");
+  // single * and _: the content cannot hold the delimiter, so each scan ends at the next one
+  if (s.includes("*")) s = s.replace(/(^|[^*\w])\*(?=[^\s*])([^*]*?[^\s*])\*(?!\*)/g, "$1<em>$2</em>");
+  if (s.includes("_")) s = s.replace(/(^|[^_A-Za-z0-9])_(?=[^\s_])([^_]*?[^\s_])_(?![_A-Za-z0-9])/g, "$1<em>$2</em>");
+  // restore slots: one pass, no slot holds another (code is escaped; urls exclude \u0000)
+  return !slots.length ? s : s.replace(/\u0000(\d+)\u0000/g, (_, n) => slots[Number(n)]);
 }
 
 function codeBlock(lang, lines) {
@@ -55,17 +116,31 @@ function codeBlock(lang, lines) {
     `<pre><code${l ? ` class="language-${l}"` : ""}>${escapeHtml(lines.join("\n"))}</code></pre></div>`;
 }
 
-const FENCE = /^\s{0,3}(```+|~~~+)\s*([\w+#.-]*)\s*$/;
-const HEADING = /^\s{0,3}(#{1,6})\s+(.*?)\s*#*\s*$/;
+// Line patterns. Two quantifiers that could split the same run of characters between them
+// (`\s*([\w]*)\s*$`, `(.*?)\s*#*\s*$`, `\s+(.*)$` when `.` stops at a U+2028 in the line) backtrack
+// quadratically or worse on a long run of spaces, so optional parts are grouped with a mandatory
+// first character, the rest of a line is `[\s\S]*` (it always reaches the end), and headings are
+// trimmed in code.
+const FENCE = /^\s{0,3}(```+|~~~+)\s*(?:([\w+#.-]+)\s*)?$/;
+const HEADING = /^\s{0,3}(#{1,6})\s+/;
 const HR = /^\s{0,3}([-*_])(\s*\1){2,}\s*$/;
-const LIST_ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+(.*)$/;
-const QUOTE = /^\s{0,3}>\s?(.*)$/;
+const LIST_ITEM = /^(\s*)([-*+]|\d{1,9}[.)])\s+([\s\S]*)$/;
+const QUOTE = /^\s{0,3}>\s?([\s\S]*)$/;
 
 function isBlockStart(line) {
   return FENCE.test(line) || HEADING.test(line) || HR.test(line) || LIST_ITEM.test(line) || QUOTE.test(line);
 }
 
-// Lists: items with their indentation; a deeper item opens a nested list.
+// "Title ##" -> "Title": a closing run of # counts when a space precedes it (or it is all there is).
+function headingText(text) {
+  text = text.trimEnd();
+  let k = text.length;
+  while (k > 0 && text[k - 1] === "#") k--;
+  if (k < text.length && (k === 0 || /\s/.test(text[k - 1]))) text = text.slice(0, k).trimEnd();
+  return text;
+}
+
+// Lists: items with their indentation; a deeper item opens a nested list (at most MAX_DEPTH).
 function renderList(items) {
   let html = "";
   const stack = []; // {indent, tag}
@@ -78,12 +153,12 @@ function renderList(items) {
       html += `</li></${stack.pop().tag}>`; // 1. after - at the same depth: a new list
     }
     const top = stack[stack.length - 1];
-    if (!top || it.indent > top.indent) {
+    if (!top || (it.indent > top.indent && stack.length < MAX_DEPTH)) {
       const start = tag === "ol" && parseInt(it.marker, 10) !== 1 ? ` start="${parseInt(it.marker, 10)}"` : "";
       html += `<${tag}${start}>`;
       stack.push({ indent: it.indent, tag });
     } else {
-      html += "</li>";
+      html += "</li>"; // same depth, or too deep: a sibling
     }
     html += `<li>${renderInline(it.text).replace(/\n/g, "<br>")}`;
   }
@@ -91,8 +166,18 @@ function renderList(items) {
   return html;
 }
 
-export function renderMarkdown(src) {
-  const lines = String(src ?? "").replace(/\r\n?/g, "\n").split("\n");
+// Escaped lines, trimmed (see the paragraphs below), a <p> per run of non-blank lines.
+function plainText(lines) {
+  const out = [];
+  let para = [];
+  for (const l of [...lines, ""]) {
+    if (l.trim()) para.push(escapeHtml(l.trim()));
+    else if (para.length) { out.push(`<p>${para.join("<br>")}</p>`); para = []; }
+  }
+  return out.join("\n");
+}
+
+function renderBlocks(lines, depth) {
   const out = [];
   let i = 0;
   while (i < lines.length) {
@@ -114,7 +199,7 @@ export function renderMarkdown(src) {
     }
     if ((m = line.match(HEADING))) {
       const n = m[1].length;
-      out.push(`<h${n}>${renderInline(m[2])}</h${n}>`);
+      out.push(`<h${n}>${renderInline(headingText(line.slice(m[0].length)))}</h${n}>`);
       i++;
       continue;
     }
@@ -122,7 +207,9 @@ export function renderMarkdown(src) {
     if (QUOTE.test(line)) {
       const body = [];
       while (i < lines.length && (m = lines[i].match(QUOTE))) { body.push(m[1]); i++; }
-      out.push(`<blockquote>${renderMarkdown(body.join("\n"))}</blockquote>`);
+      // bounded nesting: no stack overflow, and each level re-reads the lines at most MAX_DEPTH times
+      const inner = depth + 1 < MAX_DEPTH ? renderBlocks(body, depth + 1) : plainText(body);
+      out.push(`<blockquote>${inner}</blockquote>`);
       continue;
     }
     if (LIST_ITEM.test(line)) {
@@ -130,9 +217,9 @@ export function renderMarkdown(src) {
       while (i < lines.length) {
         const l = lines[i];
         if ((m = l.match(LIST_ITEM))) {
-          items.push({ indent: m[1].replace(/\t/g, "    ").length, marker: m[2], text: m[3] });
+          items.push({ indent: m[1].replace(/\t/g, "    ").length, marker: m[2], text: m[3].trimEnd() });
           i++;
-        } else if (l.trim() && items.length && /^\s+/.test(l) && !FENCE.test(l)) {
+        } else if (l.trim() && items.length && /^\s/.test(l) && !FENCE.test(l)) {
           items[items.length - 1].text += "\n" + l.trim(); // continuation line
           i++;
         } else if (!l.trim() && i + 1 < lines.length && LIST_ITEM.test(lines[i + 1])) {
@@ -149,7 +236,26 @@ export function renderMarkdown(src) {
       para.push(lines[i]);
       i++;
     }
-    out.push(`<p>${para.map(renderInline).join("<br>")}</p>`);
+    // trimmed: spaces around a line break are not shown, and they make the browser's layout of a
+    // paragraph of many lines quadratic
+    out.push(`<p>${para.map((l) => renderInline(l.trim())).join("<br>")}</p>`);
   }
   return out.join("\n");
+}
+
+// limit: how many characters are rendered as Markdown (cut at a line end when one is near); the
+// rest is shown as plain text in a code block. This also bounds the markup made from a long
+// answer, which the browser must lay out (a code block's <pre> lays out fast, whatever its size).
+export function renderMarkdown(src, limit = MARKDOWN_LIMIT) {
+  let text = String(src ?? "").replace(/\r\n?/g, "\n");
+  let tail = null;
+  if (text.length > limit) {
+    let cut = text.lastIndexOf("\n", limit);
+    if (cut < limit * 0.9) cut = limit;
+    if (/[\uD800-\uDBFF]/.test(text[cut - 1] || "")) cut--; // keep a surrogate pair whole
+    tail = text.slice(cut).replace(/^\n/, "").split("\n");
+    text = text.slice(0, cut);
+  }
+  const html = renderBlocks(text.split("\n"), 0);
+  return tail ? html + "\n" + codeBlock("text", tail) : html;
 }
