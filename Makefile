@@ -34,7 +34,7 @@ chat: $(STAMP)
 	$(VENV)/bin/picochat chat smollm2
 
 browser:
-	bash scripts/ensure_chromium.sh
+	bash scripts/ensure_debian_packages.sh
 
 tiny: $(STAMP)
 	$(VENV)/bin/picochat pretrain --preset tiny --out-dir runs/tiny --resume

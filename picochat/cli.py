@@ -18,11 +18,14 @@ VERBS = {
     "tokenizer": "picochat.tokenizer_cli",
     "data": "picochat.data.cli",
     "pretrain": "picochat.train.pretrain",
+    "sft": "picochat.train.sft",
     "generate": "picochat.generate",
     "import": "picochat.import_cli",
+    "merge-lora": "picochat.train.lora_cli",
     "chat": "picochat.chat",
     "serve": "picochat.serve.cli",
     "feedback": "picochat.serve.feedback_cli",
+    "eval": "picochat.eval.cli",
 }
 
 

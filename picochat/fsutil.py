@@ -106,3 +106,40 @@ def make_private(path: str | Path) -> None:
         return
     except PermissionError:  # someone else's file (shared with us on purpose): only its owner may chmod it
         return
+
+
+def atomic_dir(out_dir: str | Path, fill, extra_files: Optional[dict] = None) -> Path:
+    """Write a directory all at once: fill(tmp) writes its files into a temporary sibling, then
+    extra_files ({name: bytes | callable(path)}) are added, everything is fsynced, and the directory is
+    renamed into place (an existing one is moved aside first, removed after). A kill at any moment
+    leaves either the old directory or the new one, never half of one."""
+    import shutil
+    import tempfile
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a checkpoint is an ordinary folder
+    try:
+        fill(tmp)
+        for name, content in (extra_files or {}).items():
+            content(tmp / name) if callable(content) else (tmp / name).write_bytes(content)
+        for p in tmp.iterdir():
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        fsync_dir(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -14,9 +14,7 @@ previous checkpoint both intact and pointed to.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -25,18 +23,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import PicochatError
-from ..fsutil import atomic_write, fsync_dir
+from ..fsutil import atomic_dir, atomic_write
 from ..model.config import ModelConfig
 
 FORMAT, VERSION = "picochat", 1
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in path.iterdir():
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(path)
 
 
 def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
@@ -44,13 +34,7 @@ def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional
     from ..model.quant import is_quantized
     if is_quantized(model):  # its int8 buffers would not load back into a GPT
         raise PicochatError("cannot save an int8-quantized model; save the original and quantize when loading")
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it owner-only; a checkpoint is an ordinary folder
-    try:
+    def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(
             {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}, indent=2))
         # tied weights are one tensor under two names; safetensors stores each storage once
@@ -59,25 +43,7 @@ def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
-        for name, content in (extra_files or {}).items():
-            if callable(content):
-                content(tmp / name)
-            else:
-                (tmp / name).write_bytes(content)
-        _fsync_tree(tmp)
-        if out_dir.exists():  # overwrite: move the old one aside first, remove it after
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-        fsync_dir(out_dir.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return atomic_dir(out_dir, fill, extra_files)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -88,7 +54,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             "or a checkpoint directory containing config.json and model.safetensors")
     if path.is_dir() and (path / "latest").is_file():
         target = path / (path / "latest").read_text().strip()
-        if not (target / "config.json").is_file():
+        if not ((target / "config.json").is_file() or (target / "adapter.json").is_file()):  # (a LoRA run)
             raise PicochatError(f"{path}/latest points to {target}, which is missing; "
                                 f"pass one of the directories in {path}/checkpoints explicitly")
         return target
@@ -145,7 +111,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
     ``path`` may also be a GGUF file or a model name such as ``smollm2`` (imported on the fly; the
     third item is then the GGUF file). ``quantize="int8"``: int8 weights for faster decoding, inference
     only (picochat/model/quant.py), quantized from the stored weights; ``dtype`` (default fp32) is then
-    the activations' and the KV cache's."""
+    the activations' and the KV cache's. A LoRA adapter directory (or a run dir whose latest checkpoint
+    is one) loads its base model with the adapter merged in (picochat/model/lora.py)."""
+    from ..model.lora import is_adapter, load_adapter_model
+    if is_adapter(path):
+        return load_adapter_model(path, device=device, dtype=dtype, quantize=quantize)
     from ..model.gpt import GPT
     from ..model.quant import quantize_model
     from .gguf import gguf_source, load_gguf
@@ -185,9 +155,15 @@ class CheckpointManager:
             return None
         return resolve_checkpoint(self.run_dir)
 
-    def save(self, step: int, model, tokenizer, extra_files: dict) -> Path:
+    def save(self, step: int, model, tokenizer, extra_files: dict, writer=None) -> Path:
+        """writer(out_dir, extra_files): writes the directory instead of save_model (an adapter run). The
+        checkpoint counts once `latest` names it, so a kill while writing leaves the previous one current."""
         name = f"checkpoints/step_{step:07d}"
-        path = save_model(model, self.run_dir / name, tokenizer, extra_files)
+        if writer is None:
+            path = save_model(model, self.run_dir / name, tokenizer, extra_files)
+        else:
+            path = self.run_dir / name
+            writer(path, extra_files)
         atomic_write(self.run_dir / "latest", name + "\n")
         self._prune(keep_also=path)
         return path

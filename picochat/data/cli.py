@@ -1,11 +1,14 @@
-"""``picochat data prepare``: text -> train.bin / val.bin token shards for pretraining."""
+"""``picochat data prepare``: text -> train.bin / val.bin token shards for pretraining.
+``picochat data chat``: list the chat sets, or write a mixture of them as JSONL (see chat_data)."""
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..cli_args import add_dataclass_args, dataclass_from_args
+from ..errors import PicochatError
 from .prepare import load_meta, picochat_home, prepare_dataset
 
 
@@ -46,11 +49,65 @@ def prepare(args: argparse.Namespace) -> None:
           f"tokenizer {meta['tokenizer_fingerprint']})")
 
 
+@dataclass
+class ChatDataArgs:
+    list: bool = False
+    """show every chat set: name, size of its train and test splits, availability, description"""
+    data: str | None = None
+    """a mixture spec: comma-separated NAME[:N], e.g. arithmetic:20000,chatterbot,identity:500,my.jsonl"""
+    split: Literal["train", "test"] = "train"
+    """train, or test: the held-out split of generated tasks (and of chatterbot/python_faq)"""
+    seed: int = 0
+    """seed of the sampling and the shuffle"""
+    out: str | None = None
+    """write the conversations here as JSONL ({"messages": [...]} per line)"""
+    strict: bool = False
+    """stop at the first bad conversation instead of skipping it"""
+    show: int = 0
+    """print this many conversations of the mixture"""
+
+
+def chat_data(args: argparse.Namespace) -> None:
+    from .chat_data import list_sets, load_mixture, write_jsonl
+    cfg = dataclass_from_args(ChatDataArgs, args)
+    if cfg.list:
+        print(f"{'name':<15} {'train':>10} {'test':>9}  {'available':<9}  description")
+        for r in list_sets():
+            size = lambda v: "-" if v is None else f"{v:,}"  # noqa: E731
+            print(f"{r['name']:<15} {size(r['size']):>10} {size(r['test_size']):>9}  "
+                  f"{'yes' if r['available'] else 'no':<9}  {r['description']}")
+        return
+    if not cfg.data:
+        raise PicochatError("name the data: --data arithmetic:20000,chatterbot,my.jsonl "
+                            "(or --list to see the sets)")
+    conversations, report = load_mixture(cfg.data, split=cfg.split, seed=cfg.seed, strict=cfg.strict)
+    for conv in conversations[:cfg.show]:
+        for m in conv:
+            print(f"[{m['role']}] {m['content']}")
+        print()
+    for name, count in report["sets"].items():
+        print(f"{name:<30} {count:>8,} conversations")
+    print(f"{'total':<30} {len(conversations):>8,}   skipped {report['skipped']:,}")
+    for p in report["problems"][:20]:
+        print(f"  skipped {p}")
+    if len(report["problems"]) > 20:
+        print(f"  ... and {len(report['problems']) - 20} more")
+    if cfg.out:
+        print(f"wrote {write_jsonl(conversations, cfg.out)}")
+
+
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("data", help="prepare token shards for pretraining", description=__doc__)
+    p = subparsers.add_parser("data", help="prepare pretraining shards and chat data", description=__doc__)
     sub = p.add_subparsers(dest="data_command", metavar="<command>", required=True)
     pp = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin",
                         description="Split a corpus by document, tokenize it, and write train.bin, val.bin, "
                                     "tokenizer.json and meta.json.")
     add_dataclass_args(pp, PrepareArgs, positional=("source",))
     pp.set_defaults(func=prepare)
+    pc = sub.add_parser("chat", help="list chat sets, or write a mixture of them as JSONL",
+                        description="Chat conversations in OpenAI messages form: generated tasks with a "
+                                    "held-out split, chatterbot-corpus, the Python FAQ and your JSONL files. "
+                                    "Bad conversations are reported as path:line and skipped (or, with "
+                                    "--strict, rejected).")
+    add_dataclass_args(pc, ChatDataArgs)
+    pc.set_defaults(func=chat_data)

@@ -4,6 +4,8 @@ A stage supplies the model, a ``batch_fn(step, micro) -> batch`` that is a pure 
 arguments (so resuming needs no data-loader state beyond the step), a ``loss_fn(model, batch)``,
 and an ``eval_fn(model) -> dict``. The loop does the rest: AdamW, warmup + cosine, accumulation,
 clipping, autocast, compile, DDP, metrics, plots, progress, atomic checkpoints and exact resume.
+A stage that trains only part of a model (LoRA) also supplies how its weights are written into a
+checkpoint and read back (``save_weights``, ``load_weights``); by default the whole model is.
 
 Exactness across process counts: a step consumes ``grad_accum * world`` micro-batches; micro-batch
 m of rank r is global micro-batch m * world + r, and every micro loss is divided by grad_accum
@@ -94,7 +96,11 @@ class TrainConfig:
 class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, batch_fn: Callable, loss_fn: Callable,
                  eval_fn: Optional[Callable] = None, tokenizer=None, tokens_per_micro: int = 0,
-                 run_info: Optional[dict] = None):
+                 run_info: Optional[dict] = None, save_weights: Optional[Callable] = None,
+                 load_weights: Optional[Callable] = None):
+        """save_weights(out_dir, extra_files) writes a checkpoint directory of the model's weights plus
+        extra_files ({name: bytes | callable(path)}); load_weights(ckpt_dir) reads them back into the
+        model. Both default to the whole model in picochat's checkpoint format."""
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device)
@@ -112,6 +118,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
         self.run_info = run_info or {}
+        self.save_weights, self.load_weights = save_weights, load_weights
         self.model = self.raw_model
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -145,20 +152,23 @@ class Trainer:
             self.ckpts.save(self.step, self.raw_model, self.tokenizer, {
                 "optimizer.safetensors": lambda p: save_file(tensors, str(p)),
                 "state.json": state_json.encode(),
-            })
+            }, writer=self.save_weights)
         barrier(self.dist)
 
     def load_checkpoint(self) -> bool:
         ckpt = self.ckpts.latest()
         if ckpt is None:
             return False
-        saved = read_config(ckpt)
-        if saved.to_dict() != self.raw_model.config.to_dict():
-            diff = [f"{k}={v} (now {self.raw_model.config.to_dict()[k]})"
-                    for k, v in saved.to_dict().items() if self.raw_model.config.to_dict()[k] != v]
-            raise PicochatError(f"cannot resume: {ckpt} was trained with a different model "
-                                f"({', '.join(diff[:4])}); use the same preset/options or a new --out")
-        load_weights_into(self.raw_model, load_state(ckpt / "model.safetensors"), str(ckpt))
+        if self.load_weights is not None:
+            self.load_weights(ckpt)
+        else:
+            saved = read_config(ckpt)
+            if saved.to_dict() != self.raw_model.config.to_dict():
+                diff = [f"{k}={v} (now {self.raw_model.config.to_dict()[k]})"
+                        for k, v in saved.to_dict().items() if self.raw_model.config.to_dict()[k] != v]
+                raise PicochatError(f"cannot resume: {ckpt} was trained with a different model "
+                                    f"({', '.join(diff[:4])}); use the same preset/options or a new --out")
+            load_weights_into(self.raw_model, load_state(ckpt / "model.safetensors"), str(ckpt))
         try:
             state = json.loads((ckpt / "state.json").read_text())
         except (OSError, json.JSONDecodeError) as e:

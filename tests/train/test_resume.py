@@ -83,7 +83,7 @@ def dying_save(state, path, metadata=None):
             f.truncate(100)
         os.kill(os.getpid(), signal.SIGKILL)
 
-cio.os.replace = dying_replace
+os.replace = dying_replace  # the module os: what fsutil.atomic_dir renames with
 cio.save_file = dying_save
 torch.manual_seed(1)
 mgr.save(2, GPT(model.config), None, {"state.json": b"{}"})
