@@ -117,29 +117,34 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
     if is_adapter(path):
         return load_adapter_model(path, device=device, dtype=dtype, quantize=quantize)
     from ..model.gpt import GPT
-    from ..model.quant import quantize_model
     from .gguf import gguf_source, load_gguf
     gguf_file = gguf_source(path)
     if gguf_file is not None:
         model, tokenizer, _ = load_gguf(gguf_file)
-        if quantize:  # quantize the fp32 weights, not a bf16 copy of them
-            return quantize_model(model.to(device), quantize, dtype), tokenizer, gguf_file
-        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-        return model, tokenizer, gguf_file
+        return place_model(model, device, dtype, quantize), tokenizer, gguf_file
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model = GPT(config)
     load_weights_into(model, load_state(ckpt / "model.safetensors"), str(ckpt))
+    return place_model(model, device, dtype, quantize), read_tokenizer(ckpt), ckpt
+
+
+def place_model(model, device, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None):
+    """Loaded fp32 weights -> the model to run: quantized (from fp32, not a bf16 copy) or cast, in eval mode."""
+    from ..model.quant import quantize_model
     if quantize:
         model = quantize_model(model.to(device), quantize, dtype)
     else:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    model.eval()
-    tokenizer = None
-    if (ckpt / "tokenizer.json").is_file():
-        from ..tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
-    return model, tokenizer, ckpt
+    return model.eval()
+
+
+def read_tokenizer(folder: Path, default=None):
+    """The folder's tokenizer.json, or `default` when it has none."""
+    if not (folder / "tokenizer.json").is_file():
+        return default
+    from ..tokenizer import Tokenizer
+    return Tokenizer.load(folder / "tokenizer.json")
 
 
 class CheckpointManager:

@@ -291,8 +291,7 @@ def load_adapter_model(path, device="cpu", dtype=None, quantize=None):
 
     Loads the base named in adapter.json (fp32, on the CPU), checks it is the model the adapter was
     trained on, adds LoRA, loads the adapter, merges it, and only then casts / quantizes."""
-    from ..checkpoints.io import load_model, load_state
-    from .quant import quantize_model
+    from ..checkpoints.io import load_model, load_state, place_model, read_tokenizer
     adir = _adapter_dir(path)
     if adir is None:
         raise PicochatError(f"{path} is not a LoRA adapter (no {ADAPTER_JSON})")
@@ -314,13 +313,4 @@ def load_adapter_model(path, device="cpu", dtype=None, quantize=None):
     add_lora(model, cfg)
     load_lora_state(model, load_state(adir / ADAPTER_WEIGHTS))
     merge_lora(model)
-    if quantize:
-        model = quantize_model(model.to(device), quantize, dtype)
-    else:
-        model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    model.eval()
-    tokenizer = base_tok
-    if (adir / "tokenizer.json").is_file():
-        from ..tokenizer import Tokenizer
-        tokenizer = Tokenizer.load(adir / "tokenizer.json")
-    return model, tokenizer, adir
+    return place_model(model, device, dtype, quantize), read_tokenizer(adir, base_tok), adir
