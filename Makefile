@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run chat tiny test test-fast install browser pipeline bench clean help
+.PHONY: run chat tiny test test-fast install browser pipeline digits bench clean help
 
 help:
 	@echo "make run       the chat app (web page + OpenAI API) on SmolLM2-135M-Instruct at http://127.0.0.1:8000"
@@ -13,7 +13,8 @@ help:
 	@echo "make tiny      train the tiny preset on the embedded corpus (~10 min), then sample from it"
 	@echo "make test      install and run the whole test suite (slow tests included)"
 	@echo "make test-fast the fast tests only"
-	@echo "make pipeline  tokenizer -> data -> pretrain -> generate, step by step"
+	@echo "make pipeline  a chat model from scratch: tokenizer -> data -> pretrain -> SFT -> eval -> report card (~25 min)"
+	@echo "make digits    the digit question: merged vs split digit tokens, measured on held-out addition (~10 min)"
 	@echo "make bench     run the benchmarks (one JSON line each)"
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
@@ -46,11 +47,12 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# resumable: run it again after a kill and it continues where it stopped (--restart starts over)
 pipeline: $(STAMP)
-	$(VENV)/bin/picochat tokenizer train --vocab-size 8192 --out runs/pipeline/tokenizer.json
-	$(VENV)/bin/picochat data prepare --tokenizer runs/pipeline/tokenizer.json --out runs/pipeline/data
-	$(VENV)/bin/picochat pretrain runs/pipeline/data --preset tiny --out-dir runs/pipeline/model
-	$(VENV)/bin/picochat generate runs/pipeline/model --prompt "It was" --seed 0
+	$(VENV)/bin/picochat pipeline --out-dir runs/pipeline
+
+digits: $(STAMP)
+	$(PY) scripts/digit_experiment.py --steps 1500 --n-train 20000
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

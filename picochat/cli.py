@@ -26,6 +26,7 @@ VERBS = {
     "serve": "picochat.serve.cli",
     "feedback": "picochat.serve.feedback_cli",
     "eval": "picochat.eval.cli",
+    "pipeline": "picochat.pipeline.cli",
 }
 
 

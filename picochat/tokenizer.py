@@ -35,6 +35,10 @@ EOT = "<|endoftext|>"
 SPECIAL_TOKENS = [EOT, "<|system_start|>", "<|system_end|>", "<|user_start|>", "<|user_end|>",
                   "<|assistant_start|>", "<|assistant_end|>"]
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# GPT-2's regex with every digit a pre-token of its own (as Llama and SmolLM2 do): "1234" is always the
+# same four tokens, never "12"+"34" or " 123"+"4", so a model sees the place value of each digit.
+# README ("The digit question") has the measurement that made this picochat's default.
+DIGITS_PATTERN = GPT2_PATTERN.replace(" ?\\p{N}+", "\\p{N}")
 
 
 @lru_cache(maxsize=1)
@@ -97,21 +101,28 @@ class Tokenizer:
     # ---------------------------------------------------------------- construction
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int,
-              special_tokens: list[str] = SPECIAL_TOKENS) -> "Tokenizer":
+              special_tokens: list[str] = SPECIAL_TOKENS, split_digits: bool = True) -> "Tokenizer":
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``texts``.
 
         The result may be smaller than ``vocab_size`` if the text runs out of pairs to merge.
-        <|endoftext|> is always a special token (it separates documents).
+        <|endoftext|> is always a special token (it separates documents). ``split_digits``: every digit
+        is its own token (DIGITS_PATTERN); False keeps GPT-2's regex, which merges runs of digits.
         """
-        from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+        from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
         specials = list(dict.fromkeys([EOT, *special_tokens]))
         minimum = 256 + len(specials)
         if vocab_size < minimum:
             raise PicochatError(f"vocab size {vocab_size} is too small: it must hold 256 byte tokens and "
                                 f"{len(specials)} special tokens; use --vocab-size {minimum} or more")
+        pattern = DIGITS_PATTERN if split_digits else GPT2_PATTERN
         hf = HFTokenizer(models.BPE())
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        if split_digits:
+            hf.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        else:
+            hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         hf.train_from_iterator((valid_unicode(t) for t in texts), trainer)
@@ -122,7 +133,7 @@ class Tokenizer:
             pair = (_unspell(a, "trained"), _unspell(b, "trained"))
             merges.append(pair)
             ranks.setdefault(pair[0] + pair[1], len(ranks))
-        return cls(ranks, {s: len(ranks) + i for i, s in enumerate(specials)}, merges)
+        return cls(ranks, {s: len(ranks) + i for i, s in enumerate(specials)}, merges, pattern)
 
     @classmethod
     def from_gpt2_files(cls, encoder_json_path: str | Path, vocab_bpe_path: str | Path) -> "Tokenizer":

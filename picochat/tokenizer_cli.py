@@ -16,6 +16,8 @@ from .tokenizer import Tokenizer
 class TrainArgs:
     vocab_size: int = 8192
     """total number of token ids: 256 bytes + learned merges + 7 special tokens"""
+    split_digits: bool = True
+    """every digit a token of its own (Llama's and SmolLM2's choice); --no-split-digits keeps GPT-2's runs"""
     out: str = "tokenizer.json"
     """where to write the tokenizer (Hugging Face tokenizer.json format)"""
 
@@ -50,7 +52,7 @@ def train(args: argparse.Namespace) -> None:
     cfg = dataclass_from_args(TrainArgs, args)
     docs = [doc for source in (args.inputs or [None]) for doc in load_documents(source)]
     t0 = time.time()
-    tok = Tokenizer.train(docs, cfg.vocab_size)
+    tok = Tokenizer.train(docs, cfg.vocab_size, split_digits=cfg.split_digits)
     seconds = time.time() - t0
     path = tok.save(cfg.out)
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)

@@ -6,12 +6,12 @@ from importlib import resources
 
 import pytest
 import tiktoken
-from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, trainers
 
 from picochat.data.corpus import brown_documents
 from picochat.cli import main
 from picochat.errors import PicochatError
-from picochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from picochat.tokenizer import DIGITS_PATTERN, GPT2_PATTERN, SPECIAL_TOKENS, Tokenizer
 
 GPT2_REGEX = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
@@ -131,7 +131,10 @@ def test_trained_tiktoken_equals_hf(trained, brown_slice):
     """Same tokens as HF's own trainer + BPE (independent of our id layout), and same ids as the
     HF object built from our tokenizer.json."""
     hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    hf.pre_tokenizer = pre_tokenizers.Sequence([  # GPT-2's regex with one pre-token per digit
+        pre_tokenizers.Split(Regex(r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""),
+                             behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.train_from_iterator(brown_slice, trainers.BpeTrainer(
         vocab_size=1000 - len(SPECIAL_TOKENS), show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
@@ -143,6 +146,21 @@ def test_trained_tiktoken_equals_hf(trained, brown_slice):
         assert ids == ours.encode(text).ids
         hf_tokens = [bytes(to_bytes[c] for c in hf.id_to_token(i)) for i in hf.encode(text).ids]
         assert [trained.token_bytes(i) for i in ids] == hf_tokens
+
+
+def test_split_digits(brown_slice, trained, tmp_path):
+    """Trained tokenizers give every digit a token of its own; --no-split-digits keeps GPT-2's runs."""
+    text = "In 1961, 23 + 45 = 68 and 12345 people paid $3.50 (x2)."
+    ids = trained.encode(text)
+    assert trained.decode(ids) == text
+    digit_tokens = [trained.token_bytes(i) for i in ids if any(c.isdigit() for c in trained.decode([i]))]
+    assert digit_tokens == [c.encode() for c in text if c.isdigit()]  # each digit alone, nothing attached
+    merged = Tokenizer.train(brown_slice + ["1961 1961 1961 1961"] * 50, 1000, split_digits=False)
+    assert merged.pattern == GPT2_PATTERN and trained.pattern == DIGITS_PATTERN
+    assert len(merged.encode("1961")) == 1
+    loaded = Tokenizer.load(trained.save(tmp_path / "t.json"))  # the pattern survives tokenizer.json
+    assert loaded.pattern == DIGITS_PATTERN and loaded.encode(text) == ids
+    assert HFTokenizer.from_file(str(tmp_path / "t.json")).encode(text).ids == ids
 
 
 def _byte_alphabet() -> dict[str, int]:

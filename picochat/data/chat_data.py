@@ -112,6 +112,23 @@ def parse_spec(spec: str) -> list[tuple[str, Optional[int]]]:
     return out
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a spec naming an unknown, unavailable or missing set now, before hours of other work."""
+    for name, _ in parse_spec(spec):
+        if name in TASKS or name in GROUPS:
+            continue
+        if name in SOURCES:
+            missing = _available(name)
+            if missing:
+                raise PicochatError(f"set {name} is unavailable: {missing}")
+        elif _is_file(name):
+            if not Path(name).is_file():
+                raise PicochatError(f"{name}: no such file")
+        else:
+            raise PicochatError(f"unknown chat set {name!r}; known sets: {', '.join(known_names())}, "
+                                "or a path to a .jsonl file")
+
+
 def _is_file(name: str) -> bool:
     return name.endswith(".jsonl") or "/" in name or Path(name).is_file()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 from ..cli_args import add_dataclass_args, dataclass_from_args
 from ..errors import PicochatError
@@ -23,6 +23,8 @@ class PrepareArgs:
     """a tokenizer.json, a folder holding one, or gpt2; if omitted, train a new BPE on the train split"""
     vocab_size: int = 8192
     """vocabulary size of the tokenizer to train (ignored with --tokenizer)"""
+    split_digits: Optional[bool] = None
+    """train the tokenizer with every digit a token of its own (the default; not with --tokenizer)"""
     val_fraction: float = 0.05
     """fraction of documents held out for validation (at least one)"""
     seed: int = 0
@@ -31,14 +33,19 @@ class PrepareArgs:
 
 def _default_out(cfg: PrepareArgs) -> Path:
     name = "brown" if cfg.source in (None, "brown") else Path(cfg.source).stem or "data"
-    suffix = f"v{cfg.vocab_size}" if cfg.tokenizer is None else Path(cfg.tokenizer).stem
+    suffix = (f"v{cfg.vocab_size}{'-split-digits' if cfg.split_digits is not False else ''}"
+              if cfg.tokenizer is None else Path(cfg.tokenizer).stem)
     return picochat_home() / "data" / f"{name}-{suffix}"
 
 
 def prepare(args: argparse.Namespace) -> None:
     cfg = dataclass_from_args(PrepareArgs, args)
+    if cfg.tokenizer is not None and cfg.split_digits is not None:
+        raise PicochatError("--split-digits / --no-split-digits choose how a new tokenizer is trained; with "
+                            "--tokenizer the given tokenizer decides; drop one of them")
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
-    prepare_dataset(cfg.source, out, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.seed)
+    prepare_dataset(cfg.source, out, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.seed,
+                    split_digits=cfg.split_digits is not False)
     meta = load_meta(out)
     print(f"{'split':<6} {'documents':>10} {'tokens':>12} {'bytes':>12} {'bytes/token':>12}")
     for split in ("train", "val"):

@@ -37,8 +37,9 @@ def picochat_home() -> Path:
 
 
 def default_dataset_dir(vocab_size: int = 8192) -> Path:
-    """Where the default (Brown corpus) dataset for ``vocab_size`` lives."""
-    return picochat_home() / "data" / f"brown-v{vocab_size}"
+    """Where the default (Brown corpus) dataset for ``vocab_size`` lives (digits split: the name says so,
+    and datasets made before digits were split keep their own folder, brown-v<vocab>)."""
+    return picochat_home() / "data" / f"brown-v{vocab_size}-split-digits"
 
 
 def _halve(doc: str) -> list[str]:
@@ -86,17 +87,17 @@ def _write_split(path: Path, docs: list[str], tok: Tokenizer, dtype, desc: str) 
 
 def prepare_dataset(source: str | Path | None = None, out_dir: str | Path | None = None,
                     tokenizer: Tokenizer | str | Path | None = None, vocab_size: int = 8192,
-                    val_fraction: float = 0.05, seed: int = 0) -> Path:
+                    val_fraction: float = 0.05, seed: int = 0, split_digits: bool = True) -> Path:
     """Tokenize ``source`` (see ``load_documents``) into ``out_dir``; returns ``out_dir``.
 
     ``tokenizer``: a Tokenizer, a tokenizer.json path, "gpt2", or None to train a ``vocab_size``
-    BPE on the training documents.
+    BPE on the training documents (one token per digit unless ``split_digits`` is False).
     """
     out = Path(out_dir).expanduser() if out_dir is not None else default_dataset_dir(vocab_size)
     docs = list(load_documents(source))
     train_docs, val_docs = split_documents(docs, val_fraction, seed)
     if tokenizer is None:
-        tok = Tokenizer.train(train_docs, vocab_size)
+        tok = Tokenizer.train(train_docs, vocab_size, split_digits=split_digits)
     else:
         tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.load(tokenizer)
     tok.eot_id  # fail now, not after tokenizing, if the tokenizer cannot separate documents
@@ -117,6 +118,7 @@ def prepare_dataset(source: str | Path | None = None, out_dir: str | Path | None
         "train_documents": len(train_docs), "val_documents": len(val_docs),
         "source": "brown" if source is None else str(source), "seed": seed, "val_fraction": val_fraction,
         "requested_vocab_size": vocab_size if tokenizer is None else None,
+        "split_digits": split_digits if tokenizer is None else None,
         "tokenize_seconds": round(time.time() - t0, 3),
     }
     with atomic_open(out / META) as f:
@@ -169,5 +171,7 @@ def _reusable(d: Path, vocab_size: int) -> bool:
         tok = Tokenizer.load(d / "tokenizer.json")
     except PicochatError:
         return False
+    # split_digits: a dataset prepared before digits were split (no such key) is made again
     return (meta.get("source") == "brown" and meta.get("requested_vocab_size") == vocab_size
+            and meta.get("split_digits") is True
             and meta.get("tokenizer_fingerprint") == tok.fingerprint())

@@ -52,8 +52,15 @@ def _prompt(messages: list[dict]) -> list[dict]:
 
 def generate_replies(model, tokenizer, template: str, conversations: list[list[dict]], max_tokens: int = 32,
                      batch_size: int = 32, default_system: Optional[str] = None) -> list[str]:
-    """Greedy replies to each conversation's last user turn, in the order given. Prompts are sorted by
-    length so that each left-padded batch holds similar lengths (less padding to compute)."""
+    """Greedy replies to each conversation's last user turn, in the order given."""
+    return [r.text for r in greedy_results(model, tokenizer, template, conversations, max_tokens, batch_size,
+                                           default_system)]
+
+
+def greedy_results(model, tokenizer, template: str, conversations: list[list[dict]], max_tokens: int = 32,
+                   batch_size: int = 32, default_system: Optional[str] = None) -> list:
+    """generate_replies with the engine's whole GenerationResult (text, token ids, finish reason).
+    Prompts are sorted by length so that each left-padded batch holds similar lengths (less padding)."""
     from ..chat_template import render_conversation, stop_token_ids
     from ..engine.engine import Engine, SamplingParams
     if batch_size < 1:
@@ -64,13 +71,13 @@ def generate_replies(model, tokenizer, template: str, conversations: list[list[d
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
                             stop_token_ids=stop_token_ids(tokenizer, template))
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: list[str] = [""] * len(prompts)
+    results: list = [None] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         for i, res in zip(idx, engine.generate([prompts[i] for i in idx], params)):
-            replies[i] = res.text
+            results[i] = res
         engine.reset()  # a batch of one keeps its cache; nothing should carry over between questions
-    return replies
+    return results
 
 
 def _resolve(tasks: list) -> list:

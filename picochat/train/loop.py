@@ -159,6 +159,14 @@ class Trainer:
         ckpt = self.ckpts.latest()
         if ckpt is None:
             return False
+        if self.tokenizer is not None and (ckpt / "tokenizer.json").is_file():
+            # same shapes, other ids (e.g. data re-made with another tokenizer): resuming would mix them
+            from ..tokenizer import Tokenizer
+            theirs = Tokenizer.load(ckpt).fingerprint()
+            if theirs != self.tokenizer.fingerprint():
+                raise PicochatError(f"cannot resume: {ckpt} was trained with another tokenizer (fingerprint "
+                                    f"{theirs}, this run's data uses {self.tokenizer.fingerprint()}); use the data "
+                                    f"it was trained on, or a new --out-dir")
         if self.load_weights is not None:
             self.load_weights(ckpt)
         else:

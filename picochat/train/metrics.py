@@ -24,13 +24,19 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def read(self) -> list[dict]:
-        rows = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-        return rows
+        return read_metrics(self.path)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl ([] if there is none)."""
+    path = Path(path)
+    rows = []
+    for line in (path.read_text().splitlines() if path.is_file() else []):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return rows
 
 
 def plot_metrics(rows: list[dict], out_png: str | Path, title: str = "") -> None:

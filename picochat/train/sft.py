@@ -13,7 +13,7 @@ Numerically safe: the loss is sum / max(count, 1) over the trained tokens, so a 
 (all prompt, or a long conversation's middle chunk) gives 0 and a zero gradient, never NaN.
 
     picochat sft runs/base --data arithmetic:20000,greetings:500,identity:500
-    picochat sft smollm2 --data identity:1000 --lora-rank 8 --max-steps 60
+    picochat sft smollm2 --data identity --replay 200 --lora-rank 8 --max-steps 60
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import bisect
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -57,6 +58,13 @@ class SFTConfig(TrainConfig):
     """Evaluate every this many steps (and at the end)."""
     ckpt_every: int = 100
     """Write a checkpoint every this many steps (and at the end)."""
+    replay: int = 0
+    """Ask the base model this many questions (greedy, before training) and mix its finished answers into
+    the data, so it keeps what it knew while it learns the new data (picochat/train/replay.py). 0: off."""
+    replay_prompts: Optional[str] = None
+    """Chat mixture whose training-split questions --replay asks (default: chatterbot,python_faq)."""
+    replay_max_tokens: Optional[int] = None
+    """Longest replayed answer (default 64); a longer one is cut there and trained without its end token."""
     lora_rank: int = 0
     """LoRA rank r (0: fine-tune every weight). With r > 0 only the adapters train and are saved."""
     lora_alpha: float = 16.0
@@ -72,8 +80,12 @@ class SFTConfig(TrainConfig):
             raise PicochatError("name the model to fine-tune: picochat sft BASE (a run directory, smollm2, ...)")
         if self.seq_len < 8:
             raise PicochatError(f"--seq-len must be at least 8, got {self.seq_len}")
-        if self.lora_rank < 0 or self.val_conversations < 0:
-            raise PicochatError("--lora-rank and --val-conversations must be >= 0")
+        if self.lora_rank < 0 or self.val_conversations < 0 or self.replay < 0:
+            raise PicochatError("--lora-rank, --val-conversations and --replay must be >= 0")
+        if not self.replay and (self.replay_prompts is not None or self.replay_max_tokens is not None):
+            raise PicochatError("--replay-prompts and --replay-max-tokens shape the replay; give --replay N too")
+        if self.replay_max_tokens is not None and self.replay_max_tokens < 1:
+            raise PicochatError(f"--replay-max-tokens must be at least 1, got {self.replay_max_tokens}")
 
 
 # ---------------------------------------------------------------- packing
@@ -182,6 +194,36 @@ def _render(conversations, tokenizer, template) -> list[tuple[list[int], list[in
     return [render_conversation(c, tokenizer, template) for c in conversations]
 
 
+def _replay_set(cfg: SFTConfig, model, tokenizer, template, val_convs) -> list[dict]:
+    """The base model's own answers (train/replay.py), made once per run: replay.jsonl holds them and
+    replay.json (written last) the options that made them, which a resumed run must repeat."""
+    import json
+    import os
+    from ..fsutil import atomic_write
+    from .replay import replay_questions, self_replay
+    out = Path(cfg.out_dir)
+    opts = {"replay": cfg.replay, "replay_prompts": cfg.replay_prompts or "chatterbot,python_faq",
+            "replay_max_tokens": cfg.replay_max_tokens or 64, "seed": cfg.seed}
+    if cfg.resume and (out / "replay.json").is_file():
+        made = json.loads((out / "replay.json").read_text("utf-8"))
+        changed = [f"--{k.replace('_', '-')} {made.get(k)!r} (now {v!r})" for k, v in opts.items() if made.get(k) != v]
+        if changed:
+            raise PicochatError(f"cannot resume: {out} replayed with {', '.join(changed)}; repeat its options")
+        return [json.loads(line) for line in (out / "replay.jsonl").read_text("utf-8").splitlines()]
+    if not cfg.replay:
+        return []
+    exclude = [m["content"] for c in val_convs for m in c if m["role"] == "user"]
+    questions = replay_questions(opts["replay_prompts"], cfg.replay, seed=cfg.seed, exclude=exclude)
+    convs = self_replay(model, tokenizer, template, questions, max_tokens=opts["replay_max_tokens"])
+    if int(os.environ.get("RANK", "0")) == 0:  # every process makes the same set; one writes it
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "replay.jsonl", "".join(json.dumps(c) + "\n" for c in convs))
+        atomic_write(out / "replay.json", json.dumps(opts | {"asked": len(questions), "kept": len(convs),
+                                                           "finished": sum(c["finished"] for c in convs),
+                                                           "questions": questions}, indent=1) + "\n")
+    return convs
+
+
 def _adapter_checkpoints(model, lora, base: str, tokenizer) -> dict:
     """The Trainer's hooks for a LoRA run: checkpoints hold the adapters (and optimizer state) only."""
     from ..checkpoints.io import load_state
@@ -215,7 +257,10 @@ def sft(cfg: SFTConfig) -> list[dict]:
     train_convs, val_convs = conversations[n_val:], conversations[:n_val]
     if not train_convs:
         raise PicochatError(f"the data {cfg.data!r} holds no usable conversation; see `picochat data chat --list`")
-    train = PackedRows(pack(_render(train_convs, tokenizer, template), row_len), row_len, cfg.seed)
+    replayed = _replay_set(cfg, model, tokenizer, template, val_convs)
+    from .replay import render_replay
+    examples = _render(train_convs, tokenizer, template) + render_replay(replayed, tokenizer, template)
+    train = PackedRows(pack(examples, row_len), row_len, cfg.seed)
     val = PackedRows(pack(_render(val_convs, tokenizer, template), row_len), row_len, cfg.seed) if val_convs else None
     specials = set(tokenizer.special_tokens.values())
     V = model.config.vocab_size
@@ -242,12 +287,14 @@ def sft(cfg: SFTConfig) -> list[dict]:
                       eval_fn=(lambda m: evaluate_sft(m, val, token_bytes, B)) if val is not None else None,
                       tokenizer=tokenizer, tokens_per_micro=B * (row_len - 1),
                       run_info={"stage": "sft", "base": cfg.base, "data": cfg.data, "data_report": report,
+                                "replayed": len(replayed),
                                 "lora": asdict(lora) if lora else None, "trainable_params": trainable},
                       **hooks)
     box.append(trainer)
     if trainer.dist.is_main:
         print(f"sft: {cfg.base} ({model.num_params() / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trained"
-              f"{f', LoRA r={cfg.lora_rank}' if lora else ''}); {len(train_convs):,} conversations in {len(train):,} "
+              f"{f', LoRA r={cfg.lora_rank}' if lora else ''}); {len(train_convs):,} conversations"
+              f"{f' (+{len(replayed)} replayed)' if replayed else ''} in {len(train):,} "
               f"rows of {row_len - 1} tokens ({train.trained_tokens():,} trained tokens), {len(val_convs)} held out")
     rows = trainer.fit()
     if trainer.dist.is_main:

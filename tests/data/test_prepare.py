@@ -111,7 +111,7 @@ def test_load_meta_errors(tmp_path, corpus):
 
 def test_default_dir_follows_picochat_home(tmp_path, monkeypatch):
     monkeypatch.setenv("PICOCHAT_HOME", str(tmp_path))
-    assert default_dataset_dir(512) == tmp_path / "data" / "brown-v512"
+    assert default_dataset_dir(512) == tmp_path / "data" / "brown-v512-split-digits"
 
 
 def test_ensure_default_dataset_prepares_once(tmp_path, monkeypatch):

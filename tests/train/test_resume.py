@@ -100,3 +100,22 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, die_on
     assert resolve_checkpoint(run).name == "step_0000001"
     model, _, path = load_model(run)
     assert path.name == "step_0000001" and model.config.n_embd == 16
+
+
+def test_resume_refuses_data_made_with_another_tokenizer(tmp_path):
+    """Same vocabulary size, other ids (digits split or not): resuming would silently mix two tokenizations."""
+    from conftest import make_corpus
+    from picochat.data.prepare import prepare_dataset
+    from picochat.errors import PicochatError
+    from picochat.train.pretrain import PretrainConfig, pretrain
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d + " In 1961, 23 + 45 = 68."}) + "\n" for d in make_corpus(20)))
+    split = prepare_dataset(src, tmp_path / "split", vocab_size=320, split_digits=True)
+    merged = prepare_dataset(src, tmp_path / "merged", vocab_size=320, split_digits=False)
+    cfg = dict(out_dir=str(tmp_path / "run"), max_steps=2, batch_size=2, ckpt_every=2, eval_every=2,
+               eval_windows=2, dtype="fp32", progress=False)
+    model = dict(n_layer=1, n_head=2, n_embd=32, block_size=32)
+    pretrain(PretrainConfig(data=str(split), **cfg), model)
+    with pytest.raises(PicochatError, match="cannot resume: .* another tokenizer"):
+        pretrain(PretrainConfig(data=str(merged), **(cfg | dict(max_steps=4, resume=True))), model)
+    pretrain(PretrainConfig(data=str(split), **(cfg | dict(max_steps=4, resume=True))), model)  # its own data: fine
