@@ -104,7 +104,7 @@ def test_kill_during_checkpoint_write_keeps_previous_checkpoint(tmp_path, die_on
 
 def test_resume_refuses_data_made_with_another_tokenizer(tmp_path):
     """Same vocabulary size, other ids (digits split or not): resuming would silently mix two tokenizations."""
-    from conftest import make_corpus
+    from tests.conftest import make_corpus
     from picochat.data.prepare import prepare_dataset
     from picochat.errors import PicochatError
     from picochat.train.pretrain import PretrainConfig, pretrain
