@@ -6,6 +6,7 @@ import fcntl
 import os
 import pty
 import select
+import signal
 import subprocess
 import termios
 import time
@@ -20,10 +21,17 @@ class Tty:
         self.master, slave = pty.openpty()
         # a new session whose controlling terminal is the pty: the tty driver then turns 0x03 into SIGINT
         self.proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=subprocess_env(),
-                                     start_new_session=True,
-                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                                     start_new_session=True, preexec_fn=self._child_setup)
         os.close(slave)
         self.out = b""
+
+    @staticmethod
+    def _child_setup():
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # a test run started in the background by a non-interactive shell (`make test &`) ignores SIGINT,
+        # and a child inherits that, so Python would never raise KeyboardInterrupt: give it the default,
+        # as a terminal would
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     def read_until(self, done, timeout: float = 120) -> bytes:
         """Read until done(output) (or a bytes needle appears in it)."""
