@@ -112,9 +112,11 @@ def parse_spec(spec: str) -> list[tuple[str, Optional[int]]]:
     return out
 
 
-def check_spec(spec: str) -> None:
-    """Refuse a spec naming an unknown, unavailable or missing set now, before hours of other work."""
-    for name, _ in parse_spec(spec):
+def check_spec(spec: str) -> list[tuple[str, Optional[int]]]:
+    """parse_spec, refusing a set that is unknown, unavailable or a missing file now, before any work
+    (load_mixture calls it first; the pipeline before hours of pretraining)."""
+    parts = parse_spec(spec)
+    for name, _ in parts:
         if name in TASKS or name in GROUPS:
             continue
         if name in SOURCES:
@@ -123,10 +125,11 @@ def check_spec(spec: str) -> None:
                 raise PicochatError(f"set {name} is unavailable: {missing}")
         elif _is_file(name):
             if not Path(name).is_file():
-                raise PicochatError(f"{name}: no such file")
+                chat_sources.read_jsonl(name)  # raises its own "no such file" error, with the expected format
         else:
             raise PicochatError(f"unknown chat set {name!r}; known sets: {', '.join(known_names())}, "
                                 "or a path to a .jsonl file")
+    return parts
 
 
 def _is_file(name: str) -> bool:
@@ -182,7 +185,7 @@ def load_mixture(spec: str, split: str = "train", seed: int = 0, strict: bool = 
                 out.append(chat_sources.clean(conv))
         return out
 
-    for name, n in parse_spec(spec):
+    for name, n in check_spec(spec):
         rng = random.Random(f"{name}/{split}/{seed}")
         if name in TASKS or name in GROUPS:
             members = GROUPS.get(name, (name,))
@@ -194,16 +197,10 @@ def load_mixture(spec: str, split: str = "train", seed: int = 0, strict: bool = 
                 k = min(DEFAULT_TASK_N, task.size(split)) if k is None else k
                 items = task.generate(split, k, seed)
                 got += good([(f"{m}:{i + 1}", it["messages"]) for i, it in enumerate(items)])
-        elif name in SOURCES:
-            missing = _available(name)
-            if missing:
-                raise PicochatError(f"set {name} is unavailable: {missing}")
+        elif name in SOURCES:  # check_spec has refused unknown and unavailable sets
             got = _take(good(_source_split(name, split)), n, rng)
-        elif _is_file(name):
-            got = _take(good(chat_sources.read_jsonl(name)), n, rng)
         else:
-            raise PicochatError(f"unknown chat set {name!r}; known sets: {', '.join(known_names())}, "
-                                "or a path to a .jsonl file")
+            got = _take(good(chat_sources.read_jsonl(name)), n, rng)
         report["sets"][name] = report["sets"].get(name, 0) + len(got)
         conversations += got
     random.Random(f"mixture/{split}/{seed}").shuffle(conversations)

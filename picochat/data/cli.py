@@ -21,8 +21,8 @@ class PrepareArgs:
     """output folder; if omitted, $PICOCHAT_HOME/data/<source>-v<vocab size>"""
     tokenizer: str | None = None
     """a tokenizer.json, a folder holding one, or gpt2; if omitted, train a new BPE on the train split"""
-    vocab_size: int = 8192
-    """vocabulary size of the tokenizer to train (ignored with --tokenizer)"""
+    vocab_size: Optional[int] = None
+    """vocabulary size of the tokenizer to train (default 8192; not with --tokenizer)"""
     split_digits: Optional[bool] = None
     """train the tokenizer with every digit a token of its own (the default; not with --tokenizer)"""
     val_fraction: float = 0.05
@@ -40,9 +40,10 @@ def _default_out(cfg: PrepareArgs) -> Path:
 
 def prepare(args: argparse.Namespace) -> None:
     cfg = dataclass_from_args(PrepareArgs, args)
-    if cfg.tokenizer is not None and cfg.split_digits is not None:
-        raise PicochatError("--split-digits / --no-split-digits choose how a new tokenizer is trained; with "
-                            "--tokenizer the given tokenizer decides; drop one of them")
+    if cfg.tokenizer is not None and (cfg.split_digits is not None or cfg.vocab_size is not None):
+        raise PicochatError("--vocab-size and --split-digits / --no-split-digits choose how a new tokenizer is "
+                            "trained; with --tokenizer the given tokenizer decides; drop one of them")
+    cfg.vocab_size = cfg.vocab_size or 8192
     out = Path(cfg.out) if cfg.out else _default_out(cfg)
     prepare_dataset(cfg.source, out, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.seed,
                     split_digits=cfg.split_digits is not False)

@@ -29,6 +29,7 @@ from ..tokenizer import Tokenizer
 from .corpus import load_documents
 
 META = "meta.json"
+VAL_FRACTION, SPLIT_SEED = 0.05, 0  # the default split: the pipeline's tokenizer stage must see the same
 BATCH_DOCS = 64  # documents per encode_batch call: big enough to keep the threads busy
 
 
@@ -87,7 +88,7 @@ def _write_split(path: Path, docs: list[str], tok: Tokenizer, dtype, desc: str) 
 
 def prepare_dataset(source: str | Path | None = None, out_dir: str | Path | None = None,
                     tokenizer: Tokenizer | str | Path | None = None, vocab_size: int = 8192,
-                    val_fraction: float = 0.05, seed: int = 0, split_digits: bool = True) -> Path:
+                    val_fraction: float = VAL_FRACTION, seed: int = SPLIT_SEED, split_digits: bool = True) -> Path:
     """Tokenize ``source`` (see ``load_documents``) into ``out_dir``; returns ``out_dir``.
 
     ``tokenizer``: a Tokenizer, a tokenizer.json path, "gpt2", or None to train a ``vocab_size``

@@ -177,9 +177,9 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def stage_tokenizer(self) -> dict:
         from ..data.corpus import load_documents
-        from ..data.prepare import split_documents
+        from ..data.prepare import SPLIT_SEED, VAL_FRACTION, split_documents
         from ..tokenizer import Tokenizer
-        train_docs, _ = split_documents(list(load_documents(None)), 0.05, 0)  # the data stage's split
+        train_docs, _ = split_documents(list(load_documents(None)), VAL_FRACTION, SPLIT_SEED)  # the data stage's
         tok = Tokenizer.train(train_docs, self.cfg.vocab_size, split_digits=self.cfg.split_digits)
         tok.save(self.out / "tokenizer.json")
         return {"vocab_size": tok.vocab_size, "fingerprint": tok.fingerprint(),
@@ -187,7 +187,7 @@ class Pipeline:
 
     def stage_data(self) -> dict:
         from ..data.prepare import load_meta, prepare_dataset
-        prepare_dataset(None, self.out / "data", tokenizer=self.out / "tokenizer.json", val_fraction=0.05, seed=0)
+        prepare_dataset(None, self.out / "data", tokenizer=self.out / "tokenizer.json")  # default split, as above
         meta = load_meta(self.out / "data")
         return {"tokens": meta["train_tokens"], "val_tokens": meta["val_tokens"],
                 "bytes_per_token": round(meta["train_bytes"] / meta["train_tokens"], 3)}

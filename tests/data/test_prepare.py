@@ -152,3 +152,11 @@ def test_picochat_main_bad_source(tmp_path, capsys):
     assert main(["data", "prepare", str(bad), "--out", str(tmp_path / "ds")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "line 2 is not valid JSON" in err and err.count("\n") == 1
+
+
+def test_cli_refuses_tokenizer_training_options_with_a_given_tokenizer(tmp_path, corpus, capsys):
+    for flag in (["--vocab-size", "300"], ["--no-split-digits"], ["--split-digits"]):
+        assert run_cli(["data", "prepare", str(corpus[0]), "--tokenizer", "gpt2", "--out", str(tmp_path / "x"),
+                        *flag]) == 2
+        assert "with --tokenizer the given tokenizer decides" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
