@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run chat tiny test test-fast install browser pipeline digits bench clean help
+.PHONY: run chat tiny test test-fast install browser pipeline digits rlhf bench clean help
 
 help:
 	@echo "make run       the chat app (web page + OpenAI API) on SmolLM2-135M-Instruct at http://127.0.0.1:8000"
@@ -15,6 +15,7 @@ help:
 	@echo "make test-fast the fast tests only"
 	@echo "make pipeline  a chat model from scratch: tokenizer -> data -> pretrain -> SFT -> eval -> report card (~25 min)"
 	@echo "make digits    the digit question: merged vs split digit tokens, measured on held-out addition (~10 min)"
+	@echo "make rlhf      the RLHF experiment: SFT, honest pairs, reward model, PPO, GRPO, DPO on held-out addition (~25 min)"
 	@echo "make bench     run the benchmarks (one JSON line each)"
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
@@ -53,6 +54,9 @@ pipeline: $(STAMP)
 
 digits: $(STAMP)
 	$(PY) scripts/digit_experiment.py --steps 1500 --n-train 20000
+
+rlhf: $(STAMP)
+	$(PY) scripts/rlhf_experiment.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

@@ -104,6 +104,70 @@ def chat_data(args: argparse.Namespace) -> None:
         print(f"wrote {write_jsonl(conversations, cfg.out)}")
 
 
+@dataclass
+class PairsArgs:
+    model: str = ""
+    """The SFT model whose answers are sampled and judged (a run, checkpoint, smollm2 or .gguf)."""
+    tasks: str = "addition2"
+    """Checkable tasks (comma-separated; `picochat data chat --list`) whose questions are asked."""
+    questions: int = 1000
+    """Questions per task."""
+    split: str = "train"
+    """Which split's questions: train (for training) or test (held-out pairs, never trained on)."""
+    samples: int = 4
+    """Answers sampled per question."""
+    temperature: float = 1.0
+    """Sampling temperature of those answers."""
+    max_tokens: int = 64
+    """Longest sampled answer (an answer cut here is never a pair's rejected one: it did not end)."""
+    pairs_per_question: int = 2
+    """Pairs kept per question: the model's wrong answers first, then truncated / rambling / off-topic ones."""
+    reference: bool = False
+    """For a question none of the samples got right, pair the task's reference answer (default: skip it)."""
+    seed: int = 0
+    """Seed of the questions and of the sampling."""
+    out: str = "pairs.jsonl"
+    """Where to write the pairs (JSONL, trl's conversational preference format; written atomically)."""
+
+    def __post_init__(self):
+        if not self.model:
+            raise PicochatError("name the model whose answers to judge: picochat data pairs MODEL --tasks addition2")
+        if self.split not in ("train", "test"):
+            raise PicochatError(f"--split must be train or test, got {self.split!r}")
+        if not 0 < self.temperature <= 5:
+            raise PicochatError(f"--temperature must be in (0, 5], got {self.temperature}")
+
+
+def pairs(args: argparse.Namespace) -> None:
+    import json
+    import time
+    import torch
+    from ..chat_template import pick_template
+    from ..checkpoints.io import load_model
+    from ..fsutil import atomic_write
+    from .honest_pairs import honest_pairs
+    cfg = dataclass_from_args(PairsArgs, args)
+    model, tokenizer, _ = load_model(cfg.model)
+    if tokenizer is None:
+        raise PicochatError(f"{cfg.model} has no tokenizer.json; it cannot answer questions")
+    model.eval()
+    t0 = time.time()
+    with torch.inference_mode():
+        rows, report = honest_pairs(model, tokenizer, pick_template(tokenizer),
+                                    [t.strip() for t in cfg.tasks.split(",") if t.strip()], cfg.questions,
+                                    samples=cfg.samples, split=cfg.split, seed=cfg.seed,
+                                    temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                                    pairs_per_question=cfg.pairs_per_question, reference=cfg.reference)
+    atomic_write(cfg.out, "".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{report['questions']:,} questions x {cfg.samples} samples in {time.time() - t0:.0f}s: "
+          f"{report['sampled_correct'] / max(report['samples'], 1):.1%} of the samples correct; "
+          f"{report['pairs']:,} pairs ({', '.join(f'{k} {v}' for k, v in report['kinds'].items())}); "
+          f"chosen from the model's own answers for {report['chosen_model']:,} questions, from their right "
+          f"starts for {report['chosen_edited']:,}"
+          + (f", the reference for {report['chosen_reference']:,}" if cfg.reference else
+             f"; {report['skipped_no_right_answer']:,} questions without a right answer skipped") + f" -> {cfg.out}")
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("data", help="prepare pretraining shards and chat data", description=__doc__)
     sub = p.add_subparsers(dest="data_command", metavar="<command>", required=True)
@@ -119,3 +183,7 @@ def add_parser(subparsers) -> None:
                                     "--strict, rejected).")
     add_dataclass_args(pc, ChatDataArgs)
     pc.set_defaults(func=chat_data)
+    pr = sub.add_parser("pairs", help="honest preference pairs: a model's answers to checkable questions, judged",
+                        description=__import__("picochat.data.honest_pairs", fromlist=["x"]).__doc__.split("\n\n")[0])
+    add_dataclass_args(pr, PairsArgs, positional=("model",))
+    pr.set_defaults(func=pairs)

@@ -66,6 +66,9 @@ def check_pair(row: dict, render=None, max_tokens: Optional[int] = None) -> tupl
     if out["chosen"] == out["rejected"]:
         return None, "chosen and rejected are the same answer: nothing to learn from"
     out["prompt"] = clean(prompt)
+    kind = row.get("kind", row.get("source"))  # honest pairs' kind, or the export's ranking / thumbs
+    if isinstance(kind, str):  # reports split held-out accuracy by it
+        out["kind"] = kind
     if render is not None and max_tokens is not None:
         for key in ("chosen", "rejected"):
             n = len(render(out["prompt"] + out[key]))

@@ -48,6 +48,7 @@ class GenerationResult:
     text: str              # their text, cut before a stop string ("" without a tokenizer)
     finish_reason: str     # "stop" or "length"
     prompt_tokens: int
+    stop_token: Optional[int] = None  # the stop token that ended the row, if one did (RL trains on it)
 
 
 @dataclass
@@ -108,11 +109,12 @@ class _Row:
     def __init__(self, prompt: list[int], text: _Text):
         self.prompt, self.tokens, self.text = prompt, [], text
         self.finish_reason: Optional[str] = None
+        self.stop_token: Optional[int] = None
 
     def push(self, token: int, sp: SamplingParams, block_size: int) -> tuple[Optional[int], str]:
         """Record a sampled token; returns (the token, or None if it was a stop token; text delta)."""
         if token in sp.stop_token_ids:
-            self.finish_reason = "stop"
+            self.finish_reason, self.stop_token = "stop", token
             return None, self.text.finish()
         self.tokens.append(token)
         delta, hit = self.text.push(token)
@@ -143,7 +145,7 @@ class Engine:
         rows = []
         for rows, _ in self._run(prompts, sp):
             pass
-        return [GenerationResult(r.tokens, r.text.text, r.finish_reason or "length", len(r.prompt))
+        return [GenerationResult(r.tokens, r.text.text, r.finish_reason or "length", len(r.prompt), r.stop_token)
                 for r in rows]
 
     def stream(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,

@@ -58,9 +58,12 @@ def generate_replies(model, tokenizer, template: str, conversations: list[list[d
 
 
 def greedy_results(model, tokenizer, template: str, conversations: list[list[dict]], max_tokens: int = 32,
-                   batch_size: int = 32, default_system: Optional[str] = None) -> list:
+                   batch_size: int = 32, default_system: Optional[str] = None, temperature: float = 0.0,
+                   seed: int = 0) -> list:
     """generate_replies with the engine's whole GenerationResult (text, token ids, finish reason).
-    Prompts are sorted by length so that each left-padded batch holds similar lengths (less padding)."""
+    Prompts are sorted by length so that each left-padded batch holds similar lengths (less padding).
+    temperature > 0 samples instead (RL rollouts, preference pairs): batch k draws from seed + k, so
+    the same call gives the same answers."""
     from ..chat_template import render_conversation, stop_token_ids
     from ..engine.engine import Engine, SamplingParams
     if batch_size < 1:
@@ -68,12 +71,13 @@ def greedy_results(model, tokenizer, template: str, conversations: list[list[dic
     prompts = [render_conversation(c, tokenizer, template, add_generation_prompt=True,
                                    default_system=default_system)[0] for c in conversations]
     engine = Engine(model, tokenizer)
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                            stop_token_ids=stop_token_ids(tokenizer, template))
+    stops = stop_token_ids(tokenizer, template)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list = [None] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, stop_token_ids=stops,
+                                seed=seed * 1_000_003 + s if temperature > 0 else None)
         for i, res in zip(idx, engine.generate([prompts[i] for i in idx], params)):
             results[i] = res
         engine.reset()  # a batch of one keeps its cache; nothing should carry over between questions

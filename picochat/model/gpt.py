@@ -81,7 +81,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, start_pos: int = 0,
                 kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean",
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                last_logits_only: bool = False):
+                last_logits_only: bool = False, return_hidden: bool = False):
         """idx: (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the cross-entropy.
 
         targets equal to -1 are ignored (padding, or prompt tokens masked out in chat fine-tuning).
@@ -91,6 +91,8 @@ class GPT(nn.Module):
         start_pos then only locates the rows in the cache. Both None = the ordinary path.
         last_logits_only: logits (B, 1, vocab) of the last position only, for a prefill that only needs
         the next token: the LM head is the largest matmul (SmolLM2: 49152 x 576 per position).
+        return_hidden: return the final hidden states (B, T, d) instead of logits, for heads other than
+        the LM head (the reward and value models' scalar head, model/scalar.py).
         """
         B, T = idx.shape
         if positions is not None:
@@ -119,6 +121,8 @@ class GPT(nn.Module):
                       return_weights=return_attention, positions=positions,
                       attn_mask=attn_mask)
         x = self.final_norm(x)
+        if return_hidden:
+            return x
         if targets is None:
             return self.lm_head(x[:, -1:] if last_logits_only else x), None
         logits = self.lm_head(x)

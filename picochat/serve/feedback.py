@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from ..chat_template import turn_order_error
+from ..data.preferences import check_pair
 from .store import NotFound
 
 if TYPE_CHECKING:
@@ -68,6 +69,9 @@ def preference_pairs(store: "Store", on_skip: Optional[Callable[[dict], None]] =
             why = "the two answers saw different system prompts"
         if why is None and not msgs[chosen]["role"] == msgs[rejected]["role"] == "assistant":
             why = "chosen and rejected must both be assistant messages"
+        if why is None:  # the trainers' own rules (data/preferences.py), so every exported pair trains
+            _, why = check_pair({"prompt": path, "chosen": msgs[chosen]["content"],
+                                 "rejected": msgs[rejected]["content"]})
         if why is not None:
             if on_skip is not None:
                 on_skip({"conversation_id": cid, "chosen_id": chosen, "rejected_id": rejected, "source": source,

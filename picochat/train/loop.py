@@ -6,6 +6,8 @@ and an ``eval_fn(model) -> dict``. The loop does the rest: AdamW, warmup + cosin
 clipping, autocast, compile, DDP, metrics, plots, progress, atomic checkpoints and exact resume.
 A stage that trains only part of a model (LoRA) also supplies how its weights are written into a
 checkpoint and read back (``save_weights``, ``load_weights``); by default the whole model is.
+A loss_fn may return (loss, stats): the stats (floats, e.g. a reward model's pairwise accuracy) are
+averaged into the next metrics row.
 
 Exactness across process counts: a step consumes ``grad_accum * world`` micro-batches; micro-batch
 m of rank r is global micro-batch m * world + r, and every micro loss is divided by grad_accum
@@ -117,6 +119,8 @@ class Trainer:
         self.ckpts = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
+        self._stats: dict[str, float] = {}  # sums of the loss function's own metrics since the last row
+        self._stats_n = 0
         self.run_info = run_info or {}
         self.save_weights, self.load_weights = save_weights, load_weights
         self.model = self.raw_model
@@ -227,7 +231,13 @@ class Trainer:
             sync = micro == cfg.grad_accum - 1 or world == 1
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with self.autocast():
-                    loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+                    loss = self.loss_fn(self.model, batch)
+                if isinstance(loss, tuple):  # (loss, {name: float}): averaged into the next metrics row
+                    loss, stats = loss
+                    for k, v in stats.items():
+                        self._stats[k] = self._stats.get(k, 0.0) + float(v)
+                    self._stats_n += 1
+                loss = loss / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
@@ -236,6 +246,17 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return all_reduce_mean(total, self.dist).item(), grad_norm.item()
+
+    def pop_stats(self) -> dict:
+        """Means (over micro-batches since the last call, and over processes) of what loss_fn reported."""
+        if not self._stats_n:
+            return {}
+        keys = sorted(self._stats)
+        vals = torch.tensor([self._stats[k] / self._stats_n for k in keys], device=self.device)
+        if self.dist.world > 1:
+            vals = all_reduce_mean(vals, self.dist)
+        self._stats, self._stats_n = {}, 0
+        return {k: round(float(v), 6) for k, v in zip(keys, vals)}
 
     def fit(self) -> list[dict]:
         cfg = self.cfg
@@ -270,11 +291,14 @@ class Trainer:
                 row = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                        "grad_norm": round(grad_norm, 4), "tokens": self.step * tokens_per_step,
                        "tokens_per_s": round(tps, 1), "tflops": round(tps * flops_per_token / 1e12, 4),
-                       "elapsed_s": round(time.perf_counter() - start_time, 2)}
+                       "elapsed_s": round(time.perf_counter() - start_time, 2)} | self.pop_stats()
+                if not tokens_per_step:  # a stage whose batches are not token rows (pairs, rollouts)
+                    for k in ("tokens", "tokens_per_s", "tflops"):
+                        row.pop(k)
                 if metrics:
                     metrics.log(row)
                 if bar:
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                    bar.set_postfix(loss=f"{loss:.3f}", **({"tok_s": f"{tps:,.0f}"} if tokens_per_step else {}))
                 t_last, steps_since = time.perf_counter(), 0
             if self.step % cfg.eval_every == 0 or last:
                 out = self.evaluate()

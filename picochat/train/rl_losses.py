@@ -11,6 +11,7 @@ Every mean is over the masked tokens only, so neither the prompt nor padding eve
     GAE                            delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lambda A_{t+1}
     PPO policy loss                max(-A rho_t, -A clip(rho_t, 1-eps, 1+eps)),  rho_t = exp(log pi - log pi_old)
     PPO value loss                 1/2 max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
+    GRPO advantage                 A_i = (s_i - mean(s_group)) [/ (std(s_group) + eps)]
 """
 from __future__ import annotations
 
@@ -116,3 +117,13 @@ def dpo_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: tor
     return loss, {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
                   "rewards/margins": (chosen - rejected).mean().item(),
                   "rewards/accuracies": (chosen > rejected).float().mean().item()}
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO: (N,) scores of N = prompts x group_size answers, grouped by prompt (consecutive) -> (N,)
+    advantages: each score minus its group's mean, over the group's (sample) std when scale."""
+    group = scores.float().view(-1, group_size)
+    adv = group - group.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (group.std(1, keepdim=True) + eps)
+    return adv.reshape(-1)

@@ -27,7 +27,8 @@ def test_export_rows_rankings_and_strings_are_read(tmp_path):
             {"prompt": U, "completions": ["4", "four", "5"], "ranking": [1, 0, 2]}]
     pairs, report = read_preferences(write(tmp_path / "p.jsonl", rows))
     assert report == {"rows": 3, "pairs": 1 + 1 + 3, "skipped": 0, "problems": []}
-    assert pairs[0] == {"prompt": export_row["prompt"], "chosen": a("4"), "rejected": a("5")}  # extra keys dropped
+    assert pairs[0] == {"prompt": export_row["prompt"], "chosen": a("4"), "rejected": a("5"),
+                        "kind": "ranking"}  # extra keys dropped; the source kept as the kind reports split by
     assert pairs[1]["prompt"] == [{"role": "user", "content": "Hi"}] and pairs[1]["chosen"] == a("Hello!")
     # ranking [1, 0, 2]: "four" > "4" > "5" -> (four, 4), (four, 5), (4, 5)
     assert [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs[2:]] == [

@@ -68,3 +68,21 @@ def test_export_through_a_subprocess(tmp_path):
     r = subprocess.run([sys.executable, "-m", "picochat.cli", "feedback", "stats"], capture_output=True, text=True,
                        env=env, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: no conversation database")
+
+
+def test_pairs_the_trainers_would_refuse_are_skipped_and_counted(tmp_path, capsys):
+    """A ranked empty answer, or two identical ones, is no pair: export says so instead of writing it."""
+    from picochat.data.preferences import read_preferences
+    with Store(tmp_path / "f.db") as s:
+        c = s.create_conversation(model="m")
+        u = s.add_message(c["id"], role="user", content="Hi?")
+        good, empty, same = (s.add_message(c["id"], role="assistant", content=t, parent_id=u["id"], model="m")
+                             for t in ("Hello!", "", "Hello!"))
+        s.add_ranking(good["id"], empty["id"])
+        s.add_ranking(good["id"], same["id"])
+    out = tmp_path / "pairs.jsonl"
+    assert main(["feedback", "export", str(out), "--db", str(tmp_path / "f.db")]) == 0
+    text = capsys.readouterr().out
+    assert "wrote 0 preference pairs" in text and "skipped 2" in text, text
+    pairs, report = read_preferences(out)
+    assert pairs == [] and report["skipped"] == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import subprocess_env
+from tests.conftest import subprocess_env
 
 ARGS = ["--max-steps", "6", "--batch-size", "4", "--ckpt-every", "6", "--eval-every", "6", "--log-every", "1",
         "--eval-windows", "4", "--dtype", "fp32", "--warmup-steps", "2", "--no-progress",

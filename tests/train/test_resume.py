@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import picochat_cmd, subprocess_env
+from tests.conftest import picochat_cmd, subprocess_env
 
 # a small model with dropout, so the RNG state has to be restored too
 MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--dropout", "0.1"]

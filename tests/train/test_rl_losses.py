@@ -99,3 +99,24 @@ def test_masked_helpers_and_logprobs():
     assert close(w, [[-1.0, 1.0, 0.0]], tol=1e-4)  # mean 2, std 1; padding 0
     logits = t([[[0.0, math.log(3.0)]]])  # p = [1/4, 3/4]
     assert close(token_logprobs(logits, t([[1]])), [[math.log(0.75)]])
+
+
+def test_group_advantages_by_hand():
+    from picochat.train.rl_losses import group_advantages
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])  # two prompts, four answers each
+    raw = group_advantages(scores, 4, scale=False)
+    assert torch.allclose(raw, torch.tensor([0.5, -0.5, -0.5, 0.5, 0.0, 0.0, 0.0, 0.0]))
+    # group 1: std (unbiased) of [1, 0, 0, 1] = sqrt(1/3); a group whose answers all score alike gives 0, not NaN
+    scaled = group_advantages(scores, 4, scale=True, eps=0.0 + 1e-12)
+    s = (1 / 3) ** 0.5
+    assert torch.allclose(scaled[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / s, atol=1e-5)
+    assert torch.equal(scaled[4:], torch.zeros(4))
+
+
+def test_adaptive_kl_controller_by_hand():
+    from picochat.train.rollout import adaptive_kl
+    assert adaptive_kl(0.1, 5.0, None, 10000, 64) == 0.1  # no target: fixed
+    # KL 9 vs target 6: error clipped to 0.2; beta *= 1 + 0.2 * 64 / 10000
+    assert adaptive_kl(0.1, 9.0, 6.0, 10000, 64) == pytest.approx(0.1 * (1 + 0.2 * 64 / 10000))
+    # KL 5.4 vs target 6: error -0.1
+    assert adaptive_kl(0.1, 5.4, 6.0, 1000, 100) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
