@@ -90,6 +90,9 @@ def main() -> int:
     p.add_argument("--rl-steps", type=int, default=20, help="PPO / GRPO iterations (128 answers each)")
     p.add_argument("--dpo-steps", type=int, default=150, help="DPO steps (16 pairs each)")
     p.add_argument("--eval-n", type=int, default=400, help="held-out questions per accuracy")
+    p.add_argument("--reference", action="store_true",
+                   help="pair the task's reference answer where no sample was right "
+                        "(a toy run's SFT model is never right)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     out = Path(args.out)
@@ -106,7 +109,8 @@ def main() -> int:
         save_model(GPT(preset("tiny", vocab_size=tok.vocab_size, block_size=128)), base, tok)
     sft_dir = out / "sft"
     demos = sloppy_demonstrations(out / "sft-data.jsonl", args.seed)
-    sft(SFTConfig(base=str(base), data=str(out / "sft-data.jsonl"), out_dir=str(sft_dir), seq_len=128, batch_size=16, lr=1e-3,
+    sft(SFTConfig(base=str(base), data=str(out / "sft-data.jsonl"), out_dir=str(sft_dir), seq_len=128,
+                  batch_size=16, lr=1e-3,
                   max_steps=args.sft_steps, warmup_steps=20, eval_every=args.sft_steps, ckpt_every=100,
                   resume=True, **common))
     times["sft"] = time.time() - t0
@@ -117,8 +121,9 @@ def main() -> int:
     template = pick_template(tok)
     with torch.inference_mode():
         train_rows, train_rep = honest_pairs(model, tok, template, [TASK], args.questions, split="train",
-                                             seed=args.seed)
-        test_rows, test_rep = honest_pairs(model, tok, template, [TASK], 300, split="test", seed=args.seed + 1)
+                                             seed=args.seed, reference=args.reference)
+        test_rows, test_rep = honest_pairs(model, tok, template, [TASK], min(300, args.questions), split="test",
+                                           seed=args.seed + 1, reference=args.reference)
     write_pairs(out / "pairs.jsonl", train_rows)
     write_pairs(out / "pairs-test.jsonl", test_rows)
     times["pairs"] = time.time() - t0
@@ -157,7 +162,8 @@ def main() -> int:
     res = {"task": TASK, "eval_n": args.eval_n, "accuracy": acc,
            "gain_points": {k: round(100 * (v - acc["sft"]), 1) for k, v in acc.items()},
            "kl_last_rollout": runs, "reward_model": rm_eval, "pairs": {"train": train_rep, "test": test_rep},
-           "sft_data": demos, "seconds": {k: round(v) for k, v in times.items()}, "total_seconds": round(time.time() - t_all),
+           "sft_data": demos, "seconds": {k: round(v) for k, v in times.items()},
+           "total_seconds": round(time.time() - t_all),
            "args": vars(args)}
     atomic_write(out / "results.json", json.dumps(res, indent=1) + "\n")
     md = ["| model | held-out accuracy | gain (points) | KL to SFT (nats/answer) | time |", "|---|---:|---:|---:|---:|"]
@@ -187,7 +193,8 @@ def _plot(out: Path, acc: dict) -> None:
         ev = [(0, acc["sft"])] + [(r["step"] / cycle, r[f"eval/accuracy_{TASK}"]) for r in rows
                                   if f"eval/accuracy_{TASK}" in r]
         ax[0].plot([e[0] for e in ev], [100 * e[1] for e in ev], "o-", ms=3, label=name, color=f"C{i}")
-        ax[1].plot([r["step"] / cycle for r in train], [r["objective/scores"] for r in train], label=name, color=f"C{i}")
+        ax[1].plot([r["step"] / cycle for r in train], [r["objective/scores"] for r in train], label=name,
+                   color=f"C{i}")
         ax[2].plot([r["step"] / cycle for r in train], [r["objective/kl"] for r in train], label=name, color=f"C{i}")
     ax[0].axhline(100 * acc["dpo"], ls="--", color="C4", label="DPO (end)")
     ax[0].axhline(100 * acc["sft"], ls=":", color="k", label="SFT")

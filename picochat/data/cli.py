@@ -136,6 +136,10 @@ class PairsArgs:
             raise PicochatError(f"--split must be train or test, got {self.split!r}")
         if not 0 < self.temperature <= 5:
             raise PicochatError(f"--temperature must be in (0, 5], got {self.temperature}")
+        if not [t for t in self.tasks.split(",") if t.strip()]:
+            raise PicochatError("--tasks is empty: name checkable tasks, e.g. --tasks addition2")
+        if self.max_tokens < 1:
+            raise PicochatError(f"--max-tokens must be at least 1, got {self.max_tokens}")
 
 
 def pairs(args: argparse.Namespace) -> None:

@@ -30,6 +30,16 @@ class ScalarModel(nn.Module):
         self.score = nn.Linear(body.config.n_embd, 1)
         nn.init.normal_(self.score.weight, std=1 / (body.config.n_embd + 1) ** 0.5)  # as trl's reward head
         nn.init.zeros_(self.score.bias)
+        self.freeze_unused()
+
+    def freeze_unused(self) -> None:
+        """The body's LM head is never run (the scalar head reads the hidden states): an untied one, or
+        LoRA adapters on it, would be parameters without gradients (DDP refuses those). Call again after
+        adding LoRA."""
+        tied = self.body.config.tie_embeddings
+        for name, p in self.body.lm_head.named_parameters():
+            if not (tied and name == "weight"):
+                p.requires_grad_(False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T) scalar per position (right padding is harmless: attention is causal)."""

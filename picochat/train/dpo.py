@@ -62,7 +62,8 @@ def answer_sums(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_sums(model, rows, batch_size: int, autocast) -> torch.Tensor:
-    """(N, 2): log ref(chosen), log ref(rejected) for every pair, in the training batches' shapes."""
+    """(N, 2): log ref(chosen), log ref(rejected) for every pair, batched in order (training batches are
+    shuffled and padded otherwise: equal up to rounding, as attention is causal and padding on the right)."""
     out = torch.zeros(len(rows), 2)
     device = next(model.parameters()).device
     model.eval()

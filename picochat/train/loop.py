@@ -119,8 +119,7 @@ class Trainer:
         self.ckpts = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints)
         self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
-        self._stats: dict[str, float] = {}  # sums of the loss function's own metrics since the last row
-        self._stats_n = 0
+        self._stats: dict[str, tuple[float, int]] = {}  # loss_fn's own metrics since the last row: (sum, count)
         self.run_info = run_info or {}
         self.save_weights, self.load_weights = save_weights, load_weights
         self.model = self.raw_model
@@ -235,8 +234,8 @@ class Trainer:
                 if isinstance(loss, tuple):  # (loss, {name: float}): averaged into the next metrics row
                     loss, stats = loss
                     for k, v in stats.items():
-                        self._stats[k] = self._stats.get(k, 0.0) + float(v)
-                    self._stats_n += 1
+                        total_k, n_k = self._stats.get(k, (0.0, 0))
+                        self._stats[k] = (total_k + float(v), n_k + 1)
                 loss = loss / cfg.grad_accum
                 loss.backward()
             total += loss.detach()
@@ -248,14 +247,15 @@ class Trainer:
         return all_reduce_mean(total, self.dist).item(), grad_norm.item()
 
     def pop_stats(self) -> dict:
-        """Means (over micro-batches since the last call, and over processes) of what loss_fn reported."""
-        if not self._stats_n:
+        """Means (over the micro-batches since the last call that reported each, and over processes) of what
+        loss_fn reported. Every process must report the same names (a stage's loss_fn does)."""
+        if not self._stats:
             return {}
         keys = sorted(self._stats)
-        vals = torch.tensor([self._stats[k] / self._stats_n for k in keys], device=self.device)
+        vals = torch.tensor([self._stats[k][0] / self._stats[k][1] for k in keys], device=self.device)
         if self.dist.world > 1:
             vals = all_reduce_mean(vals, self.dist)
-        self._stats, self._stats_n = {}, 0
+        self._stats = {}
         return {k: round(float(v), 6) for k, v in zip(keys, vals)}
 
     def fit(self) -> list[dict]:

@@ -130,8 +130,25 @@ class RLHFConfig(LoraOptions, TrainConfig):
                                 f"{self.group_size}, which must be at least 2")
         if not 0 < self.temperature <= 5 or self.kl_coef < 0 or not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
             raise PicochatError("--temperature must be in (0, 5], --kl-coef >= 0, --lam in [0, 1], --gamma in (0, 1]")
-        if self.kl_target is not None and self.kl_target <= 0:
-            raise PicochatError(f"--kl-target must be > 0, got {self.kl_target}")
+        if self.kl_target is not None and (self.kl_target <= 0 or self.kl_coef == 0):
+            raise PicochatError(f"--kl-target needs a target > 0 (got {self.kl_target}) and a starting --kl-coef > 0 "
+                                f"(got {self.kl_coef}): the controller scales beta, it cannot lift it from 0")
+        for name in ("cliprange", "cliprange_value", "vf_coef", "missing_eos_penalty"):
+            if getattr(self, name) < 0:
+                raise PicochatError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.compile:
+            raise PicochatError("--compile is not supported by rlhf: rollouts run the eager model, and PPO's first "
+                                "ratio must compare the same computation")
+        if self.batch_size != TrainConfig.batch_size:
+            raise PicochatError("--batch-size is not used by rlhf: --rollout-size sets the answers per iteration and "
+                                "--minibatch-size the answers per optimizer step")
+        # an option the chosen algorithm does not use is refused, not ignored
+        unused = (("gamma", "lam", "vf_coef", "cliprange_value", "whiten_advantages") if self.algo == "grpo"
+                  else ("group_size", "scale_rewards"))
+        changed = [n for n in unused if getattr(self, n) != getattr(RLHFConfig, n)]
+        if changed:
+            raise PicochatError(f"{', '.join('--' + n.replace('_', '-') for n in changed)} "
+                                f"{'is' if len(changed) == 1 else 'are'} not used by --algo {self.algo}")
         self.lora_config()
 
     @property
@@ -159,6 +176,7 @@ def rl_loss(cfg: RLHFConfig, model, batch, rollout_stats: dict):
     from .rl_losses import token_logprobs
     ids, mask, old_logp, ref_logp, adv, returns, old_values = batch
     logits, values = model(ids)
+    logits = logits.float() / cfg.temperature  # the distribution the answers were sampled from (as trl)
     logp = token_logprobs(logits, ids[:, 1:])
     pg_loss, pst = ppo_policy_loss(logp, old_logp, adv, mask, cfg.cliprange)
     stats = {"loss/policy_avg": pg_loss.item(), "policy/clipfrac_avg": pst["policy/clipfrac"],
@@ -193,7 +211,7 @@ def rl_checkpoints(model: PolicyAndValue, tokenizer, lora, base: str, state: dic
 
     def save_weights(out_dir: Path, extra_files: dict) -> None:
         files = dict(extra_files)
-        files["rl_state.json"] = json.dumps({"kl_coef": state["kl_coef"]}).encode()
+        files["rl_state.json"] = json.dumps({"kl_coef": state["kl_coef"]} | state["shape"]).encode()
         if model.value is not None:
             vs = _value_state(model.value, lora)
             files["value.safetensors"] = lambda p: save_file(vs, str(p))
@@ -218,7 +236,13 @@ def rl_checkpoints(model: PolicyAndValue, tokenizer, lora, base: str, state: dic
             model.value.load_state_dict(vs, strict=False)
             if lora is None and model.value.config.tie_embeddings:
                 model.value.body.lm_head.weight = model.value.body.tok_emb.weight
-        state["kl_coef"] = json.loads((ckpt / "rl_state.json").read_text())["kl_coef"]
+        saved = json.loads((ckpt / "rl_state.json").read_text())
+        changed = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})" for k, v in state["shape"].items()
+                   if saved.get(k) != v]
+        if changed:  # a step would fall elsewhere in an iteration, or beta would silently be the old one
+            raise PicochatError(f"cannot resume: {ckpt} was trained with {', '.join(changed)}; repeat its options "
+                                f"or use a new --out-dir")
+        state["kl_coef"] = saved["kl_coef"]
     return {"save_weights": save_weights, "load_weights": load_weights}
 
 
@@ -264,11 +288,17 @@ def rlhf(cfg: RLHFConfig) -> list[dict]:
         add_lora(policy, lora)
         if value is not None:
             add_lora(value.body, lora)
+            value.freeze_unused()
     model = PolicyAndValue(policy, value)
+    from ..data.chat_tasks import TASKS
+    checkable = all(it["task"] is not None and TASKS[it["task"]].checkable for it in items)  # same on every rank
     cycle, n_mb = cfg.cycle, cfg.rollout_size // cfg.minibatch_size
     tcfg = dataclasses.replace(cfg, max_steps=cfg.max_steps * cycle, eval_every=cfg.eval_every * cycle,
                                ckpt_every=cfg.ckpt_every * cycle, log_every=cfg.log_every * cycle)
-    state: dict = {"rollout": None, "iter": -1, "kl_coef": cfg.kl_coef}
+    state: dict = {"rollout": None, "iter": -1, "kl_coef": cfg.kl_coef,
+                   "shape": {"algo": cfg.algo, "rollout_size": cfg.rollout_size, "minibatch_size": cfg.minibatch_size,
+                             "ppo_epochs": cfg.ppo_epochs, "group_size": cfg.group_size, "kl_coef_start": cfg.kl_coef,
+                             "kl_target": cfg.kl_target}}
     box: list[Trainer] = []
     out = Path(cfg.out_dir)
     per_rollout = cfg.rollout_size // (cfg.group_size if cfg.algo == "grpo" else 1)
@@ -292,11 +322,13 @@ def rlhf(cfg: RLHFConfig) -> list[dict]:
         if state["iter"] != it:
             ro = make_rollout(cfg, policy, ref, value, scorer, pick(it, tr.dist.rank, tr.dist.world), tokenizer,
                               template, cfg.seed * 1_000_003 + it * tr.dist.world + tr.dist.rank, tr.autocast,
-                              state["kl_coef"])
+                              state["kl_coef"], checkable)
             ro.stats["iteration"] = it + 1
             state.update(rollout=ro, iter=it)
-            state["kl_coef"] = adaptive_kl(state["kl_coef"], ro.stats["objective/kl"], cfg.kl_target,
-                                           cfg.kl_horizon, cfg.rollout_size * tr.dist.world)
+            from .dist import all_reduce_mean
+            kl = float(all_reduce_mean(torch.tensor(ro.stats["objective/kl"], device=tr.device), tr.dist))
+            state["kl_coef"] = adaptive_kl(state["kl_coef"], kl, cfg.kl_target, cfg.kl_horizon,
+                                           cfg.rollout_size * tr.dist.world)  # the same beta on every rank
             if tr.dist.is_main:
                 if it % cfg.sample_every == 0 or it + 1 == cfg.max_steps:
                     sample_table(out, it + 1, ro.samples, ro.stats)
@@ -325,13 +357,14 @@ def rlhf(cfg: RLHFConfig) -> list[dict]:
               f"{trained / 1e6:.2f}M trained{f', LoRA r={cfg.lora_rank}' if lora else ''}), reward "
               f"{'the exact-answer check' if rm is None else cfg.reward}; {len(items):,} prompts, {cfg.max_steps} "
               f"iterations of {cfg.rollout_size} answers, {cycle} optimizer steps each")
-        base_file = out / "baseline.json"
-        if cfg.eval_tasks and not (cfg.resume and base_file.is_file()):
-            from ..fsutil import atomic_write
-            policy.eval()
-            with torch.no_grad(), trainer.autocast():
-                base = eval_fn(model)
-            policy.train()
+    base_file = out / "baseline.json"
+    if cfg.eval_tasks and not (cfg.resume and base_file.is_file()):  # every rank, as the Trainer's evals
+        from ..fsutil import atomic_write
+        policy.eval()
+        with torch.no_grad(), trainer.autocast():
+            base = eval_fn(model)
+        policy.train()
+        if trainer.dist.is_main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write(base_file, json.dumps(base) + "\n")
             print("before RL: " + ", ".join(f"{k} {v:.1%}" for k, v in base.items()))

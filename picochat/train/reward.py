@@ -232,6 +232,7 @@ def train_reward(cfg: RewardConfig) -> list[dict]:
     if lora is not None:
         from ..model.lora import add_lora
         add_lora(model.body, lora)
+        model.freeze_unused()
     train = PairRows(train_pairs, tokenizer, template, cfg.seed)
     val = PairRows(val_pairs, tokenizer, template, cfg.seed) if val_pairs else None
     meta = lambda: {"kind": "reward", "base": cfg.base, "offset": mean_score(model, answers),  # noqa: E731

@@ -99,10 +99,11 @@ def pad_batch(seqs: list[list[int]], prompt_lens: list[int], pad_id: int = 0,
     return ids, mask, last
 
 
-def answer_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T-1) log p(token j+1 | tokens <= j) under a language model."""
+def answer_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T-1) log p(token j+1 | tokens <= j) under a language model, its logits divided by temperature
+    (RL scores the distribution its answers were sampled from)."""
     logits, _ = model(ids[:, :-1])
-    return token_logprobs(logits, ids[:, 1:])
+    return token_logprobs(logits.float() / temperature if temperature != 1.0 else logits, ids[:, 1:])
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -117,8 +117,9 @@ def _chunks(order: torch.Tensor, size: int):
 
 @torch.no_grad()
 def make_rollout(cfg, policy, ref, value, scorer, items: list[dict], tokenizer, template: str, seed: int,
-                 autocast, kl_coef: float) -> Rollout:
-    """Sample, score and prepare one rollout of ``items`` (already repeated G times for GRPO)."""
+                 autocast, kl_coef: float, checkable: bool = False) -> Rollout:
+    """Sample, score and prepare one rollout of ``items`` (already repeated G times for GRPO). checkable:
+    every prompt of the run has a task answer, so the rollout's exact-match accuracy is reported."""
     from ..eval.chat_eval import greedy_results
     device = next(policy.parameters()).device
     policy.eval()
@@ -143,8 +144,8 @@ def make_rollout(cfg, policy, ref, value, scorer, items: list[dict], tokenizer, 
     for rows in _chunks(order[0], cfg.minibatch_size):  # the first epoch's minibatches, as they will be
         x = ids[rows].to(device)
         with autocast():
-            old_logp[rows] = answer_logprobs(policy, x).float().cpu()
-            ref_logp[rows] = answer_logprobs(ref, x).float().cpu()
+            old_logp[rows] = answer_logprobs(policy, x, cfg.temperature).float().cpu()
+            ref_logp[rows] = answer_logprobs(ref, x, cfg.temperature).float().cpu()
             if value is not None:
                 values[rows] = value(x)[:, :-1].float().cpu()
     policy.train()
@@ -170,7 +171,7 @@ def make_rollout(cfg, policy, ref, value, scorer, items: list[dict], tokenizer, 
              "val/answer_length": mask.sum(1).mean().item(),
              "val/advantage_std": masked_mean(advantages ** 2, mask).sqrt().item()}
     from ..data.chat_tasks import TASKS
-    if all(it["task"] is not None and TASKS[it["task"]].checkable for it in items):
+    if checkable:
         ok = [TASKS[it["task"]].check(r.text, it["answer"]) for it, r in zip(items, results)]
         stats["objective/accuracy"] = sum(ok) / len(ok)
     samples = [(it["prompt"][-1]["content"], r.text, float(s)) for it, r, s in zip(items, results, scores)]

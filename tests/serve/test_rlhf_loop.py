@@ -247,7 +247,7 @@ def test_feedback_given_through_the_server_trains_models_that_serve(tiny_chat_ck
     r = run("dpo", base, "--data", str(pairs_file), "--max-steps", "4", "--eval-every", "2", "--ckpt-every", "4",
             "--batch-size", "4", "--out-dir", str(dpo_dir), "--no-progress", cwd=tmp_path)
     assert "skipped" not in r.stdout + r.stderr, r.stdout
-    m = re.search(r"([\d,]+) training pairs, ([\d,]+) held out", r.stdout)
+    m = re.search(r"([\d,]+) training pairs \([^)]*\), ([\d,]+) held out", r.stdout)
     assert m and int(m[1]) + int(m[2]) == 10, r.stdout
     assert "held-out reward accuracy" in r.stdout
     assert (latest_checkpoint(dpo_dir) / "model.safetensors").is_file()

@@ -128,8 +128,10 @@ def test_dpo_with_lora_saves_an_adapter_that_loads(base, pairs, tmp_path):
 def _rl(base, tmp_path, name, **kw):
     from picochat.train.ppo import RLHFConfig, rlhf
     args = dict(policy=str(base), reward="check", prompts="addition2:64", out_dir=str(tmp_path / name), max_steps=3,
-                rollout_size=8, minibatch_size=4, group_size=4, max_new_tokens=6, ckpt_every=1,
+                rollout_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, ckpt_every=1,
                 keep_checkpoints=10, progress=False, dtype="fp32", lr=1e-3, sample_every=1) | kw
+    if args.get("algo") == "grpo":
+        args.setdefault("group_size", 4)
     return rlhf(RLHFConfig(**args))
 
 
@@ -184,6 +186,9 @@ def test_rl_runs_logs_trl_metrics_and_resumes_exactly(base, tmp_path, algo):
         _same_weights(out / "checkpoints" / last, tmp_path / "b" / "checkpoints" / last, "value.safetensors")
     model, _, _ = load_model(out)  # the policy checkpoint is an ordinary, servable model
     assert model.config.n_layer == 2
+    _kill_after(tmp_path / "b", cycle)
+    with pytest.raises(PicochatError, match="--ppo-epochs 2 .now 1."):  # steps would fall mid-iteration
+        _rl(base, tmp_path, "b", algo=algo, resume=True, ppo_epochs=1)
 
 
 def test_ppo_with_a_reward_model_and_lora(base, pairs, tmp_path):
@@ -213,7 +218,11 @@ def test_bad_rl_options_are_refused_by_name(base):
     from picochat.train.ppo import RLHFConfig
     for kw, msg in [({"reward": ""}, "--reward"), ({"rollout_size": 10, "minibatch_size": 4}, "--rollout-size"),
                     ({"algo": "grpo", "rollout_size": 8, "group_size": 3, "minibatch_size": 4}, "--group-size"),
-                    ({"grad_accum": 2}, "--grad-accum"), ({"kl_target": -1.0}, "--kl-target")]:
+                    ({"grad_accum": 2}, "--grad-accum"), ({"kl_target": -1.0}, "--kl-target"),
+                    ({"kl_target": 3.0, "kl_coef": 0.0}, "--kl-target"), ({"compile": True}, "--compile"),
+                    ({"batch_size": 4}, "--batch-size"), ({"cliprange": -0.1}, "--cliprange"),
+                    ({"group_size": 4}, "--group-size is not used by --algo ppo"),
+                    ({"algo": "grpo", "gamma": 0.9, "lam": 0.9}, "--gamma, --lam are not used by --algo grpo")]:
         with pytest.raises(PicochatError, match=msg):
             RLHFConfig(policy=str(base), **({"reward": "check"} | kw))
     with pytest.raises(PicochatError, match="checkable"):
