@@ -22,6 +22,7 @@ VERBS = {
     "reward": "picochat.train.reward",
     "rlhf": "picochat.train.ppo",
     "dpo": "picochat.train.dpo",
+    "embed": "picochat.encoder.cli",
     "generate": "picochat.generate",
     "import": "picochat.import_cli",
     "merge-lora": "picochat.train.lora_cli",

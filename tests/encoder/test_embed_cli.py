@@ -1,0 +1,26 @@
+"""`picochat embed`: vectors, the similarity matrix and search by meaning, through the CLI's function."""
+import pytest
+
+from picochat.encoder.cli import EmbedConfig, embed
+from picochat.errors import PicochatError
+
+
+def test_similarity_matrix_vector_and_search(tmp_path, capsys):
+    out = embed(EmbedConfig(texts=["A man is eating food.", "A man is eating a piece of bread.",
+                                   "A monkey is playing drums."]))
+    sim = out["similarity"]
+    assert sim[0][1] == pytest.approx(0.755, abs=0.01) and sim[0][2] < 0.25 and sim[1][1] == pytest.approx(1, abs=1e-3)
+    assert len(embed(EmbedConfig(texts=["hello"]))["vectors"][0]) == 384
+    notes = tmp_path / "notes.txt"
+    notes.write_text("I had pasta for dinner.\n\nThe invoice is in the blue folder.\nThe cat sleeps on the sofa.\n")
+    ranked = embed(EmbedConfig(texts=["where did I put the bill?"], search=str(notes), top=2))["ranked"]
+    assert ranked[0]["line"] == "The invoice is in the blue folder." and len(ranked) == 2  # no shared word
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("kw,msg", [({"texts": []}, "at least one text"), ({"model": "nowhere", "texts": ["x"]},
+                                    "neither `minilm`"), ({"texts": ["a", "b"], "search": "f"}, "one query"),
+                                   ({"texts": ["a"], "top": 0}, "--top")])
+def test_bad_input_is_refused_by_name(kw, msg):
+    with pytest.raises(PicochatError, match=msg):
+        embed(EmbedConfig(**kw))
