@@ -34,6 +34,8 @@ class EmbedConfig:
     def __post_init__(self):
         if self.top < 1:
             raise PicochatError(f"--top must be at least 1, got {self.top}")
+        if self.search is None and self.top != EmbedConfig.top:
+            raise PicochatError("--top is how many lines --search prints; give --search FILE too")
 
 
 def load_encoder(name: str):

@@ -49,8 +49,8 @@ class DPOConfig(LoraOptions, PreferenceOptions, TrainConfig):
         self.check_preferences()
         if not self.beta > 0:
             raise PicochatError(f"--beta must be > 0, got {self.beta}")
-        if self.eval_n < 1:
-            raise PicochatError(f"--eval-n must be at least 1, got {self.eval_n}")
+        from .rl_data import check_tasks
+        check_tasks(self.eval_tasks, self.eval_n)
         self.lora_config()
 
 
@@ -92,9 +92,8 @@ def dpo(cfg: DPOConfig) -> list[dict]:
     from ..chat_template import pick_template
     from ..checkpoints.io import load_model
     from .reward import PairRows, describe, load_pairs
-    from .rl_data import check_tasks, no_dropout
+    from .rl_data import no_dropout
     from .sft import _adapter_checkpoints
-    check_tasks(cfg.eval_tasks)
     model, tokenizer, _ = load_model(cfg.base)
     if tokenizer is None:
         raise PicochatError(f"{cfg.base} has no tokenizer.json; DPO needs the tokenizer the model was trained with")
@@ -113,7 +112,7 @@ def dpo(cfg: DPOConfig) -> list[dict]:
 
     def batch_fn(step: int, micro: int):
         per_step = B * cfg.grad_accum * box[0].dist.world
-        idx = [train._row(step * per_step + micro * B + b) for b in range(B)]
+        idx = [train.order(step * per_step + micro * B + b) for b in range(B)]
         ids, _, mask = train.tensors(idx)
         r = ref["train"][idx]
         return ids, mask, torch.cat([r[:, 0], r[:, 1]])

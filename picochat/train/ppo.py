@@ -119,7 +119,7 @@ class RLHFConfig(LoraOptions, TrainConfig):
         if self.grad_accum != 1:
             raise PicochatError("--grad-accum is not used by rlhf: --minibatch-size sets the answers per step")
         for name in ("rollout_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "group_size",
-                     "sample_every", "eval_n", "kl_horizon"):
+                     "sample_every", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise PicochatError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.rollout_size % self.minibatch_size:
@@ -130,6 +130,10 @@ class RLHFConfig(LoraOptions, TrainConfig):
                                 f"{self.group_size}, which must be at least 2")
         if not 0 < self.temperature <= 5 or self.kl_coef < 0 or not 0 <= self.lam <= 1 or not 0 < self.gamma <= 1:
             raise PicochatError("--temperature must be in (0, 5], --kl-coef >= 0, --lam in [0, 1], --gamma in (0, 1]")
+        if self.kl_target is None and self.kl_horizon != RLHFConfig.kl_horizon:
+            raise PicochatError("--kl-horizon paces the adaptive KL controller; give --kl-target too")
+        from .rl_data import check_tasks
+        check_tasks(self.eval_tasks, self.eval_n)
         if self.kl_target is not None and (self.kl_target <= 0 or self.kl_coef == 0):
             raise PicochatError(f"--kl-target needs a target > 0 (got {self.kl_target}) and a starting --kl-coef > 0 "
                                 f"(got {self.kl_coef}): the controller scales beta, it cannot lift it from 0")
@@ -172,16 +176,17 @@ class PolicyAndValue(nn.Module):
 
 def rl_loss(cfg: RLHFConfig, model, batch, rollout_stats: dict):
     """One minibatch's clipped objectives; stats averaged per iteration under trl's names."""
-    from .rl_data import entropy
-    from .rl_losses import token_logprobs
     ids, mask, old_logp, ref_logp, adv, returns, old_values = batch
     logits, values = model(ids)
-    logits = logits.float() / cfg.temperature  # the distribution the answers were sampled from (as trl)
-    logp = token_logprobs(logits, ids[:, 1:])
+    # the distribution the answers were sampled from (as trl), normalised once for log-probs and entropy
+    logp_all = torch.log_softmax(logits.float() / cfg.temperature, dim=-1)  # (B, T-1, V)
+    logp = torch.gather(logp_all, -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     pg_loss, pst = ppo_policy_loss(logp, old_logp, adv, mask, cfg.cliprange)
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
     stats = {"loss/policy_avg": pg_loss.item(), "policy/clipfrac_avg": pst["policy/clipfrac"],
              "policy/approxkl_avg": pst["policy/approxkl"], "val/ratio": pst["val/ratio"],
-             "policy/entropy_avg": masked_mean(entropy(logits.detach()), mask).item()}
+             "policy/entropy_avg": masked_mean(ent, mask).item()}
     loss = pg_loss
     if values is not None:
         vf_loss, vst = ppo_value_loss(values.float(), old_values, returns, mask, cfg.cliprange_value)
@@ -252,10 +257,9 @@ def rlhf(cfg: RLHFConfig) -> list[dict]:
     from ..checkpoints.io import load_model
     from ..model.scalar import ScalarModel, load_scalar_model
     from .dpo import task_accuracy
-    from .rl_data import check_tasks, freeze, no_dropout, same_tokenizer
+    from .rl_data import freeze, no_dropout, same_tokenizer
     from .rl_report import plot_rl, sample_table
     from .rollout import Checker, RewardModelScorer, adaptive_kl, make_rollout, rl_prompts
-    check_tasks(cfg.eval_tasks)
     items = rl_prompts(cfg.prompts, cfg.seed)
     policy, tokenizer, _ = load_model(cfg.policy)
     if tokenizer is None:

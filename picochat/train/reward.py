@@ -105,22 +105,16 @@ class PairRows:
 
     def __init__(self, pairs: list[dict], tokenizer, template: str, seed: int):
         from .rl_data import encode_answer
-        self.pairs, self.seed, self._epoch, self._perm = pairs, seed, -1, None
+        from .sft import SampleOrder
+        self.pairs, self.order = pairs, SampleOrder(len(pairs), seed)
         self.chosen = [encode_answer(p["prompt"], p["chosen"], tokenizer, template) for p in pairs]
         self.rejected = [encode_answer(p["prompt"], p["rejected"], tokenizer, template) for p in pairs]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _row(self, sample: int) -> int:
-        epoch, i = divmod(sample, len(self))
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(len(self), generator=g), epoch
-        return int(self._perm[i])
-
     def batch(self, first_sample: int, batch_size: int):
-        return self.tensors([self._row(first_sample + b) for b in range(batch_size)])
+        return self.tensors([self.order(first_sample + b) for b in range(batch_size)])
 
     def tensors(self, idx: list[int]):
         """(ids (2B, T), last (2B,), mask (2B, T-1)): the B chosen answers, then the B rejected ones."""

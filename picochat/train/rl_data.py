@@ -48,6 +48,9 @@ class PreferenceOptions:
                                 "`picochat data pairs`")
         if not 0 < self.val_fraction < 1:
             raise PicochatError(f"--val-fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_data and self.val_fraction != PreferenceOptions.val_fraction:
+            raise PicochatError("--val-fraction holds pairs out of --data; with --val-data nothing is held out of it: "
+                                "give one or the other")
 
 
 @dataclass
@@ -65,6 +68,8 @@ class LoraOptions:
         if self.lora_rank < 0:
             raise PicochatError(f"--lora-rank must be >= 0, got {self.lora_rank}")
         if not self.lora_rank:
+            if (self.lora_alpha, self.lora_targets) != (LoraOptions.lora_alpha, LoraOptions.lora_targets):
+                raise PicochatError("--lora-alpha and --lora-targets shape LoRA adapters; give --lora-rank R too")
             return None
         from ..model.lora import LoraConfig
         return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha,
@@ -106,12 +111,6 @@ def answer_logprobs(model, ids: torch.Tensor, temperature: float = 1.0) -> torch
     return token_logprobs(logits.float() / temperature if temperature != 1.0 else logits, ids[:, 1:])
 
 
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) -> (B, T): the entropy of each position's next-token distribution, in nats."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def same_tokenizer(a, b, what_a: str, what_b: str) -> None:
     """Refuse, in one line, two models whose token ids mean different things."""
     if a is None or b is None or a.fingerprint() != b.fingerprint():
@@ -138,9 +137,14 @@ def no_dropout(model) -> None:
         model.config.dropout = 0.0
 
 
-def check_tasks(spec: str) -> list[str]:
-    """The comma-separated names, each a checkable task, or a one-line refusal naming the ones that are."""
+def check_tasks(spec: str, eval_n: int = 200) -> list[str]:
+    """The comma-separated names, each a checkable task, or a one-line refusal naming the ones that are.
+    eval_n, the questions per task, must be left alone when there is no task to ask them."""
     from ..data.chat_tasks import TASKS
+    if eval_n < 1:
+        raise PicochatError(f"--eval-n must be at least 1, got {eval_n}")
+    if not spec.strip() and eval_n != 200:
+        raise PicochatError("--eval-n is the questions per --eval-tasks task; give --eval-tasks too")
     names = [t.strip() for t in spec.split(",") if t.strip()]
     for t in names:
         if t not in TASKS or not TASKS[t].checkable:

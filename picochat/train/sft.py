@@ -115,6 +115,21 @@ def pack(examples: list[tuple[list[int], list[int]]], row_len: int) -> list[list
     return rows
 
 
+class SampleOrder:
+    """Global sample index -> row of n: each epoch a fresh permutation seeded by (seed, epoch), so a batch
+    is a pure function of its first sample index (exact resume needs no data-loader state)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._epoch, self._perm = n, seed, -1, None
+
+    def __call__(self, sample: int) -> int:
+        epoch, i = divmod(sample, self.n)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._epoch = torch.randperm(self.n, generator=g), epoch
+        return int(self._perm[i])
+
+
 class PackedRows:
     """Packed rows as tensors, and batches that are a pure function of the sample index (exact resume)."""
 
@@ -133,7 +148,7 @@ class PackedRows:
                 self.seg[r, at:at + L] = s
                 self.pos[r, at:at + L] = torch.arange(L)
                 at += L
-        self.seed, self._epoch, self._perm = seed, -1, None
+        self.order = SampleOrder(n, seed)
 
     def __len__(self) -> int:
         return self.ids.size(0)
@@ -141,15 +156,8 @@ class PackedRows:
     def trained_tokens(self) -> int:
         return int(self.mask.sum())
 
-    def _row(self, sample: int) -> int:
-        epoch, i = divmod(sample, len(self))
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm, self._epoch = torch.randperm(len(self), generator=g), epoch
-        return int(self._perm[i])
-
     def batch(self, first_sample: int, batch_size: int):
-        idx = torch.tensor([self._row(first_sample + b) for b in range(batch_size)])
+        idx = torch.tensor([self.order(first_sample + b) for b in range(batch_size)])
         return self.tensors(idx)
 
     def tensors(self, idx: torch.Tensor):

@@ -20,7 +20,7 @@ def test_similarity_matrix_vector_and_search(tmp_path, capsys):
 
 @pytest.mark.parametrize("kw,msg", [({"texts": []}, "at least one text"), ({"model": "nowhere", "texts": ["x"]},
                                     "neither `minilm`"), ({"texts": ["a", "b"], "search": "f"}, "one query"),
-                                   ({"texts": ["a"], "top": 0}, "--top")])
+                                   ({"texts": ["a"], "top": 0}, "--top"), ({"texts": ["a"], "top": 3}, "--search")])
 def test_bad_input_is_refused_by_name(kw, msg):
     with pytest.raises(PicochatError, match=msg):
         embed(EmbedConfig(**kw))

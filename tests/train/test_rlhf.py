@@ -222,9 +222,22 @@ def test_bad_rl_options_are_refused_by_name(base):
                     ({"kl_target": 3.0, "kl_coef": 0.0}, "--kl-target"), ({"compile": True}, "--compile"),
                     ({"batch_size": 4}, "--batch-size"), ({"cliprange": -0.1}, "--cliprange"),
                     ({"group_size": 4}, "--group-size is not used by --algo ppo"),
-                    ({"algo": "grpo", "gamma": 0.9, "lam": 0.9}, "--gamma, --lam are not used by --algo grpo")]:
+                    ({"algo": "grpo", "gamma": 0.9, "lam": 0.9}, "--gamma, --lam are not used by --algo grpo"),
+                    ({"kl_horizon": 500}, "--kl-horizon"), ({"eval_n": 50}, "--eval-n"),
+                    ({"lora_targets": "q,v"}, "--lora-rank")]:
         with pytest.raises(PicochatError, match=msg):
             RLHFConfig(policy=str(base), **({"reward": "check"} | kw))
     with pytest.raises(PicochatError, match="checkable"):
         from picochat.train.ppo import rlhf
         rlhf(RLHFConfig(policy=str(base), reward="check", prompts="greetings:8", rollout_size=8, minibatch_size=4))
+
+
+def test_options_that_would_do_nothing_are_refused(base, pairs):
+    from picochat.train.dpo import DPOConfig
+    from picochat.train.reward import RewardConfig
+    with pytest.raises(PicochatError, match="--val-fraction"):
+        RewardConfig(base=str(base), data=str(pairs), val_data=str(pairs), val_fraction=0.2)
+    with pytest.raises(PicochatError, match="--lora-rank"):
+        DPOConfig(base=str(base), data=str(pairs), lora_alpha=8.0)
+    with pytest.raises(PicochatError, match="--eval-tasks"):
+        DPOConfig(base=str(base), data=str(pairs), eval_n=10)
