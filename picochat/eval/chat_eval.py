@@ -62,8 +62,8 @@ def greedy_results(model, tokenizer, template: str, conversations: list[list[dic
                    seed: int = 0) -> list:
     """generate_replies with the engine's whole GenerationResult (text, token ids, finish reason).
     Prompts are sorted by length so that each left-padded batch holds similar lengths (less padding).
-    temperature > 0 samples instead (RL rollouts, preference pairs): batch k draws from seed + k, so
-    the same call gives the same answers."""
+    temperature > 0 samples instead (RL rollouts, preference pairs): the batch starting at sorted
+    position s draws from seed * 1_000_003 + s, so the same call gives the same answers."""
     from ..chat_template import render_conversation, stop_token_ids
     from ..engine.engine import Engine, SamplingParams
     if batch_size < 1:

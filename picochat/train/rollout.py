@@ -150,17 +150,16 @@ def make_rollout(cfg, policy, ref, value, scorer, items: list[dict], tokenizer, 
                 values[rows] = value(x)[:, :-1].float().cpu()
     policy.train()
     kl = kl_estimate(old_logp, ref_logp, "k1") * mask  # per token, on the sampled answer
+    penalised = scores - cfg.missing_eos_penalty * (~ended_t).float()  # the score an answer that never ended gets
     if cfg.algo == "ppo":
         rewards = token_rewards(scores, kl, mask, kl_coef, ended_t, cfg.missing_eos_penalty)
         advantages, returns = gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
     else:
-        final = scores - cfg.missing_eos_penalty * (~ended_t).float()
-        adv = group_advantages(final, cfg.group_size, cfg.scale_rewards)
+        adv = group_advantages(penalised, cfg.group_size, cfg.scale_rewards)
         advantages, returns = adv[:, None] * mask, torch.zeros_like(mask)
     kl_sum = kl.sum(1)
-    penalised = scores - cfg.missing_eos_penalty * (~ended_t).float()
     stats = {"objective/kl": kl_sum.mean().item(),
              "objective/entropy": (-old_logp * mask).sum(1).mean().item(),
              "objective/non_score_reward": (-kl_coef * kl_sum).mean().item(),
