@@ -182,8 +182,13 @@ def _usage(state: list[dict], prompt_len: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": max(s["cached"] for s in state)}}
 
 
+# Line breaks to Python's str.splitlines (which httpx's iter_lines uses) that JSON leaves raw: a generated
+# token holding one would cut an event in two for such clients. Inside a JSON string their escape is exact.
+_SPLITTERS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':')).translate(_SPLITTERS)}\n\n"
 
 
 def _check_error(state: list[dict]) -> None:

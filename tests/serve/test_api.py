@@ -253,3 +253,15 @@ def test_two_models_side_by_side(tiny_chat_ckpt, tmp_path):
         stored = {x["model"] for x in c.get("/api/conversations").json()}
         assert stored == {"first", "second"}
     store.close()
+
+
+def test_a_streamed_event_is_one_line_to_every_line_splitter():
+    """A token holding U+0085, U+2028 or U+2029 (a random model emits them) must not split an SSE event
+    for clients that split lines as str.splitlines does (httpx's iter_lines)."""
+    import httpx
+
+    from picochat.serve.openai_api import _sse
+    obj = {"choices": [{"text": "a\x85b\u2028c\u2029d\ve\x1cf\r\ng"}]}
+    event = _sse(obj)
+    lines = [ln for ln in httpx.Response(200, content=event.encode()).iter_lines() if ln]
+    assert len(lines) == 1 and json.loads(lines[0][6:]) == obj
