@@ -1,7 +1,8 @@
 """``picochat embed MODEL TEXT...``: sentence embeddings from an encoder (all-MiniLM-L6-v2 by default).
 
 One text prints its vector; two or more print their cosine similarity matrix; ``QUERY --search FILE``
-ranks the file's non-empty lines by cosine similarity to the query (meaning, not shared words):
+ranks the file's non-empty lines by cosine similarity to the query (meaning, not shared words).
+A text longer than the encoder reads (256 tokens for MiniLM) is refused, as /v1/embeddings refuses it:
 
     picochat embed minilm "A man is eating food." "A man is eating a piece of bread." "A monkey plays drums."
     picochat embed minilm "where did I put the invoice?" --search notes.txt --top 5
@@ -38,38 +39,36 @@ class EmbedConfig:
             raise PicochatError("--top is how many lines --search prints; give --search FILE too")
 
 
-def load_encoder(name: str):
-    from ..model.bert import load_bert
-    if name == "minilm":
-        return load_bert()
-    if not (Path(name) / "config.json").is_file():
-        raise PicochatError(f"{name} is neither `minilm` nor a BERT folder with config.json, model.safetensors and "
-                            f"tokenizer.json")
-    return load_bert(name)
-
-
 def embed(cfg: EmbedConfig) -> dict:
     """The plain-Python form of `picochat embed`: {"vectors"} | {"similarity"} | {"ranked"}; also prints."""
-    from ..model.bert import embed_texts
+    from .embeddings import load_encoder
     if not cfg.texts:
         raise PicochatError('give at least one text: picochat embed minilm "some text"')
-    model, tok = load_encoder(cfg.model)
+    enc = load_encoder(cfg.model)
     if cfg.search is not None:
         if len(cfg.texts) != 1:
             raise PicochatError(f"--search takes one query, got {len(cfg.texts)} texts")
         path = Path(cfg.search)
         if not path.is_file():
             raise PicochatError(f"no file at {path} to search")
-        lines = [ln.strip() for ln in path.read_text("utf-8", errors="replace").splitlines() if ln.strip()]
-        if not lines:
+        numbered = [(n, ln.strip()) for n, ln in enumerate(path.read_text("utf-8", errors="replace").splitlines(), 1)
+                    if ln.strip()]
+        if not numbered:
             raise PicochatError(f"{path} has no non-empty line to search")
-        e = embed_texts(model, tok, cfg.texts + lines)
-        scores = (e[1:] @ e[0]).tolist()
+        lines = [ln for _, ln in numbered]
+        query = enc.embed_texts(cfg.texts, "the query")
+        seqs = enc.encode(lines)
+        for (n, _), ids in zip(numbered, seqs):
+            if len(ids) > enc.max_tokens:
+                raise PicochatError(f"{path}:{n} is {len(ids)} tokens; {enc.name} reads at most {enc.max_tokens}: "
+                                    "split the line")
+        e = enc.embed_ids(seqs)
+        scores = (e @ query[0]).tolist()
         ranked = sorted(zip(scores, lines), key=lambda x: -x[0])[:cfg.top]
         out = {"ranked": [{"score": round(s, 4), "line": ln} for s, ln in ranked]}
         print(json.dumps(out) if cfg.json else "\n".join(f"{s:6.3f}  {ln}" for s, ln in ranked))
         return out
-    e = embed_texts(model, tok, cfg.texts)
+    e = enc.embed_texts(cfg.texts)
     if len(cfg.texts) == 1:
         out = {"vectors": [[round(x, 6) for x in e[0].tolist()]]}
         print(json.dumps(out) if cfg.json else " ".join(f"{x:.4f}" for x in e[0].tolist()))

@@ -33,8 +33,9 @@ def _error(status: int, message: str, param=None, type="invalid_request_error", 
 
 def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, str]] = None,
                max_body: int = 4 * 1024 * 1024, default_max_tokens: int = 1024,
-               allowed_hosts: Optional[Iterable[str]] = None) -> FastAPI:
+               allowed_hosts: Optional[Iterable[str]] = None, encoders: Iterable = ()) -> FastAPI:
     """hosts: loaded ModelHosts (the first is the default model); store: a Store or None (no history).
+    encoders: loaded encoder.embeddings.Encoders, answering /v1/embeddings.
 
     api_key: None (no auth), one key (principal 'key1') or {principal name: key}.
     allowed_hosts: the Host names answered (any port; '*' any, '*.domain' its subdomains). None means
@@ -60,6 +61,10 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
     app = FastAPI(title="picochat", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="OpenAI-compatible API, conversation store and web page of picochat. See docs/api.md.")
     app.state.hosts = {h.id: h for h in hosts}
+    app.state.encoders = {e.name: e for e in encoders}
+    clash = set(app.state.hosts) & set(app.state.encoders)
+    if clash:
+        raise PicochatError(f"a chat model and an encoder are both called {sorted(clash)[0]!r}")
     app.state.store = store
     app.state.default_max_tokens = default_max_tokens
     app.state.started = time.time()
@@ -93,15 +98,17 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
     async def crash(request, e: Exception):  # a bug: still an OpenAI-shaped answer, never a bare 500 page
         return _error(500, f"internal error: {type(e).__name__}: {e}", type="server_error")
 
+    from .embeddings_api import router as embeddings_router
     from .openai_api import router
     app.include_router(router)
+    app.include_router(embeddings_router)
     if store is not None:
         from .store_api import store_router
         app.include_router(store_router(store))
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": list(app.state.hosts), "uptime_s": round(time.time() - app.state.started, 1)}
+        return {"status": "ok", "models": list(app.state.hosts), "encoders": list(app.state.encoders), "uptime_s": round(time.time() - app.state.started, 1)}
 
     @app.head("/health", include_in_schema=False)
     async def health_head():  # load balancers and uptime checkers probe with HEAD

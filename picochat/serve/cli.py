@@ -2,6 +2,7 @@
 
     picochat serve                      SmolLM2-135M-Instruct at http://127.0.0.1:8000
     picochat serve smollm2 runs/sft     two models; the first is the default, the page has a picker
+    picochat serve smollm2 minilm       and an encoder answering POST /v1/embeddings
     curl localhost:8000/v1/chat/completions --json '{"messages": [{"role": "user", "content": "Hi"}]}'
 
 API keys (one per user or tool; the name is the request's principal, e.g. for per-user caches):
@@ -23,7 +24,8 @@ from ..errors import PicochatError
 @dataclass
 class ServeConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2"])
-    """Models to serve: smollm2, .gguf files or picochat checkpoints; the first is the default."""
+    """Models to serve: smollm2, .gguf files or picochat checkpoints (the first is the default), and encoders
+    for /v1/embeddings: minilm or a Hugging Face BERT folder."""
     host: str = "127.0.0.1"
     """Address to bind. Beyond loopback (0.0.0.0: every interface) it needs an API key, or --insecure-no-key."""
     port: int = 8000
@@ -117,8 +119,16 @@ def build_app(cfg: ServeConfig):
     from .guard import allowed_hosts_for
     from .hosts import load_host
     keys = _check(cfg)
-    hosts, seen = [], set()
+    from ..encoder.embeddings import is_encoder_spec, load_encoder
+    hosts, encoders, seen = [], [], set()
     for spec in cfg.models:
+        if is_encoder_spec(spec):
+            e = load_encoder(spec)
+            if e.name in seen:
+                raise PicochatError(f"two models are both called {e.name!r}; serve them from differently named paths")
+            seen.add(e.name)
+            encoders.append(e)
+            continue
         # --no-store: nothing of a request outlives it, its K/V cache included (no prompt caching across requests)
         h = load_host(spec, dtype=cfg.dtype, max_batch=cfg.max_batch, max_queue=cfg.max_queue,
                       max_context=cfg.max_context, quantize=cfg.quantize, retain_prefixes=cfg.store,
@@ -127,13 +137,16 @@ def build_app(cfg: ServeConfig):
             raise PicochatError(f"two models are both called {h.id!r}; serve them from differently named paths")
         seen.add(h.id)
         hosts.append(h)
+    if not hosts:
+        raise PicochatError(f"{', '.join(e.name for e in encoders)} only embed text; the server also needs a chat "
+                            "model to start, e.g. picochat serve smollm2 minilm")
     store = None
     if cfg.store:
         from .store import Store, default_db_path
         store = Store(cfg.db or default_db_path())
     return create_app(hosts, store=store, api_key=keys or None, max_body=int(cfg.max_body_mb * 1024 * 1024),
                       default_max_tokens=cfg.max_tokens,
-                      allowed_hosts=allowed_hosts_for(cfg.host, _allowed_extra(cfg)))
+                      allowed_hosts=allowed_hosts_for(cfg.host, _allowed_extra(cfg)), encoders=encoders)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -165,7 +178,7 @@ def serve(cfg: ServeConfig) -> int:
         print("warning: listening beyond this machine without an API key (--insecure-no-key): anyone who "
               "can reach it can use it", file=sys.stderr)
     app = build_app(cfg)
-    hosts = list(app.state.hosts)
+    hosts = list(app.state.hosts) + [f"{e} (embeddings)" for e in app.state.encoders]
     wildcard = cfg.host in WILDCARD_ADDRESSES
     bound = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     where = f"http://{bound if not wildcard else 'localhost'}:{cfg.port}"

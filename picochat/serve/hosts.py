@@ -26,6 +26,7 @@ class ModelHost:
 
     def card(self) -> dict:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "picochat",
+                "type": "chat" if self.template is not None else "completion",
                 "context_length": self.context, "chat": self.template is not None}
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models.
+"""The OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (/v1/embeddings: embeddings_api.py).
 
 A request becomes n scheduler requests (one per choice), queued all together or not at all, under
 its client's name (fair sharing) and its cache scope: prompt caching is per API key and, when the
@@ -34,6 +34,9 @@ def _host(app, name: Optional[str]):
     hosts = app.state.hosts
     if not name:
         return next(iter(hosts.values()))
+    if name in app.state.encoders:
+        raise bad_request(f"model {name!r} is an embedding model (POST /v1/embeddings) and cannot write text; "
+                          f"models that can: {', '.join(hosts)}", "model")
     if name not in hosts:
         raise not_found(f"model {name!r} is not loaded here; GET /v1/models lists {', '.join(hosts)}", "model")
     return hosts[name]
@@ -205,7 +208,14 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": [h.card() for h in request.app.state.hosts.values()]}
+    state = request.app.state
+    return {"object": "list", "data": [h.card() for h in state.hosts.values()] +
+            [encoder_card(e, state.started) for e in state.encoders.values()]}
+
+
+def encoder_card(enc, created: float) -> dict:
+    return {"id": enc.name, "object": "model", "created": int(created), "owned_by": "picochat",
+            "type": "embedding", "dimensions": enc.dim, "context_length": enc.max_tokens, "chat": False}
 
 
 @router.post("/v1/chat/completions")

@@ -19,8 +19,25 @@ def test_similarity_matrix_vector_and_search(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kw,msg", [({"texts": []}, "at least one text"), ({"model": "nowhere", "texts": ["x"]},
-                                    "neither `minilm`"), ({"texts": ["a", "b"], "search": "f"}, "one query"),
+                                    "not an encoder"), ({"texts": ["a", "b"], "search": "f"}, "one query"),
                                    ({"texts": ["a"], "top": 0}, "--top"), ({"texts": ["a"], "top": 3}, "--search")])
 def test_bad_input_is_refused_by_name(kw, msg):
     with pytest.raises(PicochatError, match=msg):
         embed(EmbedConfig(**kw))
+
+
+def test_non_encoder_checkpoint_and_overlong_text_are_one_line_errors(tmp_path, capsys):
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    (gpt / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(PicochatError, match="not an encoder") as e:
+        embed(EmbedConfig(model=str(gpt), texts=["x"]))
+    assert "\n" not in str(e.value)
+    long_text = "word " * 300  # 300 WordPiece tokens + [CLS] [SEP] > MiniLM's 256
+    with pytest.raises(PicochatError, match=r"text 1 is 302 tokens.*at most 256"):
+        embed(EmbedConfig(texts=["short", long_text]))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("fine\n\n" + long_text + "\n")
+    with pytest.raises(PicochatError, match=r"notes.txt:3 is 302 tokens"):
+        embed(EmbedConfig(texts=["q"], search=str(notes)))
+    capsys.readouterr()
