@@ -60,3 +60,35 @@ def test_padding_changes_nothing_and_attention_looks_both_ways(minilm):
         ha = model(torch.tensor([a.ids]), torch.tensor([a.attention_mask]))
         hb = model(torch.tensor([b.ids]), torch.tensor([b.attention_mask]))
     assert (ha[0, 1] - hb[0, 1]).abs().max() > 1e-3  # "cat" sees the last word: bidirectional, not causal
+
+
+DOZEN = ["A man is eating food.", "The stock market fell 3.2% on Tuesday, its worst day since 2008.",
+         "Où est la bibliothèque ?", "def f(x): return x ** 2  # squares", "I ❤️ New York!!!",
+         "Photosynthesis converts light energy into chemical energy in chloroplasts.",
+         "   leading and trailing spaces   ", "UPPER CASE AND lower case", "naïve café résumé coöperate",
+         "Mr. O'Neil's dog-sled team won the 1,049-mile Iditarod.", "日本語のテキストも読めます。",
+         "The quick brown fox jumps over the lazy dog " * 5]
+
+
+def test_minilm_sentence_embeddings_and_token_ids_on_a_dozen_varied_sentences():
+    """picochat's Encoder (our blocks, our padding, our pooling) against transformers' BertModel + mean
+    pooling one sentence at a time; ids against the model's own tokenizer.json and against transformers'
+    pure-Python BertTokenizer read from vocab.txt (a second, independent WordPiece implementation)."""
+    from tokenizers import Tokenizer
+    from transformers import BertModel, BertTokenizer
+    from picochat.encoder.embeddings import load_encoder
+    enc = load_encoder("minilm")
+    ids = enc.encode(DOZEN)
+    own = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    own.no_padding()  # the file pads to 128
+    slow = BertTokenizer(str(minilm_dir() / "vocab.txt"), do_lower_case=True)
+    for text, ours in zip(DOZEN, ids):
+        assert ours == own.encode(text).ids == slow(text)["input_ids"], text
+    hf = BertModel.from_pretrained(str(minilm_dir())).eval()
+    want = []
+    with torch.no_grad():
+        for seq in ids:
+            h = hf(input_ids=torch.tensor([seq])).last_hidden_state[0]
+            want.append(torch.nn.functional.normalize(h.mean(0), dim=-1))
+    got = enc.embed_ids(ids)  # batched, padded, in length order
+    assert (got - torch.stack(want)).abs().max() < 1e-5
