@@ -23,7 +23,11 @@ import torch.nn as nn
 from ..errors import PicochatError
 from .config import ModelConfig
 from .gpt import Block
-from .layers import make_norm
+from .layers import Linear, make_norm
+
+TASKS = ("mlm", "sequence", "token")
+ARCHITECTURES = {"mlm": "BertForMaskedLM", "sequence": "BertForSequenceClassification",
+                 "token": "BertForTokenClassification"}
 
 
 class BertEncoder(nn.Module):
@@ -63,6 +67,64 @@ class BertEncoder(nn.Module):
         return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
 
 
+class MaskedLMHead(nn.Module):
+    """p(x_i | x_masked) = softmax(E · LayerNorm(GELU(W h_i)) + b): scores over the vocabulary with the
+    token embedding matrix E itself (tied, as in BERT), so a rare token's input and output vectors are one."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = Linear(config.n_embd, config.n_embd)
+        self.norm = make_norm(config)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h: torch.Tensor, tok_emb: torch.Tensor) -> torch.Tensor:
+        h = self.norm(nn.functional.gelu(self.dense(h)))  # (B, T, d)
+        return nn.functional.linear(h, tok_emb, self.bias)  # (B, T, V)
+
+
+class SequenceClassifierHead(nn.Module):
+    """One label per text from the [CLS] position: W_c tanh(W_p h_[CLS]) (BERT's pooler, then a linear layer)."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        self.pooler = Linear(config.n_embd, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.classifier = Linear(config.n_embd, num_labels)
+
+    def forward(self, h: torch.Tensor, tok_emb=None) -> torch.Tensor:
+        return self.classifier(self.drop(torch.tanh(self.pooler(h[:, 0]))))  # (B, L)
+
+
+class TokenClassifierHead(nn.Module):
+    """One label per token (part-of-speech tags): a linear layer on every last hidden state."""
+
+    def __init__(self, config: ModelConfig, num_labels: int):
+        super().__init__()
+        self.drop = nn.Dropout(config.dropout)
+        self.classifier = Linear(config.n_embd, num_labels)
+
+    def forward(self, h: torch.Tensor, tok_emb=None) -> torch.Tensor:
+        return self.classifier(self.drop(h))  # (B, T, L)
+
+
+class BertForTask(nn.Module):
+    """The encoder with one head: "mlm" (B, T, V), "sequence" (B, L) or "token" (B, T, L) logits."""
+
+    def __init__(self, config: ModelConfig, task: str, labels: tuple[str, ...] = ()):
+        super().__init__()
+        if task not in TASKS:
+            raise PicochatError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        if (task == "mlm") == bool(labels):
+            raise PicochatError("a classifier needs its labels; masked-LM has none")
+        self.config, self.task, self.labels = config, task, tuple(labels)
+        self.encoder = BertEncoder(config)
+        self.head = MaskedLMHead(config) if task == "mlm" else \
+            (SequenceClassifierHead if task == "sequence" else TokenClassifierHead)(config, len(labels))
+
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.encoder(idx, attention_mask), self.encoder.tok_emb.weight)
+
+
 def config_from_bert(hf: dict) -> ModelConfig:
     if hf.get("model_type") != "bert" or hf.get("hidden_act", "gelu") != "gelu":
         raise PicochatError(f"not a BERT config with GELU (model_type {hf.get('model_type')!r}, "
@@ -74,24 +136,89 @@ def config_from_bert(hf: dict) -> ModelConfig:
                        tie_embeddings=False)
 
 
-def state_from_bert(hf: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
-    """Hugging Face BertModel names -> BertEncoder's (Q, K and V fused into one matrix, rows in that order)."""
-    hf = {k.removeprefix("bert."): v for k, v in hf.items()}
-    out = {"tok_emb.weight": hf["embeddings.word_embeddings.weight"],
-           "pos_emb.weight": hf["embeddings.position_embeddings.weight"],
-           "type_emb.weight": hf["embeddings.token_type_embeddings.weight"],
-           "emb_norm.weight": hf["embeddings.LayerNorm.weight"], "emb_norm.bias": hf["embeddings.LayerNorm.bias"]}
+QKV = ("query", "key", "value")
+
+
+def _bert_names(n_layer: int) -> list[tuple[str, str]]:
+    """(transformers name, BertEncoder name) pairs. The fused QKV matrix is one name of ours and three of
+    theirs: its transformers name has a {} slot for query, key, value (our rows are in that order)."""
+    names = [("embeddings.word_embeddings.weight", "tok_emb.weight"),
+             ("embeddings.position_embeddings.weight", "pos_emb.weight"),
+             ("embeddings.token_type_embeddings.weight", "type_emb.weight"),
+             ("embeddings.LayerNorm.weight", "emb_norm.weight"), ("embeddings.LayerNorm.bias", "emb_norm.bias")]
     for i in range(n_layer):
         p, q = f"encoder.layer.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
-            out[q + f"attn.qkv_proj.{kind}"] = torch.cat([hf[p + f"attention.self.{n}.{kind}"]
-                                                          for n in ("query", "key", "value")])
-            out[q + f"attn.o_proj.{kind}"] = hf[p + f"attention.output.dense.{kind}"]
-            out[q + f"attn_norm.{kind}"] = hf[p + f"attention.output.LayerNorm.{kind}"]
-            out[q + f"ffn.up_proj.{kind}"] = hf[p + f"intermediate.dense.{kind}"]
-            out[q + f"ffn.down_proj.{kind}"] = hf[p + f"output.dense.{kind}"]
-            out[q + f"ffn_norm.{kind}"] = hf[p + f"output.LayerNorm.{kind}"]
-    return out
+            names += [(p + "attention.self.{}." + kind, q + f"attn.qkv_proj.{kind}"),
+                      (p + f"attention.output.dense.{kind}", q + f"attn.o_proj.{kind}"),
+                      (p + f"attention.output.LayerNorm.{kind}", q + f"attn_norm.{kind}"),
+                      (p + f"intermediate.dense.{kind}", q + f"ffn.up_proj.{kind}"),
+                      (p + f"output.dense.{kind}", q + f"ffn.down_proj.{kind}"),
+                      (p + f"output.LayerNorm.{kind}", q + f"ffn_norm.{kind}")]
+    return names
+
+
+def state_from_bert(hf: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+    """Hugging Face BertModel names -> BertEncoder's (Q, K and V fused into one matrix); the pooler and
+    any head are left out."""
+    hf = {k.removeprefix("bert."): v for k, v in hf.items()}
+    return {ours: torch.cat([hf[theirs.format(n)] for n in QKV]) if "{}" in theirs else hf[theirs]
+            for theirs, ours in _bert_names(n_layer)}
+
+
+HEAD_NAMES = {  # BertForTask head parameter -> transformers' name, so a saved model loads there too
+    "mlm": {"dense": "cls.predictions.transform.dense", "norm": "cls.predictions.transform.LayerNorm",
+            "bias": "cls.predictions.bias"},
+    "sequence": {"pooler": "bert.pooler.dense", "classifier": "classifier"},
+    "token": {"classifier": "classifier"},
+}
+
+
+def config_to_bert(config: ModelConfig, task: str, labels: tuple[str, ...] = ()) -> dict:
+    """A transformers BertConfig dict for picochat's encoder (the inverse of config_from_bert)."""
+    if config.norm != "layernorm" or config.activation != "gelu" or not config.bias or config.n_kv_head != config.n_head:
+        raise PicochatError("only a BERT-shaped encoder (LayerNorm, GELU, biases, no GQA) has a transformers form")
+    return {"model_type": "bert", "architectures": [ARCHITECTURES[task]], "vocab_size": config.vocab_size,
+            "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
+            "num_attention_heads": config.n_head, "intermediate_size": config.ffn_hidden, "hidden_act": "gelu",
+            "max_position_embeddings": config.block_size, "type_vocab_size": 2,
+            "layer_norm_eps": config.norm_eps, "hidden_dropout_prob": config.dropout,
+            "attention_probs_dropout_prob": config.dropout, "pad_token_id": 0, "tie_word_embeddings": True,
+            **({"id2label": dict(enumerate(labels)), "label2id": {x: i for i, x in enumerate(labels)}}
+               if labels else {})}
+
+
+def _head_name(task: str, key: str) -> str:
+    module, _, kind = key.rpartition(".")
+    return HEAD_NAMES[task][key] if not module else f"{HEAD_NAMES[task][module]}.{kind}"
+
+
+def state_to_bert(model: BertForTask) -> dict[str, torch.Tensor]:
+    """BertForTask's weights under transformers' names: bert.* for the encoder, cls.* / classifier.* heads."""
+    enc, out = model.encoder.state_dict(), {}
+    for theirs, ours in _bert_names(model.config.n_layer):
+        if "{}" in theirs:
+            out.update({"bert." + theirs.format(n): t for n, t in zip(QKV, enc[ours].chunk(3, dim=0))})
+        else:
+            out["bert." + theirs] = enc[ours]
+    out.update({_head_name(model.task, k): v for k, v in model.head.state_dict().items()})
+    return {k: v.detach().contiguous().cpu() for k, v in out.items()}
+
+
+def bert_task_from_state(hf_cfg: dict, hf: dict[str, torch.Tensor]) -> BertForTask:
+    """A BertForTask from a transformers config and weights (BertForMaskedLM / ...SequenceClassification /
+    ...TokenClassification)."""
+    arch = (hf_cfg.get("architectures") or ["?"])[0]
+    task = {v: k for k, v in ARCHITECTURES.items()}.get(arch)
+    if task is None:
+        raise PicochatError(f"{arch} is not one of {', '.join(ARCHITECTURES.values())}")
+    id2label = hf_cfg.get("id2label") or {}
+    labels = tuple(id2label[k] for k in sorted(id2label, key=int)) if task != "mlm" else ()
+    config = config_from_bert(hf_cfg)
+    model = BertForTask(config, task, labels)
+    model.encoder.load_state_dict(state_from_bert(hf, config.n_layer), strict=True)
+    model.head.load_state_dict({k: hf[_head_name(task, k)] for k in model.head.state_dict()}, strict=True)
+    return model
 
 
 def minilm_dir() -> Path:

@@ -92,3 +92,36 @@ def test_minilm_sentence_embeddings_and_token_ids_on_a_dozen_varied_sentences():
             want.append(torch.nn.functional.normalize(h.mean(0), dim=-1))
     got = enc.embed_ids(ids)  # batched, padded, in length order
     assert (got - torch.stack(want)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("task,labels", [("mlm", ()), ("sequence", ("press", "fiction", "learned")),
+                                         ("token", ("NOUN", "VERB", "DET", "ADP", "."))])
+def test_heads_equal_transformers_after_export_and_come_back(task, labels, tmp_path):
+    """Each head written in transformers' format loads into BertForMaskedLM / ...SequenceClassification /
+    ...TokenClassification and gives our logits; and it reads back into picochat unchanged."""
+    import json
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from picochat.model.bert import ARCHITECTURES, BertForTask, bert_task_from_state, config_to_bert, state_to_bert
+    from picochat.model.config import ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, pos="learned",
+                      norm="layernorm", norm_eps=1e-12, norm_position="post", activation="gelu", bias=True,
+                      tie_embeddings=False)
+    ours = BertForTask(cfg, task, labels).eval()
+    for p in ours.parameters():  # nothing left at its zero/one init: every name must really map
+        torch.nn.init.normal_(p, std=0.2)
+    save_file(state_to_bert(ours), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_bert(cfg, task, labels)))
+    hf = getattr(transformers, ARCHITECTURES[task]).from_pretrained(str(tmp_path)).eval()
+    ids = torch.randint(1, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        a = hf(input_ids=ids, attention_mask=mask).logits
+        b = ours(ids, mask)
+    rows = mask.bool() if task != "sequence" else torch.ones(2, dtype=torch.bool)
+    assert a.shape == b.shape and torch.allclose(a[rows], b[rows], atol=1e-5)
+    back = bert_task_from_state(json.loads((tmp_path / "config.json").read_text()),
+                                load_file(str(tmp_path / "model.safetensors"))).eval()
+    assert back.labels == labels and torch.equal(back(ids, mask), b)
