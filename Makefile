@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run chat tiny test test-fast install browser pipeline digits rlhf bench clean help
+.PHONY: run chat tiny test test-fast install browser pipeline digits rlhf translate bert bench clean help
 
 help:
 	@echo "make run       the chat app (web page + OpenAI API) on SmolLM2-135M-Instruct at http://127.0.0.1:8000"
@@ -16,6 +16,8 @@ help:
 	@echo "make pipeline  a chat model from scratch: tokenizer -> data -> pretrain -> SFT -> eval -> report card (~25 min)"
 	@echo "make digits    the digit question: merged vs split digit tokens, measured on held-out addition (~10 min)"
 	@echo "make rlhf      the RLHF experiment: SFT, honest pairs, reward model, PPO, GRPO, DPO on held-out addition (~25 min)"
+	@echo "make translate the 2017 encoder-decoder Transformer: English -> French number words, held-out exact match (1-6 min)"
+	@echo "make bert      a small BERT from scratch on Brown: masked-LM, POS tagging, genres, held out by document (~25 min)"
 	@echo "make bench     run the benchmarks (one JSON line each)"
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
@@ -58,6 +60,12 @@ digits: $(STAMP)
 
 rlhf: $(STAMP)
 	$(PY) scripts/rlhf_experiment.py
+
+translate: $(STAMP)
+	$(PY) scripts/translate_experiment.py --out runs/translate
+
+bert: $(STAMP)
+	$(PY) scripts/bert_experiment.py --out-dir runs/bert --plot docs/bert_experiment.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

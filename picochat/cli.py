@@ -22,7 +22,10 @@ VERBS = {
     "reward": "picochat.train.reward",
     "rlhf": "picochat.train.ppo",
     "dpo": "picochat.train.dpo",
+    "bert": "picochat.train.bert",
     "embed": "picochat.encoder.cli",
+    "tag": "picochat.encoder.tasks_cli",  # and `classify`
+    "translate": "picochat.translate.cli",
     "generate": "picochat.generate",
     "import": "picochat.import_cli",
     "merge-lora": "picochat.train.lora_cli",

@@ -22,16 +22,24 @@ MINILM_MAX_TOKENS = 256  # what sentence-transformers trained and runs all-MiniL
 
 
 def is_encoder_spec(spec: str) -> bool:
-    """`minilm`, or a Hugging Face BERT folder (config.json with model_type bert)."""
+    """`minilm`, or a Hugging Face BERT folder (config.json with model_type bert) or `picochat bert` run."""
     if spec == "minilm":
         return True
-    cfg = Path(spec) / "config.json"
+    cfg = _folder(spec) / "config.json"
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text("utf-8")).get("model_type") == "bert"
+        return json.loads(cfg.read_text("utf-8")).get("model_type") in ("bert", "picochat_bert")
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _folder(spec: str) -> Path:
+    """A checkpoint folder, or the newest checkpoint of a run folder (`picochat bert` writes runs)."""
+    p = Path(spec)
+    if (p / "latest").is_file():
+        return p / (p / "latest").read_text().strip()
+    return p
 
 
 @dataclass
@@ -100,7 +108,7 @@ def load_encoder(spec: str = "minilm", name: Optional[str] = None) -> Encoder:
     if not is_encoder_spec(spec):
         raise PicochatError(f"{spec} is not an encoder: give `minilm` or a BERT folder (config.json with "
                             "model_type bert, model.safetensors, tokenizer.json)")
-    model, tok = load_bert(None if spec == "minilm" else spec)
+    model, tok = load_bert(None if spec == "minilm" else _folder(spec))
     tok.no_padding()
     tok.no_truncation()
     ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}

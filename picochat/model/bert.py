@@ -23,6 +23,7 @@ import torch.nn as nn
 from ..errors import PicochatError
 from .config import ModelConfig
 from .gpt import Block
+from .attention import rope_cos_sin, sinusoidal_table
 from .layers import Linear, make_norm
 
 TASKS = ("mlm", "sequence", "token")
@@ -33,11 +34,16 @@ ARCHITECTURES = {"mlm": "BertForMaskedLM", "sequence": "BertForSequenceClassific
 class BertEncoder(nn.Module):
     def __init__(self, config: ModelConfig, type_vocab_size: int = 2):
         super().__init__()
-        if config.pos != "learned" or config.norm_position != "post":
-            raise PicochatError("a BERT encoder has learned positions and post-norm blocks")
+        if config.pos not in ("learned", "rope") or config.norm_position != "post":
+            raise PicochatError("a BERT encoder has post-norm blocks and learned positions (BERT) or RoPE "
+                                "(as ModernBERT)")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None
+        if config.pos == "rope":  # relative offsets in every attention score: a tagger's neighbours at once
+            cos, sin = rope_cos_sin(config.block_size, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.type_emb = nn.Embedding(type_vocab_size, config.n_embd)
         self.emb_norm = make_norm(config)
         self.drop = nn.Dropout(config.dropout)
@@ -50,13 +56,16 @@ class BertEncoder(nn.Module):
         if T > self.config.block_size:
             raise PicochatError(f"{T} tokens is longer than the encoder's {self.config.block_size}; shorten the text")
         types = token_type_ids if token_type_ids is not None else torch.zeros_like(idx)
-        x = self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)) + self.type_emb(types)
+        x = self.tok_emb(idx) + self.type_emb(types)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))
         x = self.drop(self.emb_norm(x))  # (B, T, d)
+        rope = (self.rope_cos, self.rope_sin) if self.pos_emb is None else None
         keep = torch.ones(B, T, dtype=torch.bool, device=idx.device) if attention_mask is None \
             else attention_mask.bool()
         mask = keep[:, None, None, :].expand(B, 1, T, T)  # (B, 1, T, T): any query, real keys only
         for block in self.blocks:
-            x = block(x, attn_mask=mask)
+            x = block(x, attn_mask=mask, rope=rope)
         return x
 
     def embed(self, idx: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -110,7 +119,7 @@ class TokenClassifierHead(nn.Module):
 class BertForTask(nn.Module):
     """The encoder with one head: "mlm" (B, T, V), "sequence" (B, L) or "token" (B, T, L) logits."""
 
-    def __init__(self, config: ModelConfig, task: str, labels: tuple[str, ...] = ()):
+    def __init__(self, config: ModelConfig, task: str, labels: tuple[str, ...] = (), sinusoidal_init: bool = False):
         super().__init__()
         if task not in TASKS:
             raise PicochatError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -120,18 +129,44 @@ class BertForTask(nn.Module):
         self.encoder = BertEncoder(config)
         self.head = MaskedLMHead(config) if task == "mlm" else \
             (SequenceClassifierHead if task == "sequence" else TokenClassifierHead)(config, len(labels))
+        self.apply(self._init_weights)
+        if sinusoidal_init and config.pos == "learned":  # learned positions that start where the 2017 paper's fixed ones are, at the
+            # embeddings' scale: offsets between positions are linear maps from the first step, so attention
+            # to a neighbour need not wait for random position vectors to organise themselves
+            with torch.no_grad():
+                table = sinusoidal_table(config.block_size, config.n_embd)
+                self.encoder.pos_emb.weight.copy_(table * config.init_std * 2 ** 0.5)
 
-    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.head(self.encoder(idx, attention_mask), self.encoder.tok_emb.weight)
+    def _init_weights(self, module):
+        """BERT's initialisation: N(0, 0.02) matrices and embeddings, zero biases, unit LayerNorm gains
+        (PyTorch's N(0, 1) embeddings would start the tied masked-LM head at logits in the tens)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                select: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """select (B, T) bool: a per-token head runs on those positions only -> (N, V or L); masked-LM
+        training scores the 15% masked tokens, not a V-way softmax at every position."""
+        h = self.encoder(idx, attention_mask)  # (B, T, d)
+        if select is not None and self.task != "sequence":
+            h = h[select]  # (N, d)
+        return self.head(h, self.encoder.tok_emb.weight)
+
+
+BERT_TYPES = ("bert", "picochat_bert")  # the second: RoPE positions, which transformers' BERT lacks
 
 
 def config_from_bert(hf: dict) -> ModelConfig:
-    if hf.get("model_type") != "bert" or hf.get("hidden_act", "gelu") != "gelu":
+    if hf.get("model_type") not in BERT_TYPES or hf.get("hidden_act", "gelu") != "gelu":
         raise PicochatError(f"not a BERT config with GELU (model_type {hf.get('model_type')!r}, "
                             f"hidden_act {hf.get('hidden_act')!r})")
+    rope = hf.get("position_embedding_type") == "rope"
     return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
                        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
-                       ffn_hidden=hf["intermediate_size"], pos="learned", norm="layernorm",
+                       ffn_hidden=hf["intermediate_size"], pos="rope" if rope else "learned",
+                       rope_base=hf.get("rope_theta", 10000.0), norm="layernorm",
                        norm_eps=hf["layer_norm_eps"], norm_position="post", activation="gelu", bias=True,
                        tie_embeddings=False)
 
@@ -139,13 +174,14 @@ def config_from_bert(hf: dict) -> ModelConfig:
 QKV = ("query", "key", "value")
 
 
-def _bert_names(n_layer: int) -> list[tuple[str, str]]:
+def _bert_names(n_layer: int, learned_positions: bool = True) -> list[tuple[str, str]]:
     """(transformers name, BertEncoder name) pairs. The fused QKV matrix is one name of ours and three of
     theirs: its transformers name has a {} slot for query, key, value (our rows are in that order)."""
     names = [("embeddings.word_embeddings.weight", "tok_emb.weight"),
-             ("embeddings.position_embeddings.weight", "pos_emb.weight"),
              ("embeddings.token_type_embeddings.weight", "type_emb.weight"),
              ("embeddings.LayerNorm.weight", "emb_norm.weight"), ("embeddings.LayerNorm.bias", "emb_norm.bias")]
+    if learned_positions:
+        names.append(("embeddings.position_embeddings.weight", "pos_emb.weight"))
     for i in range(n_layer):
         p, q = f"encoder.layer.{i}.", f"blocks.{i}."
         for kind in ("weight", "bias"):
@@ -158,12 +194,13 @@ def _bert_names(n_layer: int) -> list[tuple[str, str]]:
     return names
 
 
-def state_from_bert(hf: dict[str, torch.Tensor], n_layer: int) -> dict[str, torch.Tensor]:
+def state_from_bert(hf: dict[str, torch.Tensor], n_layer: int, learned_positions: bool = True
+                    ) -> dict[str, torch.Tensor]:
     """Hugging Face BertModel names -> BertEncoder's (Q, K and V fused into one matrix); the pooler and
     any head are left out."""
     hf = {k.removeprefix("bert."): v for k, v in hf.items()}
     return {ours: torch.cat([hf[theirs.format(n)] for n in QKV]) if "{}" in theirs else hf[theirs]
-            for theirs, ours in _bert_names(n_layer)}
+            for theirs, ours in _bert_names(n_layer, learned_positions)}
 
 
 HEAD_NAMES = {  # BertForTask head parameter -> transformers' name, so a saved model loads there too
@@ -176,9 +213,14 @@ HEAD_NAMES = {  # BertForTask head parameter -> transformers' name, so a saved m
 
 def config_to_bert(config: ModelConfig, task: str, labels: tuple[str, ...] = ()) -> dict:
     """A transformers BertConfig dict for picochat's encoder (the inverse of config_from_bert)."""
-    if config.norm != "layernorm" or config.activation != "gelu" or not config.bias or config.n_kv_head != config.n_head:
-        raise PicochatError("only a BERT-shaped encoder (LayerNorm, GELU, biases, no GQA) has a transformers form")
-    return {"model_type": "bert", "architectures": [ARCHITECTURES[task]], "vocab_size": config.vocab_size,
+    if config.norm != "layernorm" or config.activation != "gelu" or not config.bias or \
+            config.n_kv_head != config.n_head or config.pos not in ("learned", "rope"):
+        raise PicochatError("only a BERT-shaped encoder (LayerNorm, GELU, biases, no GQA) has a BERT config")
+    # RoPE: transformers' BERT has no such positions, so the type is our own and transformers refuses the
+    # folder instead of loading it with random position embeddings
+    rope = {"model_type": "picochat_bert", "position_embedding_type": "rope", "rope_theta": config.rope_base} \
+        if config.pos == "rope" else {"model_type": "bert"}
+    return rope | {"architectures": [ARCHITECTURES[task]], "vocab_size": config.vocab_size,
             "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
             "num_attention_heads": config.n_head, "intermediate_size": config.ffn_hidden, "hidden_act": "gelu",
             "max_position_embeddings": config.block_size, "type_vocab_size": 2,
@@ -196,7 +238,7 @@ def _head_name(task: str, key: str) -> str:
 def state_to_bert(model: BertForTask) -> dict[str, torch.Tensor]:
     """BertForTask's weights under transformers' names: bert.* for the encoder, cls.* / classifier.* heads."""
     enc, out = model.encoder.state_dict(), {}
-    for theirs, ours in _bert_names(model.config.n_layer):
+    for theirs, ours in _bert_names(model.config.n_layer, model.config.pos == "learned"):
         if "{}" in theirs:
             out.update({"bert." + theirs.format(n): t for n, t in zip(QKV, enc[ours].chunk(3, dim=0))})
         else:
@@ -216,7 +258,7 @@ def bert_task_from_state(hf_cfg: dict, hf: dict[str, torch.Tensor]) -> BertForTa
     labels = tuple(id2label[k] for k in sorted(id2label, key=int)) if task != "mlm" else ()
     config = config_from_bert(hf_cfg)
     model = BertForTask(config, task, labels)
-    model.encoder.load_state_dict(state_from_bert(hf, config.n_layer), strict=True)
+    model.encoder.load_state_dict(state_from_bert(hf, config.n_layer, config.pos == "learned"), strict=True)
     model.head.load_state_dict({k: hf[_head_name(task, k)] for k in model.head.state_dict()}, strict=True)
     return model
 
@@ -238,7 +280,7 @@ def load_bert(folder: Union[str, Path, None] = None):
     folder = Path(folder) if folder is not None else minilm_dir()
     config = config_from_bert(json.loads((folder / "config.json").read_text()))
     model = BertEncoder(config)
-    state = state_from_bert(load_file(str(folder / "model.safetensors")), config.n_layer)
+    state = state_from_bert(load_file(str(folder / "model.safetensors")), config.n_layer, config.pos == "learned")
     model.load_state_dict(state, strict=True)  # every tensor named, every shape checked
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.enable_padding(pad_id=0, pad_token="[PAD]")

@@ -125,3 +125,30 @@ def test_heads_equal_transformers_after_export_and_come_back(task, labels, tmp_p
     back = bert_task_from_state(json.loads((tmp_path / "config.json").read_text()),
                                 load_file(str(tmp_path / "model.safetensors"))).eval()
     assert back.labels == labels and torch.equal(back(ids, mask), b)
+
+
+def test_a_rope_encoder_round_trips_and_transformers_refuses_it(tmp_path):
+    """RoPE positions (picochat bert's default) are not BERT's: saved under model_type picochat_bert, which
+    picochat reads back exactly and transformers' Auto classes refuse rather than fill with random positions."""
+    import json
+    import transformers
+    from safetensors.torch import load_file, save_file
+    from picochat.model.bert import BertForTask, bert_task_from_state, config_to_bert, state_to_bert
+    from picochat.model.config import ModelConfig
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_embd=32, ffn_hidden=64, pos="rope",
+                      norm="layernorm", norm_eps=1e-12, norm_position="post", activation="gelu", bias=True,
+                      tie_embeddings=False)
+    ours = BertForTask(cfg, "token", ("A", "B")).eval()
+    for p in ours.parameters():  # past the near-uniform attention of the 0.02 init
+        torch.nn.init.normal_(p, std=0.3)
+    save_file(state_to_bert(ours), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_bert(cfg, "token", ("A", "B"))))
+    back = bert_task_from_state(json.loads((tmp_path / "config.json").read_text()),
+                                load_file(str(tmp_path / "model.safetensors"))).eval()
+    ids = torch.randint(1, 50, (2, 9))
+    assert back.config.pos == "rope" and torch.equal(back(ids), ours(ids))
+    with torch.no_grad():  # positions matter: the same tokens in another order give other states
+        assert not torch.allclose(ours.encoder(ids)[:, 0], ours.encoder(ids.flip(1))[:, -1], atol=1e-2)
+    with pytest.raises(ValueError):
+        transformers.AutoModelForTokenClassification.from_pretrained(str(tmp_path))
