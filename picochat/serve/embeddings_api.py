@@ -28,8 +28,10 @@ MAX_INPUTS = 2048  # OpenAI's limit per request
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # e.g. `user`, as the other endpoints
+    # every field OpenAI defines is named here, so a misspelt one (`dimension`) is a 400, not dropped
+    model_config = ConfigDict(extra="forbid")
     model: Optional[str] = Field(default=None, max_length=256)
+    user: Optional[str] = Field(default=None, max_length=256)  # OpenAI's end-user id for abuse reports: unused
     input: Union[str, list]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Optional[int] = Field(default=None, ge=1)
@@ -46,9 +48,14 @@ class EmbeddingRequest(BaseModel):
 
         def is_id(x):
             return isinstance(x, int) and not isinstance(x, bool)
-        if not (all(isinstance(x, str) for x in items) or all(is_id(x) for x in items)
-                or all(isinstance(x, list) and all(is_id(t) for t in x) for x in items)):
-            raise ValueError(f"input must be {shapes}, not a mixture")
+        for i, x in enumerate(items):
+            wrong = [t for t in x if not is_id(t)] if isinstance(x, list) else \
+                ([] if isinstance(x, str) or is_id(x) else [x])
+            if wrong:
+                raise ValueError(f"input[{i}] holds {type(wrong[0]).__name__} {wrong[0]!r}: {shapes}")
+        kinds = {"text" if isinstance(x, str) else "id" if is_id(x) else "ids" for x in items}
+        if len(kinds) > 1:
+            raise ValueError(f"input mixes strings, token ids and token-id lists; give {shapes}")
         if len(items) > MAX_INPUTS and not is_id(items[0]):
             raise ValueError(f"at most {MAX_INPUTS} inputs per request, got {len(items)}")
         for i, x in enumerate(items):

@@ -2,7 +2,7 @@
 
     picochat bert mlm   --out-dir runs/bert-mlm                         masked-LM pretraining
     picochat bert pos   --init runs/bert-mlm --out-dir runs/bert-pos    12-tag universal POS tagging
-    picochat bert genre --init runs/bert-mlm --out-dir runs/bert-genre  press / non-fiction / learned / fiction
+    picochat bert genre --init runs/bert-mlm --out-dir runs/bert-genre  press / general / learned / fiction
 
 Documents are split once (data.brown_tags.split_documents, seed 0): every task trains on the same
 training documents and never sees the validation or test ones (masked-LM pretraining included). At
@@ -51,9 +51,14 @@ class BertTrainConfig:
     vocab_size: int = 8000
     """WordPiece vocabulary learned from the training documents (a new model only)."""
     max_len: int = 128
-    """Tokens per row ([CLS] and [SEP] included); longer sentences are cut between words into rows."""
+    """Tokens per row ([CLS] and [SEP] included); a sentence longer than a row is cut between words into
+    rows. A new model's position table is this long (an mlm run for genre passages wants 256); genre
+    passages must fit whole."""
     passage_words: int = 100
     """genre: words per passage (passages end on sentence boundaries)."""
+    passage_shifts: int = 1
+    """genre: cut each training document this many times, each cut starting one more sentence in, so
+    training sees passages that begin at other places (evaluation keeps the one cut the baseline sees)."""
     dropout: float = 0.0
     """Dropout on attention weights and residual branches (0: these small runs underfit, never overfit)."""
     max_steps: int = 2000
@@ -91,8 +96,11 @@ class BertTrainConfig:
         if self.init and shaped:
             raise PicochatError(f"--{shaped[0].replace('_', '-')} shapes a new model; with --init the model "
                                 f"(and its vocabulary) come from {self.init}")
-        if self.passage_words != BertTrainConfig.passage_words and self.task != "genre":
-            raise PicochatError("--passage-words is for the genre task")
+        for name in ("passage_words", "passage_shifts"):
+            if getattr(self, name) != getattr(BertTrainConfig, name) and self.task != "genre":
+                raise PicochatError(f"--{name.replace('_', '-')} is for the genre task")
+        if self.passage_shifts < 1:
+            raise PicochatError(f"--passage-shifts must be at least 1, got {self.passage_shifts}")
         if self.vocab_size < 100:
             raise PicochatError(f"--vocab-size {self.vocab_size} is too small for WordPiece; try 8000")
 
@@ -108,8 +116,12 @@ def load_bert_run(path) -> tuple[object, object, dict]:
     if hf_cfg.get("model_type") not in ("bert", "picochat_bert"):
         raise PicochatError(f"{path} is not a BERT checkpoint (config.json model_type is "
                             f"{hf_cfg.get('model_type', hf_cfg.get('format'))!r}); train one with `picochat bert`")
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    if [tok.token_to_id(t) for t in D.SPECIALS] != list(range(len(D.SPECIALS))):
+        raise PicochatError(f"{path} is a BERT model but not a `picochat bert` run (its special tokens are not "
+                            f"{', '.join(D.SPECIALS)} = 0..4); train one with `picochat bert`")
     model = bert_task_from_state(hf_cfg, load_file(str(ckpt / "model.safetensors")))
-    return model.eval(), Tokenizer.from_file(str(ckpt / "tokenizer.json")), hf_cfg
+    return model.eval(), tok, hf_cfg
 
 
 def _data(cfg: BertTrainConfig, tok):
@@ -126,11 +138,17 @@ def _data(cfg: BertTrainConfig, tok):
                 for docs in splits] + [UNIVERSAL_TAGS]
     groups = tuple(sorted(set(GENRE_GROUPS.values())))
     out = []
-    for docs in splits:
-        texts = [(p, groups.index(GENRE_GROUPS[d["genre"]])) for d in docs for p in passages(d, cfg.passage_words)]
+    for k, docs in enumerate(splits):
+        shifts = range(cfg.passage_shifts if k == 0 else 1)  # (the training split only)
+        texts = [(p, groups.index(GENRE_GROUPS[d["genre"]])) for d in docs for shift in shifts
+                 for p in passages(d | {"sentences": d["sentences"][shift:]}, cfg.passage_words)]
         enc = tok.encode_batch([t for t, _ in texts])
-        out.append([(e.ids[:cfg.max_len - 1] + ([D.SEP] if len(e.ids) > cfg.max_len else []), y)
-                    for e, (_, y) in zip(enc, texts)])
+        over = sum(len(e.ids) > cfg.max_len for e in enc)
+        if over:  # a cut passage would be judged (and scored) on its beginning alone
+            raise PicochatError(f"{over} of {len(enc)} passages of {cfg.passage_words} words are longer than --max-len "
+                                f"{cfg.max_len} tokens: raise --max-len (the --init model reads at most its own) "
+                                "or lower --passage-words")
+        out.append([(e.ids, y) for e, (_, y) in zip(enc, texts)])
     return out + [groups]
 
 
@@ -185,7 +203,7 @@ def accuracy(model, rows, task: str, vocab_size: int, batch_size: int = 64, seed
 
 def _new_config(cfg: BertTrainConfig, vocab_size: int):
     from ..model.config import ModelConfig
-    return ModelConfig(vocab_size=vocab_size, block_size=max(cfg.max_len, 256), n_layer=cfg.n_layer,
+    return ModelConfig(vocab_size=vocab_size, block_size=cfg.max_len, n_layer=cfg.n_layer,
                        n_head=cfg.n_head, n_embd=cfg.n_embd, ffn_hidden=4 * cfg.n_embd, pos=cfg.positions,
                        norm="layernorm", norm_eps=1e-12, norm_position="post", activation="gelu", bias=True,
                        tie_embeddings=False, dropout=cfg.dropout)
@@ -219,20 +237,25 @@ def _writers(model, tok, cfg: BertTrainConfig):
 def _tokenizer_and_model(cfg: BertTrainConfig, labels: tuple[str, ...], train_docs):
     from ..checkpoints.io import CheckpointManager
     from ..model.bert import BertForTask
+    from tokenizers import Tokenizer
     task = {"mlm": "mlm", "pos": "token", "genre": "sequence"}[cfg.task]
+    latest = CheckpointManager(cfg.out_dir).latest() if cfg.resume else None
+    mine = Tokenizer.from_file(str(latest / "tokenizer.json")) if latest is not None else None
+    torch.manual_seed(cfg.seed)  # the head's initialisation: this run's seed, whatever ran before in the process
     if cfg.init:
         base, tok, _ = load_bert_run(cfg.init)
+        if cfg.max_len > base.config.block_size:
+            raise PicochatError(f"--max-len {cfg.max_len} is more than {cfg.init} reads ({base.config.block_size} "
+                                "positions); lower it, or pretrain with a larger --max-len")
+        if mine is not None and mine.to_str() != tok.to_str():
+            raise PicochatError(f"cannot resume: {latest} was trained with another vocabulary than {cfg.init} has "
+                                "now; resume with the --init it started from, or use a new --out-dir")
         model = BertForTask(dataclasses.replace(base.config, dropout=cfg.dropout), task, labels)
         model.encoder.load_state_dict(base.encoder.state_dict())
         return tok, model
-    latest = CheckpointManager(cfg.out_dir).latest() if cfg.resume else None
-    if latest is not None:  # the vocabulary the run started with (WordPiece training is not bit-stable across versions)
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(latest / "tokenizer.json"))
-    else:
-        tok = D.train_wordpiece((" ".join(w for w, _ in s) for d in train_docs for s in d["sentences"]),
-                                cfg.vocab_size)
-    torch.manual_seed(cfg.seed)
+    # resuming: the vocabulary the run started with (WordPiece training is not bit-stable across versions)
+    tok = mine or D.train_wordpiece((" ".join(w for w, _ in s) for d in train_docs for s in d["sentences"]),
+                                    cfg.vocab_size)
     return tok, BertForTask(_new_config(cfg, tok.get_vocab_size()), task, labels)
 
 

@@ -72,12 +72,15 @@ def tagged_rows(tok, sentences: Iterable[Sequence[tuple[str, str]]], tag_index: 
 
 def text_rows(tok, sentences: Iterable[Sequence[str]], max_len: int) -> list[list[int]]:
     """Consecutive sentences (lists of words) packed into rows of at most max_len ids, for masked-LM."""
-    rows, cur = [], []
+    rows, cur, room = [], [], max_len - 2
     for sentence in sentences:
-        ids = [t for p in word_pieces(tok, sentence) for t in p][:max_len - 2]
-        if cur and len(cur) + len(ids) > max_len - 2:
+        ids = [t for p in word_pieces(tok, sentence) for t in p]
+        if cur and len(cur) + len(ids) > room:
             rows.append([CLS, *cur, SEP])
             cur = []
+        while len(ids) > room:  # a sentence longer than a row: whole rows of it, then the rest
+            rows.append([CLS, *ids[:room], SEP])
+            ids = ids[room:]
         cur += ids
     if cur:
         rows.append([CLS, *cur, SEP])

@@ -31,12 +31,8 @@ class TranslateConfig:
     """Print one JSON object {"source", "translation"} per text instead of the plain translation."""
 
     def __post_init__(self):
-        if self.beam < 1:
-            raise PicochatError(f"--beam must be at least 1, got {self.beam}")
-        if self.length_penalty < 0:
-            raise PicochatError(f"--length-penalty must be >= 0, got {self.length_penalty}")
-        if self.beam == 1 and self.length_penalty != TranslateConfig.length_penalty:
-            raise PicochatError("--length-penalty ranks beam search hypotheses; give --beam 2 or more too")
+        from .evaluate import check_decoding
+        check_decoding(self.beam, self.length_penalty)
 
 
 def translate(cfg: TranslateConfig) -> list[str]:

@@ -124,6 +124,12 @@ def build_vocabs(pairs: list[tuple[str, str]], shared: bool) -> Vocabs:
     return Vocabs(Vocab(src), Vocab(tgt), False)
 
 
+def unseen_words(pairs: list[tuple[str, str]], vocabs: Vocabs) -> list[str]:
+    """The words of the pairs outside the vocabularies, English first, each once (empty: all of them are known)."""
+    return list(dict.fromkeys(vocabs.source.unknown([w for en, _ in pairs for w in source_words(en)])
+                              + vocabs.target.unknown([w for _, fr in pairs for w in target_words(fr)])))
+
+
 def split_numbers(max_number: int = 9999, test_fraction: float = 0.1, val_fraction: float = 0.05,
                   seed: int = 0) -> dict[str, list[int]]:
     """{"train", "val", "test"}: a fixed-seed shuffle of 0..max_number cut into three disjoint, sorted sets."""

@@ -10,8 +10,19 @@ from pathlib import Path
 
 import torch
 
+from ..errors import PicochatError
 from ..model.seq2seq import Seq2Seq
 from .data import BOS, EOS, Vocabs, join_target, pad_rows, source_words
+
+
+def check_decoding(beam: int, length_penalty: float) -> None:
+    """The decoding options, refused alike by `picochat translate` and `picochat translate train`."""
+    if beam < 1:
+        raise PicochatError(f"--beam must be at least 1, got {beam}")
+    if length_penalty < 0:
+        raise PicochatError(f"--length-penalty must be >= 0, got {length_penalty}")
+    if beam == 1 and length_penalty != 1.0:  # 1.0: the default of both commands
+        raise PicochatError("--length-penalty ranks beam search hypotheses; give --beam 2 or more too")
 
 
 def encode_sources(vocabs: Vocabs, texts: list[str], device=None) -> torch.Tensor:

@@ -28,7 +28,8 @@ from ..errors import PicochatError
 from ..fsutil import atomic_dir, atomic_write
 from ..model.seq2seq import Seq2Seq, Seq2SeqConfig, Seq2SeqShape
 from ..train.loop import TrainConfig, Trainer
-from .data import PairTensors, Vocabs, build_vocabs, epoch_order, pairs_for, split_numbers, target_words
+from .data import (PairTensors, Vocabs, build_vocabs, epoch_order, pairs_for, split_numbers, target_words,
+                   unseen_words)
 
 FORMAT, VERSION = "picochat-seq2seq", 1
 
@@ -74,10 +75,8 @@ class TranslateTrainConfig(Seq2SeqShape, TrainConfig):
         TrainConfig.__post_init__(self)
         Seq2SeqShape.__post_init__(self)  # widths, heads, layers: checked before any data is made
         split_numbers(self.max_number, self.test_fraction, self.val_fraction, self.split_seed)  # checks them
-        if self.beam < 1:
-            raise PicochatError(f"--beam must be at least 1, got {self.beam}")
-        if self.length_penalty < 0:
-            raise PicochatError(f"--length-penalty must be >= 0, got {self.length_penalty}")
+        from .evaluate import check_decoding
+        check_decoding(self.beam, self.length_penalty)  # as `picochat translate`: a penalty needs --beam 2+
         if self.threads < 0:
             raise PicochatError(f"--threads must be >= 0 (0 = one per core), got {self.threads}")
 
@@ -165,6 +164,19 @@ def load_translator(path, device: str = "cpu") -> tuple[Seq2Seq, Vocabs, Path]:
 
 
 # ---- training ---------------------------------------------------------------------------------------------
+def check_held_out(cfg: TranslateTrainConfig, vocabs: Vocabs, held_out: list[tuple[str, str]]) -> None:
+    """Refuse, before any training step, a beam the target vocabulary cannot fill and held-out (validation or
+    test) numbers whose words training never sees: both would only fail at the evaluations."""
+    widest = len(vocabs.target) - 2  # beam search's first step extends BOS by every token but PAD and BOS
+    if cfg.beam > widest:
+        raise PicochatError(f"--beam {cfg.beam} is wider than the target vocabulary allows (its {widest - 1} "
+                            f"words and EOS): give --beam {widest} or less")
+    unseen = unseen_words(held_out, vocabs)
+    if unseen:
+        raise PicochatError(f"the held-out numbers use words training never sees ({', '.join(unseen)}): "
+                            "raise --max-number or change --split-seed")
+
+
 def translate_train(cfg: TranslateTrainConfig) -> dict:
     """Train, then measure held-out exact match (greedy and beam); returns (and writes) results.json's dict."""
     from .evaluate import exact_match, plot_cross_attention
@@ -172,10 +184,11 @@ def translate_train(cfg: TranslateTrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     split = split_numbers(cfg.max_number, cfg.test_fraction, cfg.val_fraction, cfg.split_seed)
-    train_pairs = pairs_for(split["train"])
+    train_pairs, val_pairs, test_pairs = (pairs_for(split[k]) for k in ("train", "val", "test"))
     vocabs = build_vocabs(train_pairs, cfg.shared_vocab)
-    train, val = PairTensors(train_pairs, vocabs), PairTensors(pairs_for(split["val"]), vocabs)
-    longest = max(train.src.size(1), train.tgt.size(1), val.src.size(1), val.tgt.size(1))
+    check_held_out(cfg, vocabs, val_pairs + test_pairs)  # what would only fail after training, refused now
+    train, val, test = (PairTensors(p, vocabs) for p in (train_pairs, val_pairs, test_pairs))
+    longest = max(t.size(1) for d in (train, val, test) for t in (d.src, d.tgt))
     if longest > cfg.block_size:
         raise PicochatError(f"--block-size {cfg.block_size} is shorter than the longest sentence ({longest} tokens "
                             "with BOS/EOS); give at least that")
@@ -228,7 +241,6 @@ def translate_train(cfg: TranslateTrainConfig) -> dict:
     rows = trainer.fit()
     train_s = time.perf_counter() - t0
     model = trainer.raw_model.eval()
-    test_pairs = pairs_for(split["test"])
     greedy = exact_match(model, vocabs, test_pairs, beam=1)
     beam = exact_match(model, vocabs, test_pairs, beam=cfg.beam, length_penalty=cfg.length_penalty)
     example = max(test_pairs, key=lambda p: len(target_words(p[1])))[0]  # the longest French: the richest map

@@ -41,3 +41,25 @@ def test_non_encoder_checkpoint_and_overlong_text_are_one_line_errors(tmp_path, 
     with pytest.raises(PicochatError, match=r"notes.txt:3 is 302 tokens"):
         embed(EmbedConfig(texts=["q"], search=str(notes)))
     capsys.readouterr()
+
+
+def test_a_sentence_transformers_folder_keeps_its_own_pooling_and_length(tmp_path):
+    """A folder's 1_Pooling/config.json and sentence_bert_config.json are honoured: CLS pooling is refused by
+    name (mean pooling would give other vectors), max_seq_length becomes the limit."""
+    import json
+    from picochat.encoder.embeddings import load_encoder
+    from picochat.model.bert import minilm_dir
+    folder = tmp_path / "st"
+    folder.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        (folder / f).symlink_to(minilm_dir() / f)
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 128}))
+    assert load_encoder(str(folder)).max_tokens == 128
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True,
+                                                                  "pooling_mode_mean_tokens": False}))
+    with pytest.raises(PicochatError, match="other than by the mean"):
+        load_encoder(str(folder))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(PicochatError, match="lacks model.safetensors"):
+        load_encoder(str(folder))

@@ -76,7 +76,10 @@ def test_models_lists_the_encoder_as_such(client):
     ({"input": ""}, 400, "input", "empty string"),
     ({"input": ["ok", ""]}, 400, "input", "input 1"),
     ({"input": [[1, 2], []]}, 400, "input", "empty list"),
-    ({"input": [5, "a"]}, 400, "input", None),
+    ({"input": [5, "a"]}, 400, "input", "mixes"),
+    ({"input": [1.5]}, 400, "input", "input[0] holds float 1.5"),
+    ({"input": [[1, None]]}, 400, "input", "input[0] holds NoneType"),
+    ({"input": "hi", "dimension": 384}, 400, "dimension", "Extra inputs"),
     ({"input": [10**9]}, 400, "input", "token ids must be in"),
     ({"input": "word " * 300}, 400, "input", "at most 256"),
     ({"input": "hi", "encoding_format": "int8"}, 400, "encoding_format", None),
@@ -92,8 +95,9 @@ def test_bad_requests_name_the_field(client, body, status, param, words):
     assert err["param"] == param and (words is None or words in err["message"]), err
 
 
-def test_dimensions_equal_to_the_model_size_is_honoured(client):
-    assert len(client.post("/v1/embeddings", json={"input": "hi", "dimensions": 384}).json()["data"][0]["embedding"]) == 384
+def test_dimensions_equal_to_the_model_size_and_user_are_accepted(client):
+    body = {"input": "hi", "dimensions": 384, "user": "alice"}
+    assert len(client.post("/v1/embeddings", json=body).json()["data"][0]["embedding"]) == 384
 
 
 def test_an_encoder_cannot_chat_and_says_which_models_can(client):

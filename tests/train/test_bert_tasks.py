@@ -71,13 +71,18 @@ def test_three_tasks_end_to_end_and_the_verbs_that_use_them(tmp_path, capsys):
     from picochat.train.bert import BertTrainConfig, train_bert
     small = dict(max_steps=30, eval_every=15, batch_size=8, progress=False)
     mlm = train_bert(BertTrainConfig(task="mlm", out_dir=str(tmp_path / "mlm"), vocab_size=1000, n_layer=1, n_head=2,
-                                     n_embd=32, **small))
+                                     n_embd=32, max_len=256, **small))
     assert mlm["baseline"]["name"] == "commonest token" and 0 <= mlm["test_accuracy"] <= 1
     pos = train_bert(BertTrainConfig(task="pos", init=str(tmp_path / "mlm"), out_dir=str(tmp_path / "pos"),
                                      lr=3e-3, **small))
     assert pos["test_accuracy"] > 0.3 and pos["baseline"]["accuracy"] > 0.9 and pos["test_n"] > 200_000
-    genre = train_bert(BertTrainConfig(task="genre", init=str(tmp_path / "mlm"), out_dir=str(tmp_path / "genre"),
-                                       **small))
+    with pytest.raises(PicochatError, match="longer than --max-len 128"):  # a cut passage is never scored
+        train_bert(BertTrainConfig(task="genre", init=str(tmp_path / "mlm"), out_dir=str(tmp_path / "g0"), **small))
+    with pytest.raises(PicochatError, match="--max-len 512 is more than"):
+        train_bert(BertTrainConfig(task="genre", init=str(tmp_path / "mlm"), out_dir=str(tmp_path / "g1"),
+                                   max_len=512, **small))
+    genre = train_bert(BertTrainConfig(task="genre", init=str(tmp_path / "pos"), out_dir=str(tmp_path / "genre"),
+                                       max_len=256, **small))
     assert set(json.loads((tmp_path / "genre" / "results.json").read_text())) >= {"test_accuracy", "baseline"}
     assert genre["documents"] == {"train": 349, "val": 51, "test": 100}
     capsys.readouterr()

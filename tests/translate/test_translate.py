@@ -79,6 +79,23 @@ def one_line_error(capsys, argv, match):
     assert match.lower() in err[0].lower(), err[0]
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--max-number", "200", "--beam", "29"], "--beam 29 is wider than the target vocabulary allows (its 27 words "
+                                              "and EOS): give --beam 28 or less"),
+    (["--max-number", "50"], "the held-out numbers use words training never sees (twelve, douze): "
+                             "raise --max-number or change --split-seed"),
+    (["--max-number", "31"], "words training never sees (nineteen)"),  # a validation number's, the test's are known
+    (["--max-number", "389", "--test-fraction", "0.3", "--split-seed", "4", "--block-size", "10"],
+     "--block-size 10 is shorter than the longest sentence (11 tokens"),  # a test number's: train's and val's fit
+    (["--beam", "1", "--length-penalty", "0.5"], "--length-penalty ranks beam search hypotheses; give --beam 2"),
+])
+def test_mistakes_are_refused_before_training(tmp_path, capsys, args, match):
+    """What would only fail at the final evaluation (after all the training) is refused before the first step."""
+    out = tmp_path / "run"
+    one_line_error(capsys, ["translate", "train", "--out-dir", str(out), *args], match)
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """A translator trained for a few seconds (tiny, far from good): for the plumbing, not the quality."""
