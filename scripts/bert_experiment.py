@@ -17,16 +17,17 @@ Writes results.json and bert_experiment.png into --out-dir and prints one JSON l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from picochat.fsutil import atomic_write  # noqa: E402
-from picochat.train.bert import BertTrainConfig, train_bert  # noqa: E402
+from picochat.train.bert import BertTrainConfig  # noqa: E402
+from picochat.train.bert import train_bert as train_stage  # noqa: E402
 
 
 def plot(results: dict, path: Path) -> None:
@@ -66,11 +67,20 @@ def main() -> int:
     ap.add_argument("--genre-steps", type=int, default=500)
     ap.add_argument("--plot", type=Path, default=None, help="also copy the picture here (e.g. docs/bert_experiment.png)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--restart", action="store_true", help="train every stage again instead of going on")
     args = ap.parse_args()
     shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(1, args.n_embd // 32))
     quiet = dict(progress=args.progress)
     out = args.out_dir
-    t0 = time.time()
+
+    def train_bert(cfg: BertTrainConfig) -> dict:
+        """A stage whose results.json exists is done (run the script again after a kill: it goes on where
+        it stopped; --restart starts over)."""
+        done = Path(cfg.out_dir) / "results.json"
+        if done.is_file() and not args.restart:
+            print(f"{cfg.task}: done before, {done}", flush=True)
+            return json.loads(done.read_text())
+        return train_stage(dataclasses.replace(cfg, resume=not args.restart))
     # 256-token rows, so the position table covers a whole genre passage; 16 rows = 4k tokens a step
     results = {"mlm": train_bert(BertTrainConfig(task="mlm", out_dir=str(out / "mlm"), vocab_size=args.vocab_size,
                                                  max_len=256, max_steps=args.mlm_steps, batch_size=16, lr=1e-3,
@@ -84,9 +94,11 @@ def main() -> int:
                                                   dropout=0.1, **quiet))
     summary = {t: {"test_accuracy": r["test_accuracy"], "baseline": r["baseline"]["name"],
                    "baseline_accuracy": r["baseline"]["accuracy"], "train_seconds": r["train_seconds"]}
-               for t, r in results.items()} | {"total_seconds": round(time.time() - t0, 1),
+               for t, r in results.items()} | {"train_seconds_all_stages": round(sum(r["train_seconds"] for r in results.values()), 1),
                                                "shape": shape,
-                                               "vocab_size": args.vocab_size}
+                                               "vocab_size": args.vocab_size,
+                                               "genre_passages_too_long_dropped": results["genre"].get(
+                                                   "passages_too_long_dropped")}
     atomic_write(out / "results.json", json.dumps(summary, indent=2))
     plot(results, out / "bert_experiment.png")
     if args.plot:
