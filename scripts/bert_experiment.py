@@ -56,6 +56,32 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def minilm_probe(out: Path, fresh: bool, words: int = 100) -> dict:
+    """The yardstick for genre: the real all-MiniLM-L6-v2's mean-pooled embeddings (pretrained on a billion
+    sentence pairs, frozen) + logistic regression, on the same train / test documents' passages."""
+    done = out / "minilm_probe.json"
+    if done.is_file() and not fresh:
+        return json.loads(done.read_text())
+    from sklearn.linear_model import LogisticRegression
+    from picochat.data.brown_tags import labelled_passages, load_tagged, split_documents
+    from picochat.encoder.embeddings import load_encoder
+    enc = load_encoder("minilm")
+    train, _, test = split_documents(load_tagged())
+
+    def features(docs):
+        rows = labelled_passages(docs, words)
+        seqs = enc.encode([t for t, _ in rows])
+        keep = [i for i, s in enumerate(seqs) if len(s) <= enc.max_tokens]  # (never cut: left out, counted)
+        return enc.embed_ids([seqs[i] for i in keep], 64).numpy(), [rows[i][1] for i in keep], len(rows) - len(keep)
+    X, y, dropped_train = features(train)
+    Xt, yt, dropped_test = features(test)
+    clf = LogisticRegression(max_iter=3000, C=10.0).fit(X, y)
+    result = {"test_accuracy": round(float((clf.predict(Xt) == yt).mean()), 4), "test_n": len(yt),
+              "dropped": {"train": dropped_train, "test": dropped_test}}
+    atomic_write(done, json.dumps(result))
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out-dir", type=Path, default=Path("runs/bert"))
@@ -68,6 +94,8 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=None, help="also copy the picture here (e.g. docs/bert_experiment.png)")
     ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--restart", action="store_true", help="train every stage again instead of going on")
+    ap.add_argument("--minilm-probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="also score genre with frozen all-MiniLM-L6-v2 embeddings + logistic regression (~3 min)")
     args = ap.parse_args()
     shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(1, args.n_embd // 32))
     quiet = dict(progress=args.progress)
@@ -92,13 +120,15 @@ def main() -> int:
     results["genre"] = train_bert(BertTrainConfig(task="genre", init=str(out / "pos"), out_dir=str(out / "genre"),
                                                   max_len=256, max_steps=args.genre_steps, batch_size=32, lr=3e-4,
                                                   dropout=0.1, **quiet))
+    probe = minilm_probe(out, args.restart) if args.minilm_probe else None
     summary = {t: {"test_accuracy": r["test_accuracy"], "baseline": r["baseline"]["name"],
                    "baseline_accuracy": r["baseline"]["accuracy"], "train_seconds": r["train_seconds"]}
                for t, r in results.items()} | {"train_seconds_all_stages": round(sum(r["train_seconds"] for r in results.values()), 1),
                                                "shape": shape,
                                                "vocab_size": args.vocab_size,
                                                "genre_passages_too_long_dropped": results["genre"].get(
-                                                   "passages_too_long_dropped")}
+                                                   "passages_too_long_dropped"),
+                                               "genre_minilm_probe": probe}
     atomic_write(out / "results.json", json.dumps(summary, indent=2))
     plot(results, out / "bert_experiment.png")
     if args.plot:
