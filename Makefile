@@ -16,8 +16,8 @@ help:
 	@echo "make pipeline  a chat model from scratch: tokenizer -> data -> pretrain -> SFT -> eval -> report card (~25 min)"
 	@echo "make digits    the digit question: merged vs split digit tokens, measured on held-out addition (~10 min)"
 	@echo "make rlhf      the RLHF experiment: SFT, honest pairs, reward model, PPO, GRPO, DPO on held-out addition (~25 min)"
-	@echo "make translate the 2017 encoder-decoder Transformer: English -> French number words, held-out exact match (1-6 min)"
-	@echo "make bert      a small BERT from scratch on Brown: masked-LM, POS tagging, genres, held out by document (~25 min)"
+	@echo "make translate the 2017 encoder-decoder Transformer: English -> French number words, held-out exact match (~1 min)"
+	@echo "make bert      a small BERT from scratch on Brown: masked-LM, POS tagging, genres, held out by document (~20 min)"
 	@echo "make bench     run the benchmarks (one JSON line each)"
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
