@@ -58,7 +58,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type,
         help_text = docs.get(f.name, "")
         # "(default: None)" says nothing: the docstring explains what leaving it out means
         shown = "" if default in (None, "", []) else f" (default: {default})"
-        kwargs: dict = {"help": (help_text + shown).strip() or None}
+        # argparse %-formats help strings: a docstring's "96%" must reach it as "96%%"
+        kwargs: dict = {"help": (help_text + shown).strip().replace("%", "%%") or None}
         choices = typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else None
         if choices:
             kwargs["choices"] = list(choices)

@@ -71,3 +71,11 @@ def test_not_a_checkpoint(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     one_line_error(capsys, ["generate", str(tmp_path)], "import")
     one_line_error(capsys, ["generate", str(tmp_path / "missing")], "no checkpoint")
+
+
+@pytest.mark.parametrize("verb", __import__("picochat.cli", fromlist=["VERBS"]).VERBS)
+def test_every_verb_prints_its_help(verb, capsys):
+    """--help renders for every verb (argparse %-formats help text: a docstring's bare "%" once crashed one)."""
+    with pytest.raises(SystemExit) as e:
+        main([verb, "--help"])
+    assert e.value.code == 0 and "usage: picochat" in capsys.readouterr().out
