@@ -78,10 +78,11 @@ class Encoder:
                                     f"most {self.max_tokens}: shorten it or split it")
 
     @torch.no_grad()
-    def embed_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 32) -> torch.Tensor:
-        """(N, d) unit-length mean-pooled embeddings. Batches are formed from inputs of similar length
-        (sorted), so a short input never pays for a long one's padding; the order is restored after."""
-        self.check_lengths(seqs)
+    def embed_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 32, what: str = "input") -> torch.Tensor:
+        """(N, d) unit-length mean-pooled embeddings; an over-long sequence is refused (naming `what` i).
+        Batches are formed from inputs of similar length (sorted), so a short input never pays for a long
+        one's padding; the order is restored after."""
+        self.check_lengths(seqs, what)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = torch.zeros(len(seqs), self.dim)
         with self.lock:
@@ -97,9 +98,7 @@ class Encoder:
         return out
 
     def embed_texts(self, texts: Sequence[str], what: str = "text", batch_size: int = 32) -> torch.Tensor:
-        seqs = self.encode(texts)
-        self.check_lengths(seqs, what)
-        return self.embed_ids(seqs, batch_size)
+        return self.embed_ids(self.encode(texts), batch_size, what)
 
 
 def _trained_length(folder: Path, model) -> int:

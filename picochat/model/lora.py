@@ -314,3 +314,22 @@ def load_adapter_model(path, device="cpu", dtype=None, quantize=None):
     load_lora_state(model, load_state(adir / ADAPTER_WEIGHTS))
     merge_lora(model)
     return place_model(model, device, dtype, quantize), read_tokenizer(adir, base_tok), adir
+
+
+def save_trained(model, lora: Optional[LoraConfig], out_dir, *, base: str, tokenizer, extra_files: dict) -> None:
+    """A training checkpoint of `model`: the whole model, or for a LoRA run its adapters and a reference
+    to the base (the stages' Trainer hooks share this, and load_trained)."""
+    from ..checkpoints.io import save_model
+    if lora is None:
+        save_model(model, out_dir, tokenizer, extra_files)
+    else:
+        save_adapter(model, lora, out_dir, base=base, tokenizer=tokenizer, extra_files=extra_files)
+
+
+def load_trained(model, lora: Optional[LoraConfig], ckpt: Path) -> None:
+    """Read what save_trained wrote back into `model` (LoRA already added for a LoRA run)."""
+    from ..checkpoints.io import load_state, load_weights_into
+    if lora is None:
+        load_weights_into(model, load_state(ckpt / "model.safetensors"), str(ckpt))
+    else:
+        load_lora_state(model, load_state(ckpt / ADAPTER_WEIGHTS))

@@ -59,9 +59,10 @@ class ServeConfig:
     max_request_tokens: int = 8192
     """Most tokens one request may ask for in all (n x max_tokens), so one client cannot book every slot."""
     dtype: str = "auto"
-    """auto (bf16 where the CPU/GPU is fast at it), fp32, bf16 or fp16."""
+    """Chat models: auto (bf16 where the CPU/GPU is fast at it), fp32, bf16 or fp16. Encoders always run fp32
+    (their embeddings then equal `picochat embed`'s)."""
     quantize: Optional[str] = None
-    """int8: weight-only int8 matmuls (smaller, faster decoding on CPUs)."""
+    """Chat models: int8 weight-only matmuls (smaller, faster decoding on CPUs); encoders are not quantized."""
     max_body_mb: float = 4.0
     """Largest request body accepted, in MB."""
 

@@ -111,8 +111,7 @@ async def embeddings(body: EmbeddingRequest, request: Request):
         raise bad_request(f"{enc.name} gives {enc.dim}-dimensional embeddings and cannot shorten them (it was not "
                           f"trained to); leave dimensions out or set it to {enc.dim}", "dimensions")
     seqs = await asyncio.to_thread(_sequences, enc, body.input)
-    try:
-        enc.check_lengths(seqs)
+    try:  # embed_ids refuses an over-long input before any forward pass
         vectors = await asyncio.to_thread(enc.embed_ids, seqs)
     except PicochatError as e:
         raise bad_request(str(e), "input") from None

@@ -156,27 +156,36 @@ def _data(cfg: BertTrainConfig, tok, dropped: Optional[dict] = None):
     return out + [groups]
 
 
+def make_batch(task: str, pick: list, vocab_size: int, gen: torch.Generator):
+    """(inputs, attention mask, targets) of some rows: mlm corrupts them with BERT's masking (targets -100
+    except at the chosen tokens), pos pads the tags with -100, genre has one label per row."""
+    if task == "mlm":
+        ids = D.pad(pick, D.PAD)
+        inputs, y = D.mask_tokens(ids, vocab_size, gen)
+        return inputs, (ids != D.PAD).long(), y
+    ids = D.pad([r[0] for r in pick], D.PAD)
+    y = D.pad([r[1] for r in pick], D.IGNORE) if task == "pos" else torch.tensor([r[1] for r in pick])
+    return ids, (ids != D.PAD).long(), y
+
+
 def _batch(cfg, rows, batches: D.Batches, vocab_size: int):
     def batch_fn(step: int, micro: int):
-        pick = [rows[i] for i in batches.indices(step, micro)]
-        if cfg.task == "mlm":
-            ids = D.pad(pick, D.PAD)
-            g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)
-            inputs, targets = D.mask_tokens(ids, vocab_size, g)
-            return inputs, (ids != D.PAD).long(), targets
-        ids = D.pad([r[0] for r in pick], D.PAD)
-        y = D.pad([r[1] for r in pick], D.IGNORE) if cfg.task == "pos" else torch.tensor([r[1] for r in pick])
-        return ids, (ids != D.PAD).long(), y
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + micro)  # (mlm's masking)
+        return make_batch(cfg.task, [rows[i] for i in batches.indices(step, micro)], vocab_size, g)
     return batch_fn
 
 
-def loss_fn(model, batch):
+def scored(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, targets) where the loss is: the per-token heads run on the labelled positions only."""
     ids, mask, y = batch
     select = (y != D.IGNORE) if y.dim() == 2 else None
-    logits = model(ids, mask, select=select)  # (N, V) / (N, L) at selected positions, or (B, L)
-    target = y[select] if select is not None else y
-    loss = F.cross_entropy(logits.float(), target)
-    return loss, {"accuracy": (logits.argmax(-1) == target).float().mean().item()}
+    logits = model(ids, mask, select=select).float()  # (N, V) / (N, L) at selected positions, or (B, L)
+    return logits, (y[select] if select is not None else y)
+
+
+def loss_fn(model, batch):
+    logits, target = scored(model, batch)
+    return F.cross_entropy(logits, target), {"accuracy": (logits.argmax(-1) == target).float().mean().item()}
 
 
 @torch.no_grad()
@@ -188,17 +197,7 @@ def accuracy(model, rows, task: str, vocab_size: int, batch_size: int = 64, seed
     g = torch.Generator().manual_seed(seed)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i] if task == "mlm" else rows[i][0]))
     for s in range(0, len(order), batch_size):
-        pick = [rows[i] for i in order[s:s + batch_size]]
-        if task == "mlm":
-            ids = D.pad(pick, D.PAD)
-            inputs, y = D.mask_tokens(ids, vocab_size, g)
-        else:
-            inputs = D.pad([r[0] for r in pick], D.PAD)
-            y = D.pad([r[1] for r in pick], D.IGNORE) if task == "pos" else torch.tensor([r[1] for r in pick])
-        mask = (inputs != D.PAD).long() if task != "mlm" else (ids != D.PAD).long()
-        select = (y != D.IGNORE) if y.dim() == 2 else None
-        logits = model(inputs, mask, select=select).float()
-        target = y[select] if select is not None else y
+        logits, target = scored(model, make_batch(task, [rows[i] for i in order[s:s + batch_size]], vocab_size, g))
         right += int((logits.argmax(-1) == target).sum())
         total += target.numel()
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))

@@ -212,7 +212,8 @@ def rl_checkpoints(model: PolicyAndValue, tokenizer, lora, base: str, state: dic
     """The Trainer's hooks: the policy as a servable checkpoint (or LoRA adapter) plus value.safetensors
     and rl_state.json (the KL coefficient, which the adaptive controller changes)."""
     from safetensors.torch import save_file
-    from ..checkpoints.io import load_state, load_weights_into, save_model
+    from ..checkpoints.io import load_state
+    from ..model.lora import load_trained, save_trained
 
     def save_weights(out_dir: Path, extra_files: dict) -> None:
         files = dict(extra_files)
@@ -220,18 +221,10 @@ def rl_checkpoints(model: PolicyAndValue, tokenizer, lora, base: str, state: dic
         if model.value is not None:
             vs = _value_state(model.value, lora)
             files["value.safetensors"] = lambda p: save_file(vs, str(p))
-        if lora is None:
-            save_model(model.policy, out_dir, tokenizer, files)
-        else:
-            from ..model.lora import save_adapter
-            save_adapter(model.policy, lora, out_dir, base=base, tokenizer=tokenizer, extra_files=files)
+        save_trained(model.policy, lora, out_dir, base=base, tokenizer=tokenizer, extra_files=files)
 
     def load_weights(ckpt: Path) -> None:
-        if lora is None:
-            load_weights_into(model.policy, load_state(ckpt / "model.safetensors"), str(ckpt))
-        else:
-            from ..model.lora import load_lora_state
-            load_lora_state(model.policy, load_state(ckpt / "adapter.safetensors"))
+        load_trained(model.policy, lora, ckpt)
         if model.value is not None:
             vs = load_state(ckpt / "value.safetensors")
             want = _value_state(model.value, lora)

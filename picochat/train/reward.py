@@ -183,23 +183,15 @@ def sft_answers(model, tokenizer, template: str, prompts: list[list[dict]]) -> l
 def scalar_checkpoints(model, tokenizer, meta_fn, lora=None, base: str = "") -> dict:
     """The Trainer's hooks for a ScalarModel: the body as a picochat checkpoint (or LoRA adapter) plus the
     head; meta_fn() -> scalar.json's content at save time (e.g. the current offset)."""
-    from ..checkpoints.io import load_state, load_weights_into, save_model
+    from ..model.lora import load_trained, save_trained
     from ..model.scalar import head_files, load_head
 
     def save_weights(out_dir: Path, extra_files: dict) -> None:
-        files = extra_files | head_files(model, meta_fn())
-        if lora is None:
-            save_model(model.body, out_dir, tokenizer, files)
-        else:
-            from ..model.lora import save_adapter
-            save_adapter(model.body, lora, out_dir, base=base, tokenizer=tokenizer, extra_files=files)
+        save_trained(model.body, lora, out_dir, base=base, tokenizer=tokenizer,
+                     extra_files=extra_files | head_files(model, meta_fn()))
 
     def load_weights(ckpt: Path) -> None:
-        if lora is None:
-            load_weights_into(model.body, load_state(ckpt / "model.safetensors"), str(ckpt))
-        else:
-            from ..model.lora import load_lora_state
-            load_lora_state(model.body, load_state(ckpt / "adapter.safetensors"))
+        load_trained(model.body, lora, ckpt)
         load_head(model, ckpt, normalise=False)
     return {"save_weights": save_weights, "load_weights": load_weights}
 

@@ -234,14 +234,13 @@ def _replay_set(cfg: SFTConfig, model, tokenizer, template, val_convs) -> list[d
 
 def _adapter_checkpoints(model, lora, base: str, tokenizer) -> dict:
     """The Trainer's hooks for a LoRA run: checkpoints hold the adapters (and optimizer state) only."""
-    from ..checkpoints.io import load_state
-    from ..model.lora import load_lora_state, save_adapter
+    from ..model.lora import load_trained, save_trained
 
     def save_weights(out_dir: Path, extra_files: dict) -> None:
-        save_adapter(model, lora, out_dir, base=base, tokenizer=tokenizer, extra_files=extra_files)
+        save_trained(model, lora, out_dir, base=base, tokenizer=tokenizer, extra_files=extra_files)
 
     def load_weights(ckpt: Path) -> None:
-        load_lora_state(model, load_state(ckpt / "adapter.safetensors"))
+        load_trained(model, lora, ckpt)
     return {"save_weights": save_weights, "load_weights": load_weights}
 
 
