@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run chat tiny test test-fast install browser pipeline digits rlhf translate bert bench clean help
+.PHONY: run chat tiny test test-fast install browser pipeline digits rlhf translate bert vision moe bench clean help
 
 help:
 	@echo "make run       the chat app (web page + OpenAI API) on SmolLM2-135M-Instruct at http://127.0.0.1:8000"
@@ -18,6 +18,8 @@ help:
 	@echo "make rlhf      the RLHF experiment: SFT, honest pairs, reward model, PPO, GRPO, DPO on held-out addition (~25 min)"
 	@echo "make translate the 2017 encoder-decoder Transformer: English -> French number words, held-out exact match (~1 min)"
 	@echo "make bert      a small BERT from scratch on Brown: masked-LM, POS tagging, genres, held out by document (~20 min)"
+	@echo "make vision    the vision transformer on the 8x8 digits beside an SVM, held-out test accuracy (~2 min)"
+	@echo "make moe       mixture of experts vs dense at equal active parameters, equal tokens and equal time (~10-15 min)"
 	@echo "make bench     run the benchmarks (one JSON line each)"
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build
@@ -66,6 +68,13 @@ translate: $(STAMP)
 
 bert: $(STAMP)
 	$(PY) scripts/bert_experiment.py --out-dir runs/bert --plot docs/bert_experiment.png
+
+vision: $(STAMP)
+	$(VENV)/bin/picochat vision train --out-dir runs/vision
+
+# resumable: run it again after a kill and it continues the unfinished run (delete runs/moe_experiment to start over)
+moe: $(STAMP)
+	$(PY) scripts/moe_experiment.py --out-dir runs/moe_experiment
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_throughput.py

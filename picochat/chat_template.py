@@ -5,6 +5,11 @@
 
 `render_conversation` returns the ids and a loss mask (1 on the assistant's tokens, including the token
 that ends its turn, so chat fine-tuning learns to answer and to stop, never to imitate the user).
+
+A user message's content may also be a list of parts, {"type": "text", "text": ...} and {"type": "image"}
+(OpenAI's and Hugging Face processors' shape; other keys of a part are the caller's). An image part becomes
+`image_tokens` copies of <|image|>, never in the loss: a multimodal model puts the picture's N embeddings
+at those positions (model/multimodal.py).
 """
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from typing import Optional
 from .errors import PicochatError
 
 ROLES = ("system", "user", "assistant")
+
+IMAGE_TOKEN = "<|image|>"
 
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -59,12 +66,21 @@ def turn_order_error(roles: list[str], answer: bool = False) -> Optional[str]:
     return None
 
 
+def _is_part(p) -> bool:
+    return isinstance(p, dict) and (p.get("type") == "image" or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+
+
 def _check(messages: list[dict], answer: bool = False) -> None:
     if not isinstance(messages, list):
         raise PicochatError("messages must be a list of {'role', 'content'} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise PicochatError(f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': str}}")
+        content = m.get("content") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not (
+                isinstance(content, str) or (isinstance(content, list) and all(map(_is_part, content)))):
+            raise PicochatError(f"message {i} must be {{'role': one of {', '.join(ROLES)}, 'content': str or a list "
+                                "of {'type': 'text', 'text': str} and {'type': 'image'} parts}")
+        if isinstance(content, list) and m["role"] != "user" and any(p["type"] == "image" for p in content):
+            raise PicochatError(f"message {i}: only a user message may hold an image")
     why = turn_order_error([m["role"] for m in messages], answer)
     if why:
         raise PicochatError(why)
@@ -72,14 +88,30 @@ def _check(messages: list[dict], answer: bool = False) -> None:
 
 def render_conversation(messages: list[dict], tokenizer, template: Optional[str] = None,
                         add_generation_prompt: bool = False,
-                        default_system: Optional[str] = None) -> tuple[list[int], list[int]]:
+                        default_system: Optional[str] = None,
+                        image_tokens: Optional[int] = None) -> tuple[list[int], list[int]]:
     """-> (ids, loss_mask). Message text is encoded as plain text: a user typing "<|im_end|>" gets
-    ordinary tokens, never the special one (no prompt injection through the template)."""
+    ordinary tokens, never the special one (no prompt injection through the template). An image part is
+    image_tokens copies of <|image|>; a model without that token (or image_tokens) cannot take one."""
     _check(messages, answer=add_generation_prompt)
     template = template or pick_template(tokenizer)
     sp = tokenizer.special_tokens
     ids: list[int] = []
     mask: list[int] = []
+
+    def encode(content) -> list[int]:
+        if isinstance(content, str):
+            return tokenizer.encode(content)
+        out: list[int] = []
+        for part in content:
+            if part["type"] == "text":
+                out += tokenizer.encode(part["text"])
+            elif IMAGE_TOKEN not in sp or not image_tokens:
+                raise PicochatError("this model cannot see images (it has no image encoder and no "
+                                    f"{IMAGE_TOKEN} token); send text only, or use a model from `picochat vlm train`")
+            else:
+                out += [sp[IMAGE_TOKEN]] * image_tokens
+        return out
 
     def add(tokens: list[int], learn: bool):
         ids.extend(tokens)
@@ -92,7 +124,7 @@ def render_conversation(messages: list[dict], tokenizer, template: Optional[str]
         for m in messages:
             learn = m["role"] == "assistant"
             add([start] + tokenizer.encode(m["role"] + "\n"), False)
-            add(tokenizer.encode(m["content"]) + [end], learn)
+            add(encode(m["content"]) + [end], learn)
             add(nl, False)
         if add_generation_prompt:
             add([start] + tokenizer.encode("assistant\n"), False)
@@ -101,7 +133,7 @@ def render_conversation(messages: list[dict], tokenizer, template: Optional[str]
         for m in messages:
             learn = m["role"] == "assistant"
             add([sp[f"<|{m['role']}_start|>"]], False)
-            add(tokenizer.encode(m["content"]) + [sp[f"<|{m['role']}_end|>"]], learn)
+            add(encode(m["content"]) + [sp[f"<|{m['role']}_end|>"]], learn)
         if add_generation_prompt:
             add([sp["<|assistant_start|>"]], False)
     else:

@@ -26,6 +26,9 @@ VERBS = {
     "embed": "picochat.encoder.cli",
     "tag": "picochat.encoder.tasks_cli",  # and `classify`
     "translate": "picochat.translate.cli",
+    "attention": "picochat.inspect.cli",
+    "vision": "picochat.vision.cli",
+    "vlm": "picochat.train.vlm",
     "generate": "picochat.generate",
     "import": "picochat.import_cli",
     "merge-lora": "picochat.train.lora_cli",

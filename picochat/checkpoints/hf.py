@@ -119,6 +119,11 @@ def config_from_hf(hf_config: dict) -> ModelConfig:
 
 def _family_of(config: ModelConfig) -> str:
     """Which HF family can express this config, or a PicochatError naming the field that stops it."""
+    if config.moe_experts:  # exporting one expert, or none, would silently be another model
+        raise PicochatError(f"cannot export to Hugging Face: this is a mixture-of-experts model (moe_experts="
+                            f"{config.moe_experts}, moe_top_k={config.moe_top_k}) and GPT-2 and Llama have one dense "
+                            "feed-forward per block; picochat does not write the Mixtral layout, so keep the "
+                            "picochat checkpoint format for this model")
     def need(field, want, family, why=""):
         have = getattr(config, field)
         if have != want:

@@ -29,14 +29,16 @@ from ..model.config import ModelConfig
 FORMAT, VERSION = "picochat", 1
 
 
-def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional[dict] = None) -> Path:
-    """Write config + weights (+ tokenizer, + extra {name: bytes|callable(path)}) as one atomic directory."""
+def save_model(model, out_dir: str | Path, tokenizer=None, extra_files: Optional[dict] = None,
+               meta: Optional[dict] = None) -> Path:
+    """Write config + weights (+ tokenizer, + extra {name: bytes|callable(path)}) as one atomic directory.
+    meta: more top-level keys for config.json (a multimodal model's "vision", checkpoints/vlm.py)."""
     from ..model.quant import is_quantized
     if is_quantized(model):  # its int8 buffers would not load back into a GPT
         raise PicochatError("cannot save an int8-quantized model; save the original and quantize when loading")
     def fill(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(
-            {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()}, indent=2))
+            {"format": FORMAT, "version": VERSION, "model": model.config.to_dict()} | (meta or {}), indent=2))
         # tied weights are one tensor under two names; safetensors stores each storage once
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if not (model.config.tie_embeddings and k == "lm_head.weight")}

@@ -9,11 +9,16 @@ independently (stop token, stop string, max_tokens, or the model's context) and 
 
 A batch of one keeps its cache between calls: when the next prompt extends the tokens the cache holds
 (the next turn of a chat), only the new suffix is prefilled. Not thread-safe: one Engine per worker.
+
+A prompt may carry embeddings for some of its positions (PromptEmbeds: a picture's N image tokens at its
+<|image|> markers), placed at prefill. K/V are reused only for an identical prefix of *keys*: a token's
+id, or for an embedded position the digest of its embedding, so one picture's K/V never serve another's.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Hashable, Iterator, Optional
 
 import torch
 
@@ -40,6 +45,69 @@ class SamplingParams:
             raise PicochatError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if any(not s for s in self.stop_strings):
             raise PicochatError("stop strings must be non-empty")
+
+
+@dataclass
+class PromptEmbeds:
+    """Embeddings placed at some prompt positions instead of their tokens' (GPT.forward's embeds):
+    positions, sorted prompt indices; values (len(positions), d), the rows in that order."""
+    positions: list[int]
+    values: torch.Tensor
+    _digests: Optional[list[bytes]] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.positions = [int(p) for p in self.positions]
+        if self.values.dim() != 2 or self.values.size(0) != len(self.positions):
+            raise PicochatError(f"{len(self.positions)} embedded positions need values of shape "
+                                f"({len(self.positions)}, d), got {tuple(self.values.shape)}")
+        if any(b <= a for a, b in zip(self.positions, self.positions[1:])) or min(self.positions, default=0) < 0:
+            raise PicochatError("embedded positions must be distinct, sorted and >= 0")
+
+    @classmethod
+    def at_markers(cls, prompt: list[int], marker_id: int, values: torch.Tensor) -> "PromptEmbeds":
+        """values' rows, in order, at the prompt's marker tokens (a picture's N tokens per <|image|> run)."""
+        positions = [i for i, t in enumerate(prompt) if t == marker_id]
+        if len(positions) != values.size(0):
+            raise PicochatError(f"the prompt has {len(positions)} image marker tokens but {values.size(0)} image "
+                                "embeddings were given for them")
+        return cls(positions, values)
+
+    def check(self, prompt_len: int, width: int) -> None:
+        if self.positions and self.positions[-1] >= prompt_len:
+            raise PicochatError(f"an embedded position ({self.positions[-1]}) is past the prompt's {prompt_len} tokens")
+        if self.values.size(1) != width:
+            raise PicochatError(f"embeddings of width {self.values.size(1)} for a model of width {width}")
+
+    def keys(self, prompt: list[int]) -> list[Hashable]:
+        """What prefix reuse compares: the ids, with each embedded position's id replaced by a digest of its
+        embedding (two pictures' markers are the same ids; their K/V are not interchangeable)."""
+        if self._digests is None:
+            rows = self.values.detach().to("cpu", torch.float32).contiguous().numpy()
+            self._digests = [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in rows]
+        keys: list[Hashable] = list(prompt)
+        for p, d in zip(self.positions, self._digests):
+            keys[p] = ("embed", d)
+        return keys
+
+    def window(self, start: int, end: int, device=None) -> dict:
+        """GPT.forward's embeds/embeds_mask for prompt[start:end] (a prefill chunk), or {} if none falls in it."""
+        sel = [j for j, p in enumerate(self.positions) if start <= p < end]
+        if not sel:
+            return {}
+        mask = torch.zeros(1, end - start, dtype=torch.bool, device=device)
+        mask[0, [self.positions[j] - start for j in sel]] = True
+        return {"embeds": self.values[sel[0]:sel[-1] + 1].to(device), "embeds_mask": mask}
+
+
+def _check_embeds(embeds, prompts: list[list[int]], model) -> list[Optional[PromptEmbeds]]:
+    if embeds is None:
+        return [None] * len(prompts)
+    if len(embeds) != len(prompts):
+        raise PicochatError(f"{len(embeds)} embeds for {len(prompts)} prompts: give one (or None) per prompt")
+    for e, p in zip(embeds, prompts):
+        if e is not None:
+            e.check(len(p), model.config.n_embd)
+    return list(embeds)
 
 
 @dataclass
@@ -131,7 +199,7 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
         self._cache: Optional[KVCache] = None  # batch-of-one cache, kept across calls
-        self._ids: list[int] = []              # the tokens whose K/V self._cache holds
+        self._ids: list[Hashable] = []         # the keys (PromptEmbeds.keys) of the tokens whose K/V self._cache holds
         self.last_prefill_tokens = 0           # tokens the last call actually ran through prefill
 
     def reset(self) -> None:
@@ -139,35 +207,38 @@ class Engine:
         self._cache, self._ids = None, []
 
     def generate(self, prompts: list[list[int]], params: Optional[SamplingParams] = None,
-                 **kwargs) -> list[GenerationResult]:
-        """Complete every prompt; keyword arguments are SamplingParams fields (max_tokens, temperature, ...)."""
+                 embeds: Optional[list[Optional[PromptEmbeds]]] = None, **kwargs) -> list[GenerationResult]:
+        """Complete every prompt; keyword arguments are SamplingParams fields (max_tokens, temperature, ...).
+        embeds: one PromptEmbeds (or None) per prompt."""
         sp = params or SamplingParams(**kwargs)
         rows = []
-        for rows, _ in self._run(prompts, sp):
+        for rows, _ in self._run(prompts, sp, embeds=embeds):
             pass
         return [GenerationResult(r.tokens, r.text.text, r.finish_reason or "length", len(r.prompt), r.stop_token)
                 for r in rows]
 
     def stream(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
-               **kwargs) -> Iterator[StreamChunk]:
+               embeds: Optional[PromptEmbeds] = None, **kwargs) -> Iterator[StreamChunk]:
         """One chunk per generated token, UTF-8-safe text; the last chunk carries finish_reason."""
         sp = params or SamplingParams(**kwargs)
-        for rows, events in self._run([prompt_ids], sp):
+        for rows, events in self._run([prompt_ids], sp, embeds=None if embeds is None else [embeds]):
             (_, token, delta), row = events[0], rows[0]
             yield StreamChunk(delta, [] if token is None else [token], row.finish_reason)
 
     def generate_tokens(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
-                        generator: Optional[torch.Generator] = None, **kwargs) -> Iterator[int]:
+                        generator: Optional[torch.Generator] = None, embeds: Optional[PromptEmbeds] = None,
+                        **kwargs) -> Iterator[int]:
         """Just the new token ids (no tokenizer needed); stops like stream()."""
         sp = params or SamplingParams(**kwargs)
-        for _, events in self._run([prompt_ids], sp, generator):
+        for _, events in self._run([prompt_ids], sp, generator, None if embeds is None else [embeds]):
             if events[0][1] is not None:
                 yield events[0][1]
 
     # -- the loop ------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _run(self, prompts: list[list[int]], sp: SamplingParams, generator: Optional[torch.Generator] = None):
+    def _run(self, prompts: list[list[int]], sp: SamplingParams, generator: Optional[torch.Generator] = None,
+             embeds: Optional[list[Optional[PromptEmbeds]]] = None):
         """Yields (rows, events) once per decode step; events: (row index, token or None, text delta)
         for every row still running at that step."""
         sp.check()
@@ -180,6 +251,7 @@ class Engine:
             if len(p) >= block:
                 raise PicochatError(f"the prompt is {len(p)} tokens but the model's context is {block}; "
                                     "shorten the prompt")
+        embeds = _check_embeds(embeds, prompts, self.model)
         rows = [_Row(list(p), _Text(self.tokenizer, tuple(sp.stop_strings))) for p in prompts]
         if sp.max_tokens == 0:
             for r in rows:
@@ -190,9 +262,9 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(sp.seed)
         shared = len(prompts) == 1
         if shared:
-            cache, logits, pad = *self._prefill_shared(prompts[0], sp.max_tokens), None
+            cache, logits, pad = *self._prefill_shared(prompts[0], sp.max_tokens, embeds[0]), None
         else:
-            cache, logits, pad = self._prefill_batch(prompts, sp.max_tokens)
+            cache, logits, pad = self._prefill_batch(prompts, sp.max_tokens, embeds)
         V = logits.size(-1)
         seen = None  # (B, V) bool: which tokens each row's context contains, for the repetition penalty
         if sp.repetition_penalty not in (None, 1.0):
@@ -226,14 +298,15 @@ class Engine:
             if shared:
                 self._ids.append(int(nxt[0]))
 
-    def _prefill_shared(self, prompt: list[int], max_tokens: int):
-        """Batch of one: reuse the longest prefix the kept cache shares with the prompt."""
+    def _prefill_shared(self, prompt: list[int], max_tokens: int, embeds: Optional[PromptEmbeds] = None):
+        """Batch of one: reuse the longest prefix of keys the kept cache shares with the prompt."""
         block = self.model.config.block_size
         need = min(block, len(prompt) + max_tokens)
         if self._cache is None:
             self._cache, self._ids = KVCache.for_model(self.model, 1, capacity=need), []
+        keys = prompt if embeds is None else embeds.keys(prompt)
         n = 0
-        for a, b in zip(self._ids, prompt):
+        for a, b in zip(self._ids, keys):
             if a != b:
                 break
             n += 1
@@ -242,12 +315,13 @@ class Engine:
         self._ids = self._ids[:n]
         self._cache.reserve(need)
         idx = torch.tensor([prompt[n:]], dtype=torch.long, device=self.device)  # (1, T_new)
-        logits, _ = self.model(idx, start_pos=n, kv_cache=self._cache, last_logits_only=True)
-        self._ids = list(prompt)
+        extra = {} if embeds is None else embeds.window(n, len(prompt), self.device)
+        logits, _ = self.model(idx, start_pos=n, kv_cache=self._cache, last_logits_only=True, **extra)
+        self._ids = list(keys)
         self.last_prefill_tokens = len(prompt) - n
         return self._cache, logits
 
-    def _prefill_batch(self, prompts: list[list[int]], max_tokens: int):
+    def _prefill_batch(self, prompts: list[list[int]], max_tokens: int, embeds: list[Optional[PromptEmbeds]]):
         """Left-pad to the longest prompt; a fresh cache sized for the longest possible run."""
         block = self.model.config.block_size
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
@@ -261,8 +335,16 @@ class Engine:
         for i, p in enumerate(prompts):
             idx[i, L - len(p):] = torch.tensor(p, device=self.device)
         self.last_prefill_tokens = int(lens.sum())
+        extra = {}
+        if any(e is not None for e in embeds):  # each row's positions move right by its padding
+            where = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+            for i, e in enumerate(embeds):
+                if e is not None:
+                    where[i, [L - len(prompts[i]) + q for q in e.positions]] = True
+            values = [e.values for e in embeds if e is not None and e.positions]
+            extra = {"embeds": torch.cat(values).to(self.device), "embeds_mask": where} if values else {}
         if int(pad.max()) == 0:  # equal lengths: the ordinary causal path
-            return cache, self.model(idx, kv_cache=cache, last_logits_only=True)[0], None
+            return cache, self.model(idx, kv_cache=cache, last_logits_only=True, **extra)[0], None
         col = torch.arange(L, device=self.device)
         positions = (col[None, :] - pad[:, None]).clamp(min=0)  # (B, L)
         i, j = col[:, None], col[None, :]
@@ -270,7 +352,7 @@ class Engine:
         # masked (some attention backends turn such a row into NaNs, which a zero weight cannot cancel)
         mask = (j <= i) & ((j >= pad[:, None, None]) | (j == i))  # (B, L, L)
         logits, _ = self.model(idx, kv_cache=cache, positions=positions, attn_mask=mask.unsqueeze(1),
-                               last_logits_only=True)
+                               last_logits_only=True, **extra)
         return cache, logits, pad
 
     def _step(self, idx: torch.Tensor, cache: KVCache, pad: Optional[torch.Tensor]) -> torch.Tensor:

@@ -10,6 +10,16 @@ One thread owns the model. Each turn of its loop:
 Requests talk to the thread through callbacks (`on_event`), so the caller decides how to hand events
 to its own world (the server puts them on an asyncio queue).
 
+Side jobs (`run_on_model(fn)`): other torch work on the same model (attention maps of a stored answer)
+must run on the model's thread too, but the loop occupies it. The loop wakes for a side job and runs
+it between two turns, so it never sees a half-done step; the running rows wait for it (a job should be
+one forward pass, not a generation).
+
+Pictures: a request may carry `embeds` (engine.PromptEmbeds: a picture's N image tokens at its <|image|>
+markers, from checkpoints/vlm.embed_images); each prefill chunk gets the slice of them that falls inside
+it, and a kept prefix is matched on keys in which an image token is its embedding's digest, so a picture's
+K/V are never offered to a prompt with another picture at the same marker ids.
+
 Sharing: a request names its `client`; one client may hold at most half the queue, and a free slot
 goes to the waiting request whose client has the fewest rows running (oldest first among equals), so
 one client's many requests (or one request's many choices) cannot starve the others. Failures stay
@@ -29,7 +39,7 @@ from typing import Callable, Hashable, Optional
 import torch
 
 from ..errors import PicochatError
-from .engine import SamplingParams, _Row, _Text
+from .engine import PromptEmbeds, SamplingParams, _Row, _Text
 from .model_thread import ModelThread
 from .sampling import apply_repetition_penalty, sample_next
 from .slot_cache import SlotCache
@@ -59,6 +69,7 @@ class Request:
     cancelled: bool = False
     client: Optional[str] = None       # who asked (API key name or address): fair sharing of the queue
     cache_scope: Hashable = None       # its prompt may reuse K/V only from requests of the same scope
+    embeds: Optional[PromptEmbeds] = None  # e.g. a picture's image tokens at its <|image|> markers
 
 
 class _Running:
@@ -76,6 +87,8 @@ class _Running:
         self.cached = 0     # prompt tokens reused from a retained slot
         self.fed: list[int] = []  # generated tokens already run through the model (their K/V are cached)
         self.last_token = -1
+        # what prefix reuse compares: ids, and at embedded positions the embedding's digest (engine.py)
+        self.keys = list(req.prompt) if req.embeds is None else req.embeds.keys(req.prompt)
 
 
 class Scheduler:
@@ -106,6 +119,7 @@ class Scheduler:
         self._first_sample: Optional[float] = None
         self.worker = worker or ModelThread("picochat-scheduler")  # pass the thread that loaded the model
         self._running: Optional[Future] = None
+        self._side: collections.deque[tuple[Callable, Future]] = collections.deque()
 
     # -- the caller's side ---------------------------------------------------------------------------
 
@@ -115,8 +129,24 @@ class Scheduler:
             return self
         with self.cv:
             self.stopped = False
-        self._running = self.worker.submit(self._loop)
+            self._running = self.worker.submit(self._loop)  # under cv: run_on_model sees it or not, never half
         return self
+
+    def run_on_model(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the model thread between two decode turns; its result (or exception) is the Future's.
+
+        Idle or busy, the loop wakes for it; before start() the model thread is free and runs it at once;
+        after stop() the Future fails with a PicochatError (jobs still queued at stop() fail the same way)."""
+        fut: Future = Future()
+        with self.cv:
+            if self.stopped:
+                fut.set_exception(PicochatError("the scheduler is stopped"))
+                return fut
+            if self._running is None or self._running.done():  # no loop holds the thread
+                return self.worker.submit(fn)
+            self._side.append((fn, fut))
+            self.cv.notify_all()
+        return fut
 
     def stop(self) -> None:
         with self.cv:
@@ -147,6 +177,8 @@ class Scheduler:
                 raise PicochatError("max_tokens must be at least 1")
             if len(req.prompt) >= self.context:
                 raise PicochatError(f"the prompt is {len(req.prompt)} tokens but the context is {self.context}")
+            if req.embeds is not None:
+                req.embeds.check(len(req.prompt), self.model.config.n_embd)
         client = reqs[0].client if reqs else None
         share = self.client_share if client is not None else self.max_queue
         if len(reqs) > share:
@@ -191,14 +223,27 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
-                while not self.stopped and not self.waiting and not self.running and self.admitting is None:
+                while (not self.stopped and not self._side and not self.waiting and not self.running
+                       and self.admitting is None):
                     self.cv.wait()
                 if self.stopped:
                     break
+                side, self._side = list(self._side), collections.deque()
+            for fn, fut in side:  # between two turns: no step is half done
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed to the caller, who re-raises it
+                        fut.set_exception(e)
             try:
                 self._turn()
             except Exception as e:  # the batched decode failed (or a bug): no row to blame, fail them all
                 self._fail_all(f"{type(e).__name__}: {e}")
+        with self.cv:
+            side, self._side = list(self._side), collections.deque()
+        for _, fut in side:
+            if fut.set_running_or_notify_cancel():
+                fut.set_exception(PicochatError("the scheduler is stopped"))
         self._fail_all("the server is shutting down", reason="cancelled")
 
     def _turn(self) -> None:
@@ -244,15 +289,17 @@ class Scheduler:
         r, slot = self.admitting, len(self.running)  # the admitted row always takes the next free slot
         p = r.req.prompt
         if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind
-            r.prefilled = r.cached = self.cache.claim(slot, p, r.req.cache_scope)
+            r.prefilled = r.cached = self.cache.claim(slot, r.keys, r.req.cache_scope)
         elif r.slot != slot:  # a row left between two chunks: move what is written so far
             self.cache.move_partial(r.slot, slot, r.prefilled)
         r.slot = slot
         end = min(len(p), r.prefilled + self.prefill_chunk)
         idx = torch.tensor([p[r.prefilled:end]], dtype=torch.long, device=self.device)
+        # this chunk's share of the prompt's embeddings (an image may straddle two chunks)
+        extra = {} if r.req.embeds is None else r.req.embeds.window(r.prefilled, end, self.device)
         # only the last chunk's last position is sampled from: the LM head runs on it alone
         logits, _ = self.model(idx, start_pos=r.prefilled, kv_cache=self.cache.prefill_view(slot, r.prefilled),
-                               last_logits_only=True)
+                               last_logits_only=True, **extra)
         r.prefilled = end
         if end < len(p):
             return
@@ -321,11 +368,12 @@ class Scheduler:
                 r.row.finish_reason = "error"
                 self._emit(r, "", [], "error", error=f"generation failed: {failed[j]}")
             else:
+                with self.cv:  # counted before the client can see it: a /metrics read right after includes it
+                    self.generated_total += 1
                 self._emit(r, delta, [] if token is None else [token], r.row.finish_reason)
             if r.row.finish_reason is not None:
                 done.append(r)
         with self.cv:
-            self.generated_total += len(rows) - len(failed)
             self._recent.append((now, len(rows) - len(failed)))
             self._first_sample = self._first_sample or now
         for r in done:
@@ -345,7 +393,7 @@ class Scheduler:
         self.running.pop()
         busy = (self.admitting.slot,) if self.admitting is not None and self.admitting.slot >= 0 else ()
         keep = keep and self.retain_prefixes
-        self.cache.pop_row(r.row.prompt + r.fed if keep else None, busy, r.req.cache_scope)
+        self.cache.pop_row(r.keys + r.fed if keep else None, busy, r.req.cache_scope)
 
     def _drop_cancelled(self) -> None:
         with self.cv:

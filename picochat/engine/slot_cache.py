@@ -14,7 +14,9 @@ therefore join a running batch at any step, and leave it, without touching the o
             A kept prefix carries its request's scope (who made it: an API key, a conversation) and
             is reused only by requests of the same scope: whether a prompt's prefix is cached, which
             shows in cached_tokens and in the time to the first token, must not tell one client
-            what another one wrote.
+            what another one wrote. The "tokens" compared are keys (engine.PromptEmbeds.keys): an
+            embedded position (an image token) is its embedding's digest, not its marker id, so a
+            picture's K/V are offered only to a prompt holding the same picture at the same place.
 """
 from __future__ import annotations
 

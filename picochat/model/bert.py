@@ -50,8 +50,9 @@ class BertEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
 
     def forward(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
-                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """idx (B, T), attention_mask (B, T) 1 on real tokens -> last hidden states (B, T, d)."""
+                token_type_ids: Optional[torch.Tensor] = None, return_attention: bool = False) -> torch.Tensor:
+        """idx (B, T), attention_mask (B, T) 1 on real tokens -> last hidden states (B, T, d).
+        return_attention: keep each layer's softmax weights for attention_maps() (the textbook path)."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise PicochatError(f"{T} tokens is longer than the encoder's {self.config.block_size}; shorten the text")
@@ -65,8 +66,12 @@ class BertEncoder(nn.Module):
             else attention_mask.bool()
         mask = keep[:, None, None, :].expand(B, 1, T, T)  # (B, 1, T, T): any query, real keys only
         for block in self.blocks:
-            x = block(x, attn_mask=mask, rope=rope)
+            x = block(x, attn_mask=mask, rope=rope, return_weights=return_attention)
         return x
+
+    def attention_maps(self) -> list[torch.Tensor]:
+        """Per layer, (B, nh, T, T) weights from the last forward with return_attention=True."""
+        return [b.attn.last_weights for b in self.blocks]
 
     def embed(self, idx: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Mean-pooled sentence embeddings (B, d), unit length by default (cosine = dot product)."""
@@ -207,6 +212,9 @@ HEAD_NAMES = {  # BertForTask head parameter -> transformers' name, so a saved m
 
 def config_to_bert(config: ModelConfig, task: str, labels: tuple[str, ...] = ()) -> dict:
     """A transformers BertConfig dict for picochat's encoder (the inverse of config_from_bert)."""
+    if config.moe_experts:
+        raise PicochatError(f"a mixture-of-experts encoder (moe_experts={config.moe_experts}) has no BERT config: "
+                            "BERT has one dense feed-forward per layer; keep the picochat format")
     if config.norm != "layernorm" or config.activation != "gelu" or not config.bias or \
             config.n_kv_head != config.n_head or config.pos not in ("learned", "rope"):
         raise PicochatError("only a BERT-shaped encoder (LayerNorm, GELU, biases, no GQA) has a BERT config")

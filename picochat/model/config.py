@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -51,6 +52,14 @@ class ModelConfig:
     """Dropout on attention weights and residual branches during training."""
     init_std: float = 0.02
     """Std of the normal init of weight matrices (residual projections scaled by 1/sqrt(2*n_layer))."""
+    moe_experts: int = 0
+    """Mixture of experts: feed-forward experts per block (0 = one dense feed-forward). Each expert is a full feed-forward of width ffn_hidden."""
+    moe_top_k: int = 2
+    """Experts each token is sent to; their outputs are mixed by the router softmax renormalised over the top_k (top-1: Switch's full softmax probability)."""
+    moe_aux_loss_coef: float = 0.01
+    """Weight of the Switch-Transformer load-balancing loss in the training loss (0 = off)."""
+    moe_z_loss_coef: float = 0.001
+    """Weight of the ST-MoE router z-loss, which keeps router logits small (0 = off)."""
 
     def __post_init__(self):
         if self.n_kv_head is None:
@@ -78,6 +87,21 @@ class ModelConfig:
             raise PicochatError(f"sinusoidal positions need an even n_embd, got {self.n_embd}")
         if not 0.0 <= self.dropout < 1.0:
             raise PicochatError(f"dropout must be in [0, 1), got {self.dropout}")
+        self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.moe_experts < 0:
+            raise PicochatError(f"moe_experts must be >= 0 (0 = dense feed-forward), got {self.moe_experts}")
+        if self.moe_experts == 1:  # one expert always chosen with gate 1: a dense FFN plus a useless router
+            raise PicochatError("moe_experts=1 is a dense feed-forward with a router that has nothing to choose; "
+                                "use 0 for a dense model or at least 2 experts")
+        if self.moe_experts and not 1 <= self.moe_top_k <= self.moe_experts:
+            raise PicochatError(f"moe_top_k={self.moe_top_k} must be between 1 and moe_experts={self.moe_experts} "
+                                "(each token is sent to top_k distinct experts)")
+        for name in ("moe_aux_loss_coef", "moe_z_loss_coef"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise PicochatError(f"{name} must be a finite number >= 0, got {v}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,14 +118,19 @@ class ModelConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def num_params(self, embeddings: bool = True) -> int:
-        """Parameter count computed from the shapes (matches the built model)."""
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameter count computed from the shapes (matches the built model).
+
+        active: count only what one token uses, i.e. top_k of the moe_experts feed-forwards (+ the router);
+        the same as the total for a dense model."""
         d, L, hd = self.n_embd, self.n_layer, self.head_dim
         b = 1 if self.bias else 0
         attn = d * hd * self.n_head + 2 * d * hd * self.n_kv_head + hd * self.n_head * d
         attn += b * (hd * self.n_head + 2 * hd * self.n_kv_head + d)
         n_in = 2 if self.activation == "swiglu" else 1
         ffn = n_in * d * self.ffn_hidden + self.ffn_hidden * d + b * (n_in * self.ffn_hidden + d)
+        if self.moe_experts:  # N experts (k of them per token) plus the router's d x N matrix
+            ffn = (self.moe_top_k if active else self.moe_experts) * ffn + d * self.moe_experts
         norm = d * (2 if (self.norm == "layernorm" and self.bias) else 1)
         total = L * (attn + ffn + 2 * norm) + (norm if self.norm_position == "pre" else 0)
         if embeddings:
@@ -113,9 +142,11 @@ class ModelConfig:
         return total
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
-        """Training FLOPs per token: 6N for the matmuls plus 12*L*T*d for attention (PaLM appendix B)."""
+        """Training FLOPs per token: 6N for the matmuls plus 12*L*T*d for attention (PaLM appendix B).
+
+        N counts active parameters: a mixture-of-experts token runs top_k experts, not all of them."""
         T = seq_len or self.block_size
-        N = self.num_params(embeddings=False) + self.vocab_size * self.n_embd  # LM head is a matmul
+        N = self.num_params(embeddings=False, active=True) + self.vocab_size * self.n_embd  # LM head is a matmul
         return 6 * N + 12 * self.n_layer * T * self.head_dim * self.n_head
 
 

@@ -17,6 +17,7 @@ from ..errors import PicochatError
 from .attention import Attention, alibi_bias, alibi_slopes, rope_cos_sin, sinusoidal_table
 from .config import ModelConfig
 from .layers import FeedForward, Linear, make_norm
+from .moe import MoEFeedForward
 
 
 class Block(nn.Module):
@@ -28,7 +29,8 @@ class Block(nn.Module):
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer_idx)
         self.ffn_norm = make_norm(config)
-        self.ffn = FeedForward(config)
+        # mixture of experts replaces the one feed-forward; attention and the residual stream are unchanged
+        self.ffn = MoEFeedForward(config) if config.moe_experts else FeedForward(config)
 
     def forward(self, x, **attn_kwargs):
         if self.pre_norm:
@@ -81,7 +83,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, start_pos: int = 0,
                 kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean",
                 positions: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                last_logits_only: bool = False, return_hidden: bool = False):
+                last_logits_only: bool = False, return_hidden: bool = False,
+                embeds: Optional[torch.Tensor] = None, embeds_mask: Optional[torch.Tensor] = None):
         """idx: (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the cross-entropy.
 
         targets equal to -1 are ignored (padding, or prompt tokens masked out in chat fine-tuning).
@@ -93,6 +96,9 @@ class GPT(nn.Module):
         the next token: the LM head is the largest matmul (SmolLM2: 49152 x 576 per position).
         return_hidden: return the final hidden states (B, T, d) instead of logits, for heads other than
         the LM head (the reward and value models' scalar head, model/scalar.py).
+        embeds (M, d), embeds_mask (B, T) bool with M True entries: h_0 at the True positions (row-major
+        order) is embeds' rows instead of E[x] (plus positions as usual). An image's patches, projected to
+        the model's width, sit at its marker tokens this way (model/multimodal.py). None = text only.
         """
         B, T = idx.shape
         if positions is not None:
@@ -103,6 +109,8 @@ class GPT(nn.Module):
             raise PicochatError(f"sequence of {start_pos + T} tokens is longer than the model's context "
                                 f"block_size={self.config.block_size}; shorten the input or use a model with a longer context")
         x = self.tok_emb(idx)  # (B, T, d)
+        if embeds is not None:
+            x = self._place_embeds(x, embeds, embeds_mask)
         if positions is not None and self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         elif positions is not None and self.config.pos == "sinusoidal":
@@ -129,6 +137,17 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=loss_reduction)
         return logits, loss
+
+    @staticmethod
+    def _place_embeds(x: torch.Tensor, embeds: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (B, T, d) with the rows of embeds (M, d) at mask's True positions, in row-major order."""
+        if (mask is None or mask.dtype != torch.bool or mask.shape != x.shape[:2] or embeds.dim() != 2
+                or embeds.size(1) != x.size(2)):
+            raise PicochatError(f"embeds must be (M, {x.size(2)}) with embeds_mask a (B, T) bool mask of the input "
+                                f"ids; got {tuple(embeds.shape)} and {None if mask is None else tuple(mask.shape)}")
+        if int(mask.sum()) != embeds.size(0):
+            raise PicochatError(f"{int(mask.sum())} marker positions but {embeds.size(0)} embeddings to place there")
+        return x.masked_scatter(mask.unsqueeze(-1), embeds.to(x.dtype))  # differentiable in embeds
 
     def attention_maps(self) -> list[torch.Tensor]:
         """Per-layer (B, nh, T, T) weights from the last forward(..., return_attention=True)."""

@@ -155,6 +155,11 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if has_lora(model):
         raise PicochatError("this model already has LoRA adapters; merge them (merge_lora) before adding new ones")
     tmap = target_map(model.config)
+    ffn_targets = [t for t in cfg.targets if t in ("gate", "up", "down")]
+    if model.config.moe_experts and ffn_targets:  # the block's ffn is N experts and a router, not one Linear pair
+        raise PicochatError(f"LoRA target(s) {','.join(ffn_targets)} are feed-forward matrices, and this is a "
+                            f"mixture-of-experts model (moe_experts={model.config.moe_experts}) whose feed-forward "
+                            "is several experts; picochat's LoRA does not wrap experts: use q,k,v,o and/or lm_head")
     unknown = [t for t in cfg.targets if t not in tmap]
     if unknown:
         raise PicochatError(f"unknown LoRA target(s) {','.join(unknown)} for this model "

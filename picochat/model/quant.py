@@ -91,7 +91,8 @@ def is_quantized(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Replace every nn.Linear of `model` (picochat's Linear, the LM head included) by an Int8Linear, in place.
+    """Replace every nn.Linear of `model` (picochat's Linear, the LM head included; not a MoE router) by an
+    Int8Linear, in place.
 
     The rest of the model (embeddings, norms; and so the KV cache and the activations) moves to `dtype`
     (fp32 by default; bf16 halves the cache but measured slower at batch 1 on a Zen 5 CPU).
@@ -102,7 +103,11 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Mo
         raise PicochatError("this model is already quantized")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise PicochatError(f"quantize_int8: activations dtype must be bf16, fp16 or fp32, not {dtype}")
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # a mixture-of-experts router (model/moe.py) stays in floating point: it is tiny (d x N), and rounding
+    # its logits would flip near-tied top-k choices, a discrete change of which experts run
+    from .moe import MoEFeedForward
+    routers = {id(m.router) for m in model.modules() if isinstance(m, MoEFeedForward)}
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in routers]
     for name, m in targets:  # quantized from the weights as they are (fp32 from a checkpoint or GGUF)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -193,7 +193,7 @@ class DecoderBlock(nn.Module):
     def forward(self, x, memory_kv, src_keep, self_mask=None, rope=None, cache=None, start_pos=0,
                 return_weights=False):
         sublayers = ((self.self_attn_norm, lambda h: self.self_attn(h, rope=rope, kv_cache=cache, start_pos=start_pos,
-                                                                    attn_mask=self_mask)),
+                                                                    attn_mask=self_mask, return_weights=return_weights)),
                      (self.cross_attn_norm, lambda h: self.cross_attn(h, memory_kv, src_keep, return_weights)),
                      (self.ffn_norm, self.ffn))
         for norm, f in sublayers:
@@ -280,13 +280,13 @@ class Seq2Seq(nn.Module):
     def _rope(self):
         return (self.rope_cos, self.rope_sin) if self.config.pos == "rope" else None
 
-    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, src: torch.Tensor, return_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """src (B, S) -> encoder output h (B, S, d) and src_keep (B, S), True on real tokens."""
         src_keep = src != self.config.pad_id
         x = self._embed(self.src_emb, getattr(self, "src_pos", None), src)  # (B, S, d)
         mask = encoder_mask(src_keep)  # (B, 1, S, S)
         for block in self.encoder:
-            x = block(x, attn_mask=mask, rope=self._rope())
+            x = block(x, attn_mask=mask, rope=self._rope(), return_weights=return_weights)
         return self.enc_norm(x), src_keep
 
     def new_cache(self, memory: torch.Tensor) -> DecoderCache:
@@ -315,7 +315,7 @@ class Seq2Seq(nn.Module):
     def forward(self, src: torch.Tensor, tgt: torch.Tensor, return_weights: bool = False):
         """Teacher forcing. src (B, S); tgt (B, T) = [BOS] y_1 .. y_n [EOS] [PAD]... -> logits for tgt[:, 1:]
         (B, T-1, V) from tgt[:, :-1], and the cross-entropy of predicting tgt[:, 1:], padding ignored."""
-        memory, src_keep = self.encode(src)
+        memory, src_keep = self.encode(src, return_weights)
         logits = self.decode(tgt[:, :-1], memory, src_keep, return_weights=return_weights)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1),
                                ignore_index=self.config.pad_id)
@@ -324,6 +324,12 @@ class Seq2Seq(nn.Module):
     def cross_attention_maps(self) -> list[torch.Tensor]:
         """Per decoder layer, (B, nh, T, S) cross-attention weights from the last pass with return_weights=True."""
         return [blk.cross_attn.last_weights for blk in self.decoder]
+
+    def attention_maps(self) -> dict[str, list[torch.Tensor]]:
+        """The last pass with return_weights=True: encoder self-attention (B, nh, S, S), decoder masked
+        self-attention (B, nh, T, T) and cross-attention (B, nh, T, S), each per layer."""
+        return {"encoder": [b.attn.last_weights for b in self.encoder],
+                "decoder": [b.self_attn.last_weights for b in self.decoder], "cross": self.cross_attention_maps()}
 
     def _step_logprobs(self, tokens, src_keep, cache, t):
         """log p(next | tokens, source) (B, V) of the cached decoder; it may never produce PAD or BOS."""

@@ -103,8 +103,10 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
     app.include_router(router)
     app.include_router(embeddings_router)
     if store is not None:
+        from .attention_api import attention_router
         from .store_api import store_router
         app.include_router(store_router(store))
+        app.include_router(attention_router(store))  # the maps of a stored answer: needs the store
 
     @app.get("/health")
     async def health():

@@ -9,6 +9,13 @@ checkpoint and read back (``save_weights``, ``load_weights``); by default the wh
 A loss_fn may return (loss, stats): the stats (floats, e.g. a reward model's pairwise accuracy) are
 averaged into the next metrics row.
 
+Mixture-of-experts models (model/moe.py): the loop, not each stage, adds the routers' coef-weighted
+balance and z-losses to whatever the stage's loss_fn returned, so pretraining, SFT, DPO, reward and PPO
+all keep the experts balanced (a router trained without them collapses onto a few experts). The
+logged ``loss`` stays the stage's own loss, comparable with a dense model's; ``moe/balance_loss``,
+``moe/z_loss`` and ``moe/load`` (per layer, per expert: fraction of token-slots since the last row) are
+logged beside it, and moe_load.png plots the load over training.
+
 Exactness across process counts: a step consumes ``grad_accum * world`` micro-batches; micro-batch
 m of rank r is global micro-batch m * world + r, and every micro loss is divided by grad_accum
 before DDP averages over ranks. So 2 processes x accum A see the same data and the same gradient as
@@ -32,8 +39,9 @@ from ..checkpoints.io import CheckpointManager, load_state, load_weights_into, r
 from ..fsutil import atomic_write
 from ..device import pick_device, pick_dtype, tune_cpu_allocator
 from ..errors import PicochatError
+from ..model.moe import moe_layers, pop_aux_loss, pop_load
 from .dist import DistInfo, all_reduce_mean, barrier, init_distributed
-from .metrics import MetricsLog, plot_metrics
+from .metrics import MetricsLog, plot_metrics, plot_moe_load
 from .optim import lr_at, make_optimizer
 
 
@@ -112,6 +120,7 @@ class Trainer:
         if self.device.type == "cpu":
             tune_cpu_allocator()  # no page faults on every big activation of every step
         self.raw_model = model.to(self.device)
+        self.moe = moe_layers(self.raw_model, collect=True)  # [] for a dense model: nothing extra per step
         self.batch_fn, self.loss_fn, self.eval_fn = batch_fn, loss_fn, eval_fn
         self.tokenizer = tokenizer
         self.tokens_per_micro = tokens_per_micro
@@ -223,6 +232,7 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         total = torch.zeros((), device=self.device)
+        pop_aux_loss(self.moe)  # drop anything recorded outside a training step
         for micro in range(cfg.grad_accum):
             batch = self.batch_fn(self.step, micro * world + self.dist.rank)
             batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
@@ -233,18 +243,33 @@ class Trainer:
                     loss = self.loss_fn(self.model, batch)
                 if isinstance(loss, tuple):  # (loss, {name: float}): averaged into the next metrics row
                     loss, stats = loss
-                    for k, v in stats.items():
-                        total_k, n_k = self._stats.get(k, (0.0, 0))
-                        self._stats[k] = (total_k + float(v), n_k + 1)
+                    self._add_stats(stats)
+                aux, aux_stats = pop_aux_loss(self.moe)  # (None, {}) for a dense model
+                self._add_stats(aux_stats)
                 loss = loss / cfg.grad_accum
-                loss.backward()
-            total += loss.detach()
+                (loss if aux is None else loss + aux / cfg.grad_accum).backward()
+            total += loss.detach()  # the stage's loss only: comparable with a dense model's
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(),
                                                    cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return all_reduce_mean(total, self.dist).item(), grad_norm.item()
+
+    def _add_stats(self, stats: dict) -> None:
+        for k, v in stats.items():
+            total_k, n_k = self._stats.get(k, (0.0, 0))
+            self._stats[k] = (total_k + float(v), n_k + 1)
+
+    def pop_moe_load(self) -> dict:
+        """{"moe/load": [[fraction of token-slots per expert] per layer]} since the last row, over all processes."""
+        if not self.moe:
+            return {}
+        counts = pop_load(self.moe).to(self.device, torch.float64)  # (L, N)
+        if self.dist.world > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        frac = counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+        return {"moe/load": [[round(float(v), 4) for v in layer] for layer in frac]}
 
     def pop_stats(self) -> dict:
         """Means (over the micro-batches since the last call that reported each, and over processes) of what
@@ -291,7 +316,7 @@ class Trainer:
                 row = {"step": self.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
                        "grad_norm": round(grad_norm, 4), "tokens": self.step * tokens_per_step,
                        "tokens_per_s": round(tps, 1), "tflops": round(tps * flops_per_token / 1e12, 4),
-                       "elapsed_s": round(time.perf_counter() - start_time, 2)} | self.pop_stats()
+                       "elapsed_s": round(time.perf_counter() - start_time, 2)} | self.pop_stats() | self.pop_moe_load()
                 if not tokens_per_step:  # a stage whose batches are not token rows (pairs, rollouts)
                     for k in ("tokens", "tokens_per_s", "tflops"):
                         row.pop(k)
@@ -307,6 +332,8 @@ class Trainer:
                     plot_metrics(metrics.read(), self.run_dir / "loss.png", title=self.run_dir.name)
                     line = f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in out.items())
                     bar.write(line) if bar else print(line, flush=True)
+                if self.moe and metrics:
+                    plot_moe_load(metrics.read(), self.run_dir / "moe_load.png", title=self.run_dir.name)
                 t_last, steps_since = time.perf_counter(), 0  # eval time is not training throughput
             if self.step % cfg.ckpt_every == 0 or last:
                 self.save_checkpoint()

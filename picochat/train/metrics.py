@@ -67,3 +67,43 @@ def plot_metrics(rows: list[dict], out_png: str | Path, title: str = "") -> None
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write(out_png, buf.getvalue())
+
+
+def plot_moe_load(rows: list[dict], out_png: str | Path, title: str = "") -> None:
+    """Mixture of experts: the fraction of token-slots each expert received, over training, one subplot per
+    layer. A dashed line marks 1/N, perfect balance; a collapsed router shows as one line near 1."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    load = [r for r in rows if r.get("moe/load")]
+    if not load:
+        return
+    steps = [r["step"] for r in load]
+    n_layer, n_exp = len(load[0]["moe/load"]), len(load[0]["moe/load"][0])
+    cols = min(n_layer, 4)
+    nrows = (n_layer + cols - 1) // cols
+    fig, ax = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.9 * nrows), squeeze=False, sharey=True)
+    top = max(max(max(layer) for layer in r["moe/load"]) for r in load)
+    for li in range(nrows * cols):
+        a = ax[li // cols][li % cols]
+        if li >= n_layer:
+            a.axis("off")
+            continue
+        for e in range(n_exp):
+            a.plot(steps, [r["moe/load"][li][e] for r in load], lw=1, label=f"expert {e}",
+                   color=plt.cm.tab10(e % 10) if n_exp <= 10 else plt.cm.tab20(e % 20))
+        a.axhline(1 / n_exp, color="k", ls="--", lw=0.8)
+        a.set_title(f"layer {li}", fontsize=9)
+        a.set_xlabel("step")
+        a.set_ylim(0, min(1.0, top * 1.1 + 0.02))
+        a.grid(alpha=0.3)
+        if li % cols == 0:
+            a.set_ylabel("fraction of token-slots")
+    ax[0][0].legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{title + ': ' if title else ''}load per expert (dashed: 1/{n_exp}, balanced)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(out_png, buf.getvalue())

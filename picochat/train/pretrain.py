@@ -149,10 +149,12 @@ def pretrain(cfg: PretrainConfig, model_overrides: Optional[dict] = None) -> lis
                       eval_fn=lambda m: evaluate_lm(m, val_windows, token_bytes, batch_size=B),
                       tokenizer=tokenizer, tokens_per_micro=B * T,
                       run_info={"data": str(data_dir), "preset": cfg.preset,
-                                "params": model.num_params()})
+                                "params": model.num_params(), "active_params": model_cfg.num_params(active=True)})
     trainer_box.append(trainer)
     if trainer.dist.is_main:
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters, {model_cfg.n_layer} layers, d={model_cfg.n_embd}, "
+        moe = (f" ({model_cfg.num_params(active=True) / 1e6:.2f}M active per token: {model_cfg.moe_experts} experts, "
+               f"top-{model_cfg.moe_top_k})") if model_cfg.moe_experts else ""
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters{moe}, {model_cfg.n_layer} layers, d={model_cfg.n_embd}, "
               f"context {T}; data: {meta['train_tokens']:,} train tokens; device {trainer.device}, "
               f"{str(trainer.amp_dtype).replace('torch.', '')}, world {trainer.dist.world}")
     rows = trainer.fit()
@@ -160,14 +162,16 @@ def pretrain(cfg: PretrainConfig, model_overrides: Optional[dict] = None) -> lis
         evals = [r for r in rows if "val_bpb" in r]
         if evals:
             print(f"done: step {trainer.step}, val loss {evals[-1]['val_loss']:.4f}, "
-                  f"val bpb {evals[-1]['val_bpb']:.4f}; checkpoint {cfg.out_dir}, plot {cfg.out_dir}/loss.png")
+                  f"val bpb {evals[-1]['val_bpb']:.4f}; checkpoint {cfg.out_dir}, plot {cfg.out_dir}/loss.png"
+                  + (f", expert load {cfg.out_dir}/moe_load.png" if model_cfg.moe_experts else ""))
     return rows
 
 
 # model flags the CLI exposes as overrides of the preset, with their types
 MODEL_FLAGS = {"n_layer": int, "n_head": int, "n_kv_head": int, "n_embd": int, "block_size": int,
                "vocab_size": int, "ffn_hidden": int, "pos": str, "norm": str, "norm_position": str,
-               "activation": str, "dropout": float, "rope_base": float}
+               "activation": str, "dropout": float, "rope_base": float,
+               "moe_experts": int, "moe_top_k": int, "moe_aux_loss_coef": float, "moe_z_loss_coef": float}
 # training fields whose default comes from the preset unless given on the command line
 PRESET_FIELDS = sorted({k for v in TRAIN_PRESETS.values() for k in v} | {"out_dir"})
 
@@ -184,9 +188,12 @@ def add_parser(sub) -> None:
     g = p.add_argument_group("model overrides (default: the preset's value)")
     from ..cli_args import field_docs
     docs = field_docs(ModelConfig)
+    dense = ModelConfig()
     for name, kind in MODEL_FLAGS.items():
+        # no preset sets the mixture-of-experts fields: their defaults are ModelConfig's
+        shown = f" (default: {getattr(dense, name)})" if name.startswith("moe_") else ""
         g.add_argument("--" + name.replace("_", "-"), dest="model_" + name, type=kind, default=None,
-                       metavar=name.upper(), help=docs.get(name))
+                       metavar=name.upper(), help=docs.get(name, "") + shown)
     p.set_defaults(func=run_pretrain)
 
 
@@ -206,5 +213,9 @@ def run_pretrain(args) -> int:
         overrides.setdefault("head_dim", None)
     if "n_embd" in overrides or "activation" in overrides:
         overrides.setdefault("ffn_hidden", None)
+    moe_only = sorted(n for n in overrides if n.startswith("moe_") and n != "moe_experts")
+    if moe_only and not overrides.get("moe_experts"):  # they would be ignored by a dense model
+        raise PicochatError(f"--{moe_only[0].replace('_', '-')} only applies to a mixture-of-experts model; "
+                            "add --moe-experts N (N >= 2), e.g. --moe-experts 8 --moe-top-k 2")
     pretrain(cfg, overrides)
     return 0

@@ -8,11 +8,13 @@ import { state, handlers } from "./store.js";
 import { SAMPLING, writeSettings, loadLocalSettings, settingsChanged, currentModel, fillModels } from "./settings.js";
 import { loadConversations, closeSidebarOnPhone, toggleSidebar } from "./sidebar.js";
 import { render } from "./render.js";
+import { showAttention, wireAttention } from "./attention-dialog.js";
 import {
   newChat, openConversation, sendMessage, generate, stopGenerating, regenerate, startCompare, chooseBetter, rate,
 } from "./chat.js";
 
-Object.assign(handlers, { newChat, openConversation, sendMessage, generate, regenerate, startCompare, chooseBetter, rate });
+Object.assign(handlers, { newChat, openConversation, sendMessage, generate, regenerate, startCompare, chooseBetter, rate,
+  showAttention });
 
 // ---------------------------------------------------------------- wiring
 
@@ -45,6 +47,7 @@ function wire() {
   $("#sidebar-toggle").addEventListener("click", () => toggleSidebar());
   $("#scrim").addEventListener("click", () => toggleSidebar(false));
   $("#error-close").addEventListener("click", clearError);
+  wireAttention();
   $("#settings-toggle").addEventListener("click", () => {
     const s = $("#settings");
     s.hidden = !s.hidden;

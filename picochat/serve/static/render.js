@@ -88,7 +88,8 @@ function messageNode(m, { actions = true } = {}) {
       iconButton("thumb-up", "Good answer", "up", () => handlers.rate(m, 1), { "aria-pressed": String(m.rating === 1), class: "act" + (m.rating === 1 ? " on" : "") }),
       iconButton("thumb-down", "Bad answer", "down", () => handlers.rate(m, -1), { "aria-pressed": String(m.rating === -1), class: "act" + (m.rating === -1 ? " on" : "") }),
       iconButton("regenerate", "Regenerate", "redo", () => handlers.regenerate(m)),
-      iconButton("compare", "Compare with a second answer", "compare", () => handlers.startCompare(m), {}, "Compare"));
+      iconButton("compare", "Compare with a second answer", "compare", () => handlers.startCompare(m), {}, "Compare"),
+      iconButton("attention", "Show what each token attended to", "grid", () => handlers.showAttention(m), {}, "Attention"));
     if (m.model) bar.append(el("span", { class: "model-tag", text: m.model }));
   }
   node.append(bar);

@@ -1,0 +1,155 @@
+"""`GET /api/messages/{id}/attention`: the attention maps of a stored answer (docs/api.md).
+
+The tokens are rebuilt from the store: the conversation's path from its root to the answer, rendered
+with the chat template as the server rendered it for generation (system prompt, generation prompt,
+truncate_history's dropped turns), then the answer's text encoded. The stored `prompt_tokens` tells
+which of the few possible renderings the model really read (the page trims the system prompt, an API
+client may send it raw; a web conversation keeps the turns truncate_history left out): the first one of
+that length wins, and `exact` says whether one matched.
+
+All torch work runs on the model's own thread (Scheduler.run_on_model, between two decode turns); the
+handler is a plain `def`, so waiting for it and encoding the JSON happen in FastAPI's thread pool and
+never block the event loop that streams tokens to other clients.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Optional
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+
+from ..inspect.maps import MAX_TOKENS
+from .errors import ApiError, bad_request
+from .store import Store
+from .store_api import _mid
+from .store_rules import Invalid
+
+MAX_NUMBERS = 4_000_000   # weights in one response (about 25 MB of JSON); above it, ask for one layer
+MAX_AT_ONCE = 4           # map computations waiting or running at once (each holds L x H x T^2 floats)
+JOB_TIMEOUT_S = 300.0
+
+
+def _system_candidates(system: Optional[str]) -> list[Optional[str]]:
+    """What the model may have read as the system prompt: the page sends it trimmed (and none when
+    blank), an API client exactly as typed (an empty one included)."""
+    if system is None:
+        return [None]
+    out: list[Optional[str]] = []
+    for s in (system.strip() or None, system):
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def rebuild_tokens(store: Store, host, msg: dict) -> tuple[list[int], list[int], bool]:
+    """(prompt ids, answer ids, exact) of a stored assistant message, as its model read and wrote them.
+
+    exact: a rendering had the stored prompt_tokens' length (False: none did, or none was stored;
+    the first candidate is used)."""
+    from ..chat_template import render_conversation
+    path = store.path_to(msg["conversation_id"], msg["id"])
+    turns = [{"role": m["role"], "content": m["content"]} for m in path[:-1] if m["role"] != "system"]
+    settings = msg.get("settings") or {}
+    system = settings.get("system_prompt")
+    if not isinstance(system, str):  # the recorder keeps it there only when it differed from the conversation's
+        system = store.conversation(msg["conversation_id"])["system_prompt"]
+    dropped = settings.get("dropped_messages")
+    turn_options = [turns]
+    if isinstance(dropped, int) and 0 < dropped < len(turns):  # a web conversation stores the dropped turns
+        turn_options.insert(0, turns[dropped:])
+    want = msg.get("prompt_tokens")
+    first = None
+    for kept in turn_options:
+        for s in _system_candidates(system):
+            msgs = ([{"role": "system", "content": s}] if s is not None else []) + kept
+            ids = render_conversation(msgs, host.tokenizer, host.template, add_generation_prompt=True,
+                                      default_system=host.default_system)[0]
+            if want is None or len(ids) == want:
+                return ids, host.tokenizer.encode(msg["content"]), want is not None
+            first = first or ids
+    return first, host.tokenizer.encode(msg["content"]), False
+
+
+def attention_router(store: Store) -> APIRouter:
+    r = APIRouter(prefix="/api", tags=["attention"])
+    slots = threading.BoundedSemaphore(MAX_AT_ONCE)
+
+    @r.get("/messages/{message_id}/attention")
+    def message_attention(message_id: str, request: Request,
+                          layer: Optional[int] = Query(None, ge=0, description="only this layer (0-based)")):
+        mid = _mid(message_id)
+        msg = store.get_message(mid)
+        if msg["role"] != "assistant":
+            raise Invalid(f"only an assistant answer has attention maps; message {mid} is a {msg['role']} message",
+                          "message_id")
+        hosts = request.app.state.hosts
+        host = hosts.get(msg["model"]) if msg["model"] else None
+        if host is None:
+            raise bad_request(f"message {mid} was written by {msg['model']!r}, which is not loaded here; "
+                              f"loaded models: {', '.join(hosts)}", "message_id")
+        if host.template is None:
+            raise bad_request(f"model {host.id!r} has no chat template, so a chat answer cannot be rebuilt "
+                              "for it", "message_id")
+        cfg = host.model.config
+        n_layers, n_heads = cfg.n_layer, cfg.n_head
+        if layer is not None and layer >= n_layers:
+            raise bad_request(f"layer must be in 0..{n_layers - 1} ({host.id} has {n_layers} layers), got {layer}",
+                              "layer")
+        if (msg.get("prompt_tokens") or 0) > MAX_TOKENS:  # refused before rendering a long conversation
+            raise _too_long(mid, msg["prompt_tokens"])
+        prompt, answer, exact = rebuild_tokens(store, host, msg)
+        ids = prompt + answer
+        if len(ids) > MAX_TOKENS:
+            raise _too_long(mid, len(ids))
+        if len(ids) > cfg.block_size:
+            raise bad_request(f"message {mid} and the conversation before it are {len(ids)} tokens, more than "
+                              f"{host.id} reads at once ({cfg.block_size})", "message_id")
+        numbers = (1 if layer is not None else n_layers) * n_heads * len(ids) ** 2
+        if numbers > MAX_NUMBERS:
+            raise bad_request(f"the maps of all {n_layers} layers of message {mid} are {numbers:,} numbers (at most "
+                              f"{MAX_NUMBERS:,} in one response): ask for one layer at a time, ?layer=0 to "
+                              f"{n_layers - 1}", "layer")
+        if not slots.acquire(blocking=False):
+            raise ApiError(503, "the server is busy drawing other attention maps; try again shortly",
+                           type="server_error", code="busy")
+        try:
+            data = _maps_on_model_thread(host, ids, layer, f"{host.id}, answer {mid}: {len(prompt)} tokens read, "
+                                                           f"{len(answer)} written")
+        finally:
+            slots.release()
+        data.update({"message_id": mid, "conversation_id": msg["conversation_id"], "model": host.id,
+                     "answer_start": len(prompt), "tokens": len(ids), "prompt_tokens": len(prompt),
+                     "exact": exact, "layer": layer, "n_layers": n_layers, "n_heads": n_heads})
+        body = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return Response(body, media_type="application/json")
+
+    return r
+
+
+def _too_long(mid: int, n: int) -> ApiError:
+    return bad_request(f"message {mid} and the conversation before it are {n} tokens; attention maps are drawn for "
+                       f"at most {MAX_TOKENS} (a map is layers x heads x tokens^2 numbers)", "message_id")
+
+
+def _maps_on_model_thread(host, ids: list[int], layer: Optional[int], title: str) -> dict:
+    """gpt_maps and to_json on the model's thread (both are torch work); the scheduler runs the job
+    between two decode turns, whether it is idle or generating."""
+    from ..inspect.maps import gpt_maps
+
+    def job() -> dict:
+        view = gpt_maps(host.model, host.tokenizer, ids, title)
+        if layer is not None:
+            g = view.groups["self"]
+            g.weights = g.weights[layer:layer + 1]
+        return view.to_json()
+
+    fut = host.scheduler.run_on_model(job)
+    try:
+        return fut.result(timeout=JOB_TIMEOUT_S)
+    except FutureTimeout:
+        fut.cancel()
+        raise ApiError(503, f"the attention maps took more than {JOB_TIMEOUT_S:.0f} s (the model is busy); "
+                            "try again later", type="server_error", code="timeout") from None
