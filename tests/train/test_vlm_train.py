@@ -11,7 +11,7 @@ from picochat import cli
 from picochat.errors import PicochatError
 
 TINY = ["--train-scenes", "30", "--val-scenes", "8", "--test-scenes", "8", "--vocab-size", "300",
-        "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--vit-layers", "1",
+        "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "256", "--vit-layers", "1",
         "--vit-heads", "2", "--vit-embd", "32", "--val-questions", "12", "--examples", "2", "--batch-size", "8",
         "--warmup-steps", "2", "--eval-every", "3", "--ckpt-every", "3", "--log-every", "1", "--max-steps", "6",
         "--no-progress"]
