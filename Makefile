@@ -53,6 +53,9 @@ test: $(STAMP) browser
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+vlm: $(STAMP)
+	$(VENV)/bin/picochat vlm train --out-dir runs/vlm --progress
+
 # resumable: run it again after a kill and it continues where it stopped (--restart starts over)
 pipeline: $(STAMP)
 	$(VENV)/bin/picochat pipeline --out-dir runs/pipeline
@@ -71,6 +74,9 @@ bert: $(STAMP)
 
 vision: $(STAMP)
 	$(VENV)/bin/picochat vision train --out-dir runs/vision
+
+vlm: $(STAMP)
+	$(VENV)/bin/picochat vlm train --out-dir runs/vlm --progress
 
 # resumable: run it again after a kill and it continues the unfinished run (delete runs/moe_experiment to start over)
 moe: $(STAMP)

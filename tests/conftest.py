@@ -25,6 +25,18 @@ def make_corpus(n_docs: int = 60, seed: int = 0) -> list[str]:
     return docs
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and a 2-thread team stalls at every op while another process
+    holds a core (a shared 2-core machine: 20 us vs 2.7 ms for a small multiply, measured). A module
+    uses it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> Path:
     """A prepared dataset (vocab 320) from the generated corpus."""

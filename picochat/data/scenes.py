@@ -71,6 +71,7 @@ class SceneSet:
     images: torch.Tensor
     qa: list[QA]
     sources: list[str]   # per image: "digit:<index in load_digits>" or "scene:<n>"
+    shapes: list[tuple] = ()  # per image: its Shapes, left to right (() for a digit)
 
     def fingerprint(self) -> str:
         """16 hex digits over the pixels and every question and answer: equal sets, equal fingerprints."""
@@ -167,12 +168,13 @@ def make_splits(seed: int = 0, train_scenes: int = 4000, val_scenes: int = 300, 
     seen: set[bytes] = set()
     out = {}
     for split, n in (("train", train_scenes), ("val", val_scenes), ("test", test_scenes)):
-        images, qa, sources = [], [], []
+        images, qa, sources, layouts = [], [], [], []
         for i in digit_split[split]:
             for t, q, a in digit_questions(int(labels[i])):
                 qa.append(QA(len(images), t, q, a))
             images.append(render_digit(digits[i]))
             sources.append(f"digit:{i}")
+            layouts.append(())
         rng = random.Random(f"{seed}:scenes:{split}")
         for n_scene in range(n):
             shapes = random_scene(rng)
@@ -185,8 +187,31 @@ def make_splits(seed: int = 0, train_scenes: int = 4000, val_scenes: int = 300, 
                 qa.append(QA(len(images), t, q, a))
             images.append(img)
             sources.append(f"scene:{n_scene}")
-        out[split] = SceneSet(torch.stack(images), qa, sources)
+            layouts.append(tuple(shapes))
+        out[split] = SceneSet(torch.stack(images), qa, sources, layouts)
     return out
+
+
+# ---- what lies under each patch: the vision encoder's first lesson ----------------------------------------
+PATCH_CLASSES = 1 + len(SHAPES) * len(COLOURS)   # 0 = background, 1 + kind * 4 + colour
+
+
+def patch_classes(shapes: list[Shape], patch: int) -> torch.Tensor:
+    """(G*G,) long, G = IMAGE_SIZE / patch, raster order: the class of the shape covering most of each patch
+    (1 + kind index * len(COLOURS) + colour index), or 0 if shapes cover under 3/16 of its pixels.
+    A pixel belongs to the shape whose own rendering inks it most (at least 30%: anti-aliased rims count)."""
+    g = IMAGE_SIZE // patch
+    cls = torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.long)
+    best = torch.zeros(IMAGE_SIZE, IMAGE_SIZE)
+    for sh in shapes:
+        ink = (255 - render_scene([sh]).float().min(0).values) / 255           # (24, 24) in [0, 1]
+        mine = (ink > 0.3) & (ink > best)
+        cls[mine] = 1 + SHAPES.index(sh.kind) * len(COLOURS) + list(COLOURS).index(sh.colour)
+        best[mine] = ink[mine]
+    counts = torch.nn.functional.one_hot(cls, PATCH_CLASSES).view(g, patch, g, patch, -1).sum((1, 3))  # (g, g, K)
+    shape_px = counts[..., 1:].sum(-1)
+    counts[..., 0] = torch.where(shape_px * 16 >= 3 * patch * patch, 0, patch * patch + 1)  # background wins if sparse
+    return counts.argmax(-1).reshape(-1)
 
 
 def text_corpus(sets: dict[str, SceneSet]) -> list[str]:

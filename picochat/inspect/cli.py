@@ -2,12 +2,15 @@
 
 Works for each model kind picochat has: a GPT (a picochat checkpoint, smollm2, a .gguf file), an encoder
 (minilm, a `picochat bert` run), the translator (`picochat translate train` run; its encoder, decoder and
-cross-attention), and a vision transformer (`picochat vision train` run; TEXT is then an image file).
+cross-attention), a vision transformer (`picochat vision train` run; TEXT is then an image file), and a
+chat model that sees (`picochat vlm train` run with --image FILE: TEXT is a question about the picture,
+which the model answers first; image.png draws where the answer looked in the picture).
 Writes one PNG grid per kind of attention (rows: layers, columns: heads and their mean) and one
 self-contained HTML page to explore them (pick a layer and head, hover a token), then prints the paths:
 
     picochat attention smollm2 "The capital of France is Paris."
     picochat attention runs/translate "four thousand two hundred and seven" --out-dir maps
+    picochat attention runs/vlm "What colour is the circle?" --image scene.png
 """
 from __future__ import annotations
 
@@ -26,7 +29,13 @@ class AttentionConfig:
     """A GPT checkpoint, smollm2 or a .gguf file; minilm or a `picochat bert` run; a translator run; a
     vision run."""
     text: str = ""
-    """The text to read (a translator translates it first; a vision model takes an image file's path)."""
+    """The text to read (a translator translates it first; a vision model takes an image file's path; with
+    --image, a question about the picture)."""
+    image: Optional[str] = None
+    """A PNG or JPEG picture for a chat model that sees (`picochat vlm train`): it reads the picture and the
+    text as one user message and answers; the maps cover both, the picture's tokens drawn over it."""
+    answer_tokens: int = 24
+    """With --image: the longest answer the model writes before its maps are drawn (0: the question alone)."""
     out_dir: str = "attention"
     """Where the PNGs and attention.html go (created if missing; files there of the same name are replaced)."""
     layers: Optional[str] = None
@@ -54,10 +63,10 @@ def _layers(spec: Optional[str], n: int) -> Optional[list[int]]:
 def attention(cfg: AttentionConfig) -> dict:
     """The plain-Python form of `picochat attention`: {"pngs": [...], "html": path or None}; also prints."""
     from .maps import maps_for
-    from .plot import plot_group
+    from .plot import plot_group, plot_image_attention
     if not cfg.model or not cfg.text:
         raise PicochatError('give a model and a text: picochat attention smollm2 "The capital of France is"')
-    view = maps_for(cfg.model, cfg.text)
+    view = maps_for(cfg.model, cfg.text, image=cfg.image, answer_tokens=cfg.answer_tokens)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # checked for every group before any file is written (the translator's encoder and decoder differ)
@@ -73,8 +82,10 @@ def attention(cfg: AttentionConfig) -> dict:
                 "decoder": "decoder masked self-attention", "cross": "cross-attention"}[name]
         pngs.append(str(plot_group(group, out / f"{name}.png", f"{view.title}: {what}", layers)))
     if view.image is not None:  # a vision model: the attention drawn over the picture too
-        from .plot import plot_image_attention
         pngs.append(str(plot_image_attention(view, out / "image.png")))
+    for pic in view.pictures:  # a chat model that sees: where its answer looked in each picture
+        name = "image.png" if len(view.pictures) == 1 else f"image-{pic['index']}.png"
+        pngs.append(str(plot_image_attention(view, out / name, picture=pic)))
     html = None
     if page is not None:
         from ..fsutil import atomic_write

@@ -1,9 +1,10 @@
 """`write_html(view, path)`: one self-contained HTML page to explore an AttentionView, offline.
 
-The page inlines the web page's own viewer (picochat/serve/static/attention.js and attention.css, read
-when the page is written: one viewer, not two copies) and the view's JSON (to_json: weights rounded to 4
-decimals). It loads nothing from anywhere: its Content-Security-Policy allows no network at all, so it
-opens the same from a laptop, an email attachment or a machine without internet.
+The page inlines the web page's own viewer (picochat/serve/static/attention.js, its sibling
+attention-images.js and attention.css, read when the page is written: one viewer, not two copies) and the
+view's JSON (to_json: weights rounded to 4 decimals; a VLM's picture as a small data: URL). It loads
+nothing from anywhere: its Content-Security-Policy allows no network at all (images: data: URLs only), so
+it opens the same from a laptop, an email attachment or a machine without internet.
 
 Size: a view is layers x heads x T_q x T_k numbers of about 7 bytes of JSON each, and a browser slows
 down past ~100 MB of page. Above WARN_NUMBERS (2 M numbers, ~14 MB) a warning is logged; above
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import logging
 from pathlib import Path
 from typing import Optional
@@ -56,6 +58,11 @@ try {
 }
 """
 
+# the viewer's modules, dependencies first, as one inline module: the import lines between them are dropped
+# (the names they import are then in the same scope), since an inline page cannot load a sibling file
+MODULES = ("attention-images.js", "attention.js")
+SIBLING_IMPORT = re.compile(r'^import \{[^}]*\} from "\./[\w.-]+\.js";\n', re.M)
+
 # nothing from the network, not even from the file's own folder: only what is inline
 CSP = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:"
 
@@ -66,6 +73,11 @@ def _asset(name: str) -> str:
     if "</script" in lowered or "<!--" in lowered or "</style" in lowered:  # would end the inline element early
         raise PicochatError(f"{STATIC / name} contains '</script', '</style' or '<!--' and cannot be inlined")
     return text
+
+
+def viewer_js() -> str:
+    """attention.js and its sibling module, linked into one script for an inline <script type="module">."""
+    return "\n".join(SIBLING_IMPORT.sub("", _asset(name)) for name in MODULES)
 
 
 def count_numbers(view) -> int:
@@ -106,7 +118,7 @@ def page_html(view, layers: Optional[list[int]] = None, max_numbers: int = MAX_N
             f'<div id="attention-root"></div>\n'
             f'<noscript>This page draws the maps with JavaScript; turn it on to see them.</noscript>\n</main>\n'
             f'<script type="application/json" id="attention-data">{payload}</script>\n'
-            f'<script type="module">\n{_asset("attention.js")}\n{BOOT}</script>\n</body>\n</html>\n')
+            f'<script type="module">\n{viewer_js()}\n{BOOT}</script>\n</body>\n</html>\n')
 
 
 def write_html(view, path, layers: Optional[list[int]] = None, max_numbers: int = MAX_NUMBERS) -> Path:

@@ -13,6 +13,11 @@ the layer outputs agree).
     BERT         "self":    (L, H, T, T), every real token
     seq2seq      "encoder": (L, H, S, S); "decoder": (L, H, T, T) causal; "cross": (L, H, T, S)
     ViT          "self":    (L, H, 1 + N, 1 + N) over [CLS] and the N patches (image: the patch grid)
+    VLM          "self":    a GPT's, its pictures' N image tokens among the tokens (pictures: where each sits)
+
+A chat model that sees reads each picture as N vectors placed at N <|image|> marker tokens (engine
+PromptEmbeds); its maps are taken with the very same vectors in place, so a token's row says how much it
+looked at each of the picture's sqrt(N) x sqrt(N) cells (inspect/pictures.py).
 """
 from __future__ import annotations
 
@@ -47,14 +52,20 @@ class AttentionView:
     groups: dict[str, MapGroup]
     image: Optional[dict] = None   # vit: {"pixels": (H, W) floats 0..1, "grid": (rows, cols)}
     meta: dict = field(default_factory=dict)
+    pictures: list[dict] = field(default_factory=list)  # a VLM's: picture_runs (+ what shows each picture)
+    answer_start: Optional[int] = None  # a chat answer's first token (the viewer starts there)
 
     def to_json(self, decimals: int = 4) -> dict:
         """Plain lists for JSON: weights rounded (4 decimals keep every visible shade and the zeros exact)."""
-        return {"kind": self.kind, "title": self.title, "meta": self.meta, "image": self.image,
-                "groups": {name: {"queries": g.queries, "keys": g.keys, "causal": g.causal,
-                                  "layers": g.weights.size(0), "heads": g.weights.size(1),
-                                  "weights": torch.round(g.weights, decimals=decimals).tolist()}
-                           for name, g in self.groups.items()}}
+        out = {"kind": self.kind, "title": self.title, "meta": self.meta, "image": self.image,
+               "pictures": self.pictures,
+               "groups": {name: {"queries": g.queries, "keys": g.keys, "causal": g.causal,
+                                 "layers": g.weights.size(0), "heads": g.weights.size(1),
+                                 "weights": torch.round(g.weights, decimals=decimals).tolist()}
+                          for name, g in self.groups.items()}}
+        if self.answer_start is not None:
+            out["answer_start"] = self.answer_start
+        return out
 
 
 def _stack(maps: list) -> torch.Tensor:
@@ -77,22 +88,65 @@ def token_strings(tokenizer, ids: list[int]) -> list[str]:
     return [tokenizer.token_bytes(i).decode("utf-8", errors="replace") for i in ids]
 
 
+def picture_runs(ids: list[int], marker_id: int, n_tokens: int) -> list[dict]:
+    """Where each picture's image tokens sit in ids: [{"index": 1, 2, ..., "first_token", "n_tokens",
+    "grid": [rows, cols]}], a run of k * N markers being k pictures side by side. The N tokens of a
+    picture are a sqrt(N) x sqrt(N) grid over it in raster order (model/multimodal.py)."""
+    side = int(round(n_tokens ** 0.5))
+    if n_tokens < 1 or side * side != n_tokens:
+        raise PicochatError(f"{n_tokens} image tokens per picture are not a square grid; this checkpoint's image "
+                            "encoder is not one picochat draws")
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] != marker_id:
+            i += 1
+            continue
+        j = i
+        while j < len(ids) and ids[j] == marker_id:
+            j += 1
+        if (j - i) % n_tokens:
+            raise PicochatError(f"a run of {j - i} image markers at token {i} is not a whole number of pictures of "
+                                f"{n_tokens} tokens: the text itself holds the marker token")
+        for start in range(i, j, n_tokens):
+            out.append({"index": len(out) + 1, "first_token": start, "n_tokens": n_tokens, "grid": [side, side]})
+        i = j
+    return out
+
+
+def picture_token_names(names: list[str], pictures: list[dict]) -> list[str]:
+    """names with each image token renamed "<imagek:rRcC>" (row R, column C of picture k's grid): no spaces,
+    which a viewer shows as dots, and short enough for the 18 characters a heatmap's label keeps."""
+    out = list(names)
+    for p in pictures:
+        cols = p["grid"][1]
+        for n in range(p["n_tokens"]):
+            out[p["first_token"] + n] = f"<image{p['index']}:r{n // cols}c{n % cols}>"
+    return out
+
+
 @torch.no_grad()
-def gpt_maps(model, tokenizer, ids: list[int], title: str = "") -> AttentionView:
-    """A decoder's causal self-attention over ids (a prompt and, for a chat answer, the answer after it)."""
+def gpt_maps(model, tokenizer, ids: list[int], title: str = "", embeds=None,
+             pictures: Optional[list[dict]] = None) -> AttentionView:
+    """A decoder's causal self-attention over ids (a prompt and, for a chat answer, the answer after it).
+
+    embeds (engine.PromptEmbeds): vectors read at some positions instead of their tokens' embeddings, as
+    generation places a picture's; without them a VLM's maps would be those of its bare marker tokens,
+    not of what it saw. pictures (picture_runs of ids): their tokens are named by picture and grid cell."""
     _check_len(len(ids), "the text")
     if len(ids) > model.config.block_size:
         raise PicochatError(f"the text is {len(ids)} tokens but the model reads at most {model.config.block_size}")
     model.eval()
     device = next(model.parameters()).device
+    placed = embeds.window(0, len(ids), device) if embeds is not None else {}  # GPT.forward's embeds, embeds_mask
     try:
-        model(torch.tensor([ids], device=device), return_attention=True, last_logits_only=True)
+        model(torch.tensor([ids], device=device), return_attention=True, last_logits_only=True, **placed)
         w = _stack(model.attention_maps())
     finally:
         for b in model.blocks:  # (B, nh, T, T) per layer: do not keep hundreds of MB alive on the model
             b.attn.last_weights = None
-    toks = token_strings(tokenizer, ids)
-    return AttentionView("gpt", title, {"self": MapGroup(toks, toks, w, causal=True)})
+    toks = picture_token_names(token_strings(tokenizer, ids), pictures or [])
+    return AttentionView("gpt", title, {"self": MapGroup(toks, toks, w, causal=True)},
+                         pictures=[dict(p) for p in pictures or []])
 
 
 @torch.no_grad()
@@ -156,10 +210,16 @@ def model_kind(spec: str) -> str:
     return {"picochat-seq2seq": "seq2seq", "picochat-vit": "vit"}.get(fmt, "gpt")
 
 
-def maps_for(spec: str, text: str) -> AttentionView:
-    """Load spec (any model picochat reads) and return its maps for text (vit: text is an image path)."""
+def maps_for(spec: str, text: str, image: Optional[str] = None, answer_tokens: int = 24) -> AttentionView:
+    """Load spec (any model picochat reads) and return its maps for text (vit: text is an image path).
+    image: a picture file a chat model that sees is asked about (text is the question; it answers first,
+    in at most answer_tokens tokens: inspect/pictures.py)."""
     kind = model_kind(spec)
     title = f"{Path(spec).name or spec}"
+    if image is not None and kind != "gpt":
+        fix = (f"give the image as the text: picochat attention {spec} {image}" if kind == "vit" else
+               "--image needs a chat model that sees (from `picochat vlm train`), or leave --image out")
+        raise PicochatError(f"{spec} is a {kind} model, which reads no pictures beside a text; {fix}")
     if kind == "bert":
         from ..encoder.embeddings import load_encoder
         return bert_maps(load_encoder(spec), text, title)
@@ -170,6 +230,9 @@ def maps_for(spec: str, text: str) -> AttentionView:
     if kind == "vit":
         from ..vision.maps import vit_maps_for
         return vit_maps_for(spec, text, title)
+    if image is not None:
+        from .pictures import vlm_maps_for
+        return vlm_maps_for(spec, text, image, title, answer_tokens)
     from ..checkpoints.io import load_model
     model, tok, _ = load_model(spec)
     if tok is None:

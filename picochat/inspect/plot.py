@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -58,36 +59,58 @@ def _show(token: str) -> str:
     return t if len(t) <= 14 else t[:13] + "\u2026"
 
 
-def plot_image_attention(view, path) -> Path:
+def plot_image_attention(view, path, picture: Optional[dict] = None) -> Path:
     """The image, then per layer where [CLS] looks (mean over heads; without [CLS], the mean over every
-    patch's row): the weight on each patch drawn over the picture, brighter = more attention."""
+    patch's row): the weight on each patch drawn over the picture, brighter = more attention.
+
+    picture (one of a VLM view's `pictures`, with its "src"): where the answer looks in that picture
+    instead: per layer the mean over the answer's tokens (the last token's row without an answer) and the
+    heads, divided by its sum over the picture's tokens (the cells compare with each other, whatever share
+    the picture got), and that share in each layer's title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
     from ..fsutil import atomic_write
-    img = torch.tensor(view.image["pixels"], dtype=torch.float32)  # (H, W) in 0..1
-    rows, cols = view.image["grid"]
-    first = view.image.get("first_key", 0)
     w = view.groups["self"].weights.mean(1)  # (L, T, T)
-    L = w.size(0)
-    fig, axes = plt.subplots(1, L + 1, figsize=(1.9 * (L + 1), 2.3), squeeze=False)
-    axes[0][0].imshow(img.numpy(), cmap="gray_r", interpolation="nearest")
+    L, T = w.size(0), w.size(-1)
+    if picture is None:
+        first = int(view.image.get("first_key", 0))
+        from_cls = first > 0
+        img = torch.tensor(view.image["pixels"], dtype=torch.float32).numpy()  # (H, W) in 0..1
+        rows, cols = view.image["grid"]
+        what = f"where {'[CLS]' if from_cls else 'the patches'} attend, mean over heads"
+        looks = [w[l, 0] if from_cls else w[l].mean(0) for l in range(L)]  # [CLS]'s row, or the average row
+    else:
+        from .pictures import picture_pixels
+        img = picture_pixels(picture["src"])  # (S, S, 3): the square the grid lies over
+        (rows, cols), first = picture["grid"], picture["first_token"]
+        answered = view.answer_start is not None and view.answer_start < T
+        who = list(range(view.answer_start, T)) if answered else [T - 1]
+        what = (f"where {'the answer' if answered else 'the last token'} looks in picture {picture['index']}, "
+                "mean over its tokens and the heads")
+        looks = [w[l, who].mean(0) for l in range(L)]
+    width = 1.9 * (L + 1)
+    fig, axes = plt.subplots(1, L + 1, figsize=(width, 2.5), squeeze=False)
+    axes[0][0].imshow(img, cmap="gray_r", interpolation="nearest")
     axes[0][0].set_title("image", fontsize=8)
     for l in range(L):
-        row = w[l, 0] if first else w[l].mean(0)  # [CLS]'s row, or the average row
-        grid = row[first:first + rows * cols].reshape(rows, cols)
+        grid = looks[l][first:first + rows * cols]
+        share = float(grid.sum())
+        if picture is not None and share > 0:
+            grid = grid / share
         ax = axes[0][l + 1]
-        ax.imshow(img.numpy(), cmap="gray_r", interpolation="nearest", extent=(0, cols, rows, 0))
-        ax.imshow(grid.numpy(), cmap="inferno", alpha=0.6, interpolation="nearest", extent=(0, cols, rows, 0))
-        ax.set_title(f"layer {l}", fontsize=8)
+        ax.imshow(img, cmap="gray_r", interpolation="nearest", extent=(0, cols, rows, 0))
+        ax.imshow(grid.reshape(rows, cols).numpy(), cmap="inferno", alpha=0.6, interpolation="nearest",
+                  extent=(0, cols, rows, 0))
+        ax.set_title(f"layer {l}" + (f": {share:.0%} on it" if picture is not None else ""), fontsize=8)
     for ax in axes[0]:
         ax.set_xticks([])
         ax.set_yticks([])
     extra = f" -> {view.meta['prediction']} (p={view.meta['probability']})" if "prediction" in view.meta else ""
-    fig.suptitle(f"{view.title}: where {'[CLS]' if first else 'the patches'} attend, mean over heads{extra}",
-                 fontsize=8)
+    # wrapped to the figure (about 14 characters an inch at 8 pt): a 1-layer model's figure is narrow
+    fig.suptitle(textwrap.fill(f"{view.title}: {what}{extra}", max(30, int(width * 14))), fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

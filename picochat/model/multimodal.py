@@ -2,7 +2,7 @@
 
     P   = ViT.forward_features(image)                (B, G*G, d_v)     patch states, G = image_size / patch_size
     P'  = pixel_shuffle(P, s)                         (B, (G/s)^2, s^2 d_v)   each s x s block of patches side by side
-    Z   = W_2 GELU(W_1 P' + b_1) + b_2                 (B, N, d)        N = (G/s)^2 image tokens at the GPT's width d
+    Z   = W_2 GELU(W_1 P' + b_1) + b_2 + E_pos          (B, N, d)        N = (G/s)^2 image tokens at the GPT's width d
     h_0 = E[x_t] at text positions, the rows of Z at the N <|image|> markers of the rendered conversation
     loss = cross-entropy on the assistant's answer only (markers and prompt are never targets)
 
@@ -44,6 +44,8 @@ class VisionConfig:
     """The GPT's width d that the projector maps to."""
     image_token: str = IMAGE_TOKEN
     """The special token whose N copies mark where an image goes in the rendered conversation."""
+    image_pos: bool = True
+    """Add a learned position per image token to the projector's output (where in the picture, as content)."""
 
     def __post_init__(self):
         c = self.vit_config()
@@ -103,6 +105,11 @@ class ImageEncoder(nn.Module):
         nn.init.normal_(self.proj_out.weight, std=0.02)
         nn.init.zeros_(self.proj_in.bias)
         nn.init.zeros_(self.proj_out.bias)
+        # Where each image token sits, written into its content. The GPT's RoPE tells a query how far back a
+        # key is, but what attention brings back (V) carries no position: "is the circle left of the square?"
+        # needs both shapes' columns as values to compare. Without it: 82% of validation questions after
+        # 750 steps, "left" at chance; with it: 99% (docs in picochat/train/vlm.py).
+        self.pos = nn.Parameter(torch.randn(config.n_tokens, config.lm_width) * 0.02) if config.image_pos else None
 
     @property
     def n_tokens(self) -> int:
@@ -111,7 +118,8 @@ class ImageEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         h = self.vit.forward_features(images)                     # (B, G*G, d_v), normed
         h = pixel_shuffle(h, self.config.pixel_shuffle)           # (B, N, s^2 d_v)
-        return self.proj_out(F.gelu(self.proj_in(h)))             # (B, N, d)
+        z = self.proj_out(F.gelu(self.proj_in(h)))                # (B, N, d)
+        return z if self.pos is None else z + self.pos.to(z.dtype)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -79,10 +79,8 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(x) for x in err.get("loc", ()) if x not in ("body", "query", "path")]
+        loc, msg = _first_error(e.errors())
         param = ".".join(loc) or None
-        msg = err.get("msg", "invalid request")
         return _error(400, f"{param}: {msg}" if param else msg, param)
 
     @app.exception_handler(PicochatError)
@@ -118,8 +116,8 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
 
     @app.get("/api/config")
     async def config():
-        return {"models": [{"id": h.id, "context_length": h.context, "chat": h.template is not None}
-                           for h in hosts],
+        return {"models": [{"id": h.id, "context_length": h.context, "chat": h.template is not None,
+                            "vision": h.vision is not None} for h in hosts],
                 "default_model": hosts[0].id, "auth": bool(keys),
                 # a default answer length that leaves room for a conversation in a short context
                 "defaults": WEB_DEFAULTS | {"max_tokens": min(WEB_DEFAULTS["max_tokens"], hosts[0].context // 4)},
@@ -141,6 +139,24 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
         return Response(status_code=204)
 
     return app
+
+
+def _first_error(errors: list) -> tuple[list[str], str]:
+    """The one validation error to report, and its field path. A value that fits no branch of a union (a
+    message's content: a string, or a list of parts) fails every branch; the deepest error is the one about
+    what the client sent (a part's bad `detail`), not "should be a valid string". Pydantic's branch labels
+    ("str", "list[...]") and a tagged union's tag (the part's type, repeated as the field's name) are left
+    out of the path, so it reads messages.0.content.1.image_url.detail."""
+    if not errors:
+        return [], "invalid request"
+    err = max(errors, key=lambda x: len(x.get("loc", ())))  # max keeps the first of equals
+    loc: list[str] = []
+    for x in err.get("loc", ()):
+        x = str(x)
+        if x in ("body", "query", "path", "str") or "[" in x or (loc and loc[-1] == x):
+            continue
+        loc.append(x)
+    return loc, err.get("msg", "invalid request")
 
 
 def _prometheus(app, counters: dict) -> str:

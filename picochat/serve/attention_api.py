@@ -7,6 +7,12 @@ which of the few possible renderings the model really read (the page trims the s
 client may send it raw; a web conversation keeps the turns truncate_history left out): the first one of
 that length wins, and `exact` says whether one matched.
 
+A picture in the conversation is read as generation read it: its N <|image|> markers in the prompt, its
+stored bytes decoded and encoded by the model's image encoder, the N embeddings placed at the markers
+(GPT.forward's embeds). Its tokens are named "<image1:r0c2>" (picture 1, row 0, column 2), and the
+response's `pictures` say where each picture's tokens sit, its sqrt(N) x sqrt(N) grid and its stored id
+and URL, so the page can draw a token's attention over the picture.
+
 All torch work runs on the model's own thread (Scheduler.run_on_model, between two decode turns); the
 handler is a plain `def`, so waiting for it and encoding the JSON happen in FastAPI's thread pool and
 never block the event loop that streams tokens to other clients.
@@ -16,7 +22,7 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
@@ -44,14 +50,40 @@ def _system_candidates(system: Optional[str]) -> list[Optional[str]]:
     return out
 
 
-def rebuild_tokens(store: Store, host, msg: dict) -> tuple[list[int], list[int], bool]:
-    """(prompt ids, answer ids, exact) of a stored assistant message, as its model read and wrote them.
+class Rebuilt(NamedTuple):
+    prompt: list[int]
+    answer: list[int]
+    exact: bool         # a rendering had the stored prompt_tokens' length (False: none did, or none was stored)
+    images: list[dict]  # the pictures the prompt holds, in order: the store's image dicts, with message_id
 
-    exact: a rendering had the stored prompt_tokens' length (False: none did, or none was stored;
-    the first candidate is used)."""
+
+def _content(m: dict):
+    """A stored message's content for the chat template: its text, or text and image parts in the order the
+    request had them (images.content_with_pictures: adjacent texts joined, empty ones left out)."""
+    images, text = m.get("images") or [], m["content"]
+    if not images:
+        return text
+    parts, at = [], 0
+    for im in images:
+        if im["offset"] > at:
+            parts.append({"type": "text", "text": text[at:im["offset"]]})
+        parts.append({"type": "image", "stored": im | {"message_id": m["id"]}})
+        at = im["offset"]
+    if at < len(text):
+        parts.append({"type": "text", "text": text[at:]})
+    return parts
+
+
+def rebuild_tokens(store: Store, host, msg: dict) -> Rebuilt:
+    """A stored assistant message's prompt and answer ids as its model read and wrote them (a picture as
+    its N <|image|> markers; `images` says which picture each run of them is)."""
     from ..chat_template import render_conversation
     path = store.path_to(msg["conversation_id"], msg["id"])
-    turns = [{"role": m["role"], "content": m["content"]} for m in path[:-1] if m["role"] != "system"]
+    if host.vision is None and any(m.get("images") for m in path):
+        raise bad_request(f"message {msg['id']} answers a conversation with pictures, but {host.id!r} is a "
+                          "text-only model, so its maps cannot show what it read: the answer was not generated "
+                          "by it from these messages", "message_id")
+    turns = [{"role": m["role"], "content": _content(m)} for m in path[:-1] if m["role"] != "system"]
     settings = msg.get("settings") or {}
     system = settings.get("system_prompt")
     if not isinstance(system, str):  # the recorder keeps it there only when it differed from the conversation's
@@ -63,14 +95,16 @@ def rebuild_tokens(store: Store, host, msg: dict) -> tuple[list[int], list[int],
     want = msg.get("prompt_tokens")
     first = None
     for kept in turn_options:
+        images = [p["stored"] for t in kept if isinstance(t["content"], list) for p in t["content"]
+                  if p["type"] == "image"]
         for s in _system_candidates(system):
             msgs = ([{"role": "system", "content": s}] if s is not None else []) + kept
             ids = render_conversation(msgs, host.tokenizer, host.template, add_generation_prompt=True,
-                                      default_system=host.default_system)[0]
+                                      default_system=host.default_system, image_tokens=host.image_tokens)[0]
             if want is None or len(ids) == want:
-                return ids, host.tokenizer.encode(msg["content"]), want is not None
-            first = first or ids
-    return first, host.tokenizer.encode(msg["content"]), False
+                return Rebuilt(ids, host.tokenizer.encode(msg["content"]), want is not None, images)
+            first = first or (ids, images)
+    return Rebuilt(first[0], host.tokenizer.encode(msg["content"]), False, first[1])
 
 
 def attention_router(store: Store) -> APIRouter:
@@ -100,7 +134,7 @@ def attention_router(store: Store) -> APIRouter:
                               "layer")
         if (msg.get("prompt_tokens") or 0) > MAX_TOKENS:  # refused before rendering a long conversation
             raise _too_long(mid, msg["prompt_tokens"])
-        prompt, answer, exact = rebuild_tokens(store, host, msg)
+        prompt, answer, exact, images = rebuild_tokens(store, host, msg)
         ids = prompt + answer
         if len(ids) > MAX_TOKENS:
             raise _too_long(mid, len(ids))
@@ -116,8 +150,9 @@ def attention_router(store: Store) -> APIRouter:
             raise ApiError(503, "the server is busy drawing other attention maps; try again shortly",
                            type="server_error", code="busy")
         try:
-            data = _maps_on_model_thread(host, ids, layer, f"{host.id}, answer {mid}: {len(prompt)} tokens read, "
-                                                           f"{len(answer)} written")
+            pictures, pixels = _pictures(store, host, prompt, images) if images else ([], None)
+            data = _maps_on_model_thread(host, prompt, ids, layer, f"{host.id}, answer {mid}: {len(prompt)} tokens "
+                                                                   f"read, {len(answer)} written", pictures, pixels)
         finally:
             slots.release()
         data.update({"message_id": mid, "conversation_id": msg["conversation_id"], "model": host.id,
@@ -134,13 +169,39 @@ def _too_long(mid: int, n: int) -> ApiError:
                        f"at most {MAX_TOKENS} (a map is layers x heads x tokens^2 numbers)", "message_id")
 
 
-def _maps_on_model_thread(host, ids: list[int], layer: Optional[int], title: str) -> dict:
-    """gpt_maps and to_json on the model's thread (both are torch work); the scheduler runs the job
-    between two decode turns, whether it is idle or generating."""
+def _pictures(store: Store, host, prompt: list[int], images: list[dict]):
+    """(the response's pictures, their (M, 3, S, S) pixels): where each picture's tokens sit in the prompt
+    and which stored picture it is, decoded as the server decoded it for generation (images.check_picture,
+    at the model's size; a picture seen since is not decoded again)."""
+    import torch
+
+    from ..inspect.maps import picture_runs
+    from .images import check_picture
+    runs = picture_runs(prompt, host.image_id, host.image_tokens)
+    if len(runs) != len(images):  # cannot happen for a prompt rendered from these messages
+        raise ApiError(500, f"the rebuilt prompt holds {len(runs)} pictures but the conversation {len(images)}",
+                       type="server_error")
+    pixels = []
+    for run, im in zip(runs, images):
+        run.update(image_id=im["id"], url=f"/api/images/{im['id']}", message_id=im["message_id"],
+                   media_type=im["media_type"], width=im["width"], height=im["height"])
+        pixels.append(check_picture(store.image(im["id"])["data"], f"image {im['id']}", host.image_size).pixels)
+    return runs, torch.stack(pixels)
+
+
+def _maps_on_model_thread(host, prompt: list[int], ids: list[int], layer: Optional[int], title: str,
+                          pictures: list[dict], pixels) -> dict:
+    """The pictures' embeddings, gpt_maps and to_json on the model's thread (all torch work); the scheduler
+    runs the job between two decode turns, whether it is idle or generating."""
     from ..inspect.maps import gpt_maps
 
     def job() -> dict:
-        view = gpt_maps(host.model, host.tokenizer, ids, title)
+        embeds = None
+        if pixels is not None:  # placed at the markers as images.prompt_embeds placed them for generation
+            from ..checkpoints.vlm import encode_pixels
+            from ..engine.engine import PromptEmbeds
+            embeds = PromptEmbeds.at_markers(prompt, host.image_id, encode_pixels(host.vision, pixels))
+        view = gpt_maps(host.model, host.tokenizer, ids, title, embeds=embeds, pictures=pictures)
         if layer is not None:
             g = view.groups["self"]
             g.weights = g.weights[layer:layer + 1]

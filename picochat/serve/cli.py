@@ -21,6 +21,9 @@ from ..cli_args import add_dataclass_args, dataclass_from_args
 from ..errors import PicochatError
 
 
+PICTURE_BODY_MB = 32.0  # the default body limit when a model sees: one 20 MB picture, base64, and the text
+
+
 @dataclass
 class ServeConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2"])
@@ -63,8 +66,9 @@ class ServeConfig:
     (their embeddings then equal `picochat embed`'s)."""
     quantize: Optional[str] = None
     """Chat models: int8 weight-only matmuls (smaller, faster decoding on CPUs); encoders are not quantized."""
-    max_body_mb: float = 4.0
-    """Largest request body accepted, in MB."""
+    max_body_mb: Optional[float] = None
+    """Largest request body accepted, in MB (default: 4, or 32 when a served model sees pictures: a 20 MB
+    picture is 27 MB as a base64 data: URL)."""
 
 
 def api_keys(cfg: ServeConfig) -> dict[str, str]:
@@ -101,7 +105,7 @@ def _check(cfg: ServeConfig) -> dict[str, str]:
             raise PicochatError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.max_batch > 256:
         raise PicochatError(f"--max-batch {cfg.max_batch} is absurd for one process; use at most 256")
-    if cfg.max_body_mb <= 0:
+    if cfg.max_body_mb is not None and cfg.max_body_mb <= 0:
         raise PicochatError("--max-body-mb must be positive")
     if not cfg.models:
         raise PicochatError("name at least one model (e.g. smollm2)")
@@ -145,7 +149,8 @@ def build_app(cfg: ServeConfig):
     if cfg.store:
         from .store import Store, default_db_path
         store = Store(cfg.db or default_db_path())
-    return create_app(hosts, store=store, api_key=keys or None, max_body=int(cfg.max_body_mb * 1024 * 1024),
+    max_body_mb = cfg.max_body_mb or (PICTURE_BODY_MB if any(h.vision is not None for h in hosts) else 4.0)
+    return create_app(hosts, store=store, api_key=keys or None, max_body=int(max_body_mb * 1024 * 1024),
                       default_max_tokens=cfg.max_tokens,
                       allowed_hosts=allowed_hosts_for(cfg.host, _allowed_extra(cfg)), encoders=encoders)
 
@@ -179,7 +184,8 @@ def serve(cfg: ServeConfig) -> int:
         print("warning: listening beyond this machine without an API key (--insecure-no-key): anyone who "
               "can reach it can use it", file=sys.stderr)
     app = build_app(cfg)
-    hosts = list(app.state.hosts) + [f"{e} (embeddings)" for e in app.state.encoders]
+    hosts = [f"{h.id} (sees pictures)" if h.vision is not None else h.id for h in app.state.hosts.values()] + \
+        [f"{e} (embeddings)" for e in app.state.encoders]
     wildcard = cfg.host in WILDCARD_ADDRESSES
     bound = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     where = f"http://{bound if not wildcard else 'localhost'}:{cfg.port}"

@@ -6,7 +6,8 @@ repeated from thumbs: the explicit judgement wins, even where the thumbs disagre
 
 A pair whose prompt the chat template refuses (a database from before the store enforced turn order:
 a system message deep in the tree, an answer under an answer) is skipped, never exported: training
-on it would teach a conversation shape the model never sees when it serves.
+on it would teach a conversation shape the model never sees when it serves. So is a pair whose prompt
+holds a picture: the export is text, and the text alone is not what the model answered.
 """
 from __future__ import annotations
 
@@ -52,9 +53,10 @@ def preference_pairs(store: "Store", on_skip: Optional[Callable[[dict], None]] =
         conv, msgs = cache[cid]
         if chosen not in msgs or rejected not in msgs:  # deleted since pair_candidates() read them
             continue
-        path, node = [], msgs[chosen]["parent_id"]
+        path, node, pictures = [], msgs[chosen]["parent_id"], 0
         while node is not None:
             path.append({"role": msgs[node]["role"], "content": msgs[node]["content"]})
+            pictures += len(msgs[node].get("images") or [])
             node = msgs[node]["parent_id"]
         path.reverse()
         # the system prompt the answers saw: the page records it in an answer's settings when it differed
@@ -67,6 +69,8 @@ def preference_pairs(store: "Store", on_skip: Optional[Callable[[dict], None]] =
         why = turn_order_error([m["role"] for m in path], answer=True)
         if why is None and seen:
             why = "the two answers saw different system prompts"
+        if why is None and pictures:  # its text alone is not what the model answered
+            why = f"the prompt holds {pictures} picture(s); the export is text only"
         if why is None and not msgs[chosen]["role"] == msgs[rejected]["role"] == "assistant":
             why = "chosen and rejected must both be assistant messages"
         if why is None:  # the trainers' own rules (data/preferences.py), so every exported pair trains

@@ -7,8 +7,9 @@ first token) what another client's prompt said. Their events arrive from the mod
 through `loop.call_soon_threadsafe` onto one asyncio queue; a client that goes away cancels them, which
 frees their batch slots at the next decode step.
 
-Everything that costs CPU in proportion to the request (rendering and tokenizing up to 4 MB of text)
-runs in a worker thread: the event loop keeps streaming the other clients' tokens meanwhile.
+Everything that costs CPU in proportion to the request (rendering and tokenizing up to 4 MB of text,
+decoding pictures) runs in a worker thread: the event loop keeps streaming the other clients' tokens
+meanwhile. Pictures (images.py) become embeddings on the model's thread, placed at their <|image|> tokens.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..engine.scheduler import Event, QueueFull
 from ..engine.scheduler import Request as GenRequest
 from ..errors import PicochatError
 from .errors import ApiError, bad_request, not_found
+from .images import cannot_see, prompt_embeds, request_messages
 from .protocol import ChatCompletionRequest, CompletionRequest, Sampling
 from .recorder import Recorder
 
@@ -82,7 +84,7 @@ def _render(host, messages: list[dict], body: ChatCompletionRequest) -> tuple[li
 
     def render(msgs):
         return render_conversation(msgs, host.tokenizer, host.template, add_generation_prompt=True,
-                                   default_system=host.default_system)[0]
+                                   default_system=host.default_system, image_tokens=host.image_tokens)[0]
     ids = render(messages)
     want = min(body.max_completion_tokens or body.max_tokens or 256, max(1, host.context // 4))
     if not body.truncate_history or len(ids) + want <= host.context:
@@ -124,7 +126,8 @@ def _client(request: Request) -> Optional[str]:
 
 
 async def _generate(request: Request, host, prompt: list[int], sp: SamplingParams, n: int,
-                    state: list[dict], conversation: Optional[str] = None) -> AsyncIterator[tuple[int, Event]]:
+                    state: list[dict], conversation: Optional[str] = None,
+                    embeds=None) -> AsyncIterator[tuple[int, Event]]:
     """Run n choices; yields (choice index, event). `state[i]` collects text, tokens and finish reason."""
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()
     reqs = []
@@ -132,7 +135,7 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
     for i in range(n):
         p = SamplingParams(**{**sp.__dict__, "seed": None if sp.seed is None else sp.seed + i})
         reqs.append(GenRequest(prompt, p, lambda ev, i=i: loop.call_soon_threadsafe(queue.put_nowait, (i, ev)),
-                               client=client, cache_scope=scope))
+                               client=client, cache_scope=scope, embeds=embeds))
     try:
         host.scheduler.submit_many(reqs)
     except QueueFull as e:
@@ -225,12 +228,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if host.template is None:
         raise bad_request(f"model {host.id!r} has no chat template (it was not trained for chat); "
                           "use /v1/completions", "model")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    pictures = any(m.has_images() for m in body.messages)
+    if pictures and host.vision is None:
+        raise bad_request(cannot_see(host, app.state.hosts.values()), "messages")
+    messages = await asyncio.to_thread(request_messages, body, host) if pictures else request_messages(body, host)
     try:
         ids, kept = await asyncio.to_thread(_render, host, messages, body)
     except PicochatError as e:
         raise bad_request(str(e), "messages") from None
     sp = _params(body, host, len(ids), app.state.default_max_tokens, host.stop_ids)
+    try:  # (once the prompt is known to fit)
+        embeds = await prompt_embeds(host, ids, kept) if pictures else None
+    except PicochatError as e:
+        raise bad_request(str(e), "messages") from None
     headers = {"X-Picochat-Dropped-Messages": str(len(messages) - len(kept))}
     store = app.state.store
     saver = None
@@ -243,7 +253,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     if not body.stream:
         try:
-            async for _ in _generate(request, host, ids, sp, body.n, state, conversation):
+            async for _ in _generate(request, host, ids, sp, body.n, state, conversation, embeds):
                 pass
         finally:
             if saver:
@@ -268,7 +278,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     # the answer is stored synchronously as the stream closes: after a disconnect this task may not
     # get to await again
     return await _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers,
-                         on_close=saver.save if saver else None, conversation=conversation)
+                         on_close=saver.save if saver else None, conversation=conversation, embeds=embeds)
 
 
 @router.post("/v1/completions")
@@ -309,11 +319,11 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 async def _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers, on_close=None,
-                  conversation=None):
+                  conversation=None, embeds=None):
     """The SSE response both endpoints share: opening chunks, one chunk per choice delta, an error event
     if generation failed, the usage chunk when asked for, then [DONE]."""
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    gen = _generate(request, host, ids, sp, body.n, state, conversation)
+    gen = _generate(request, host, ids, sp, body.n, state, conversation, embeds)
     first = await _first(gen)  # submit before answering 200, so a full queue is a real 503
 
     def chunk(choice_list, usage=None):

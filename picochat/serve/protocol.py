@@ -7,10 +7,14 @@ and so on), as OpenAI and vLLM do.
 Text is held to the conversation store's own rule (`store_rules.check_text`: valid Unicode, at most
 1,000,000 bytes of UTF-8 per message) here, before any generation: a request the store would refuse
 afterwards must not cost a generation, nor leave half a conversation behind.
+
+A user message's content may hold pictures, OpenAI's `image_url` parts; their structure is checked here
+(only user messages, `detail` one of auto/low/high), their data: URLs by serve/images.py in a worker
+thread (decoding a picture is CPU work the event loop must not do).
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -41,21 +45,48 @@ class TextPart(BaseModel):
         return storable(v, "text")
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    url: str
+    # every picture is read at the model's one fixed size (24 x 24): the three mean the same (docs/api.md)
+    detail: Optional[Literal["auto", "low", "high"]] = None
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, v):  # some clients send the URL itself rather than {"url": ...}
+        return {"url": v} if isinstance(v, str) else v
+
+
+Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = Field(default="")
+    content: Union[str, list[Part], None] = Field(default="")
 
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content if p.type == "text")
+
+    def has_images(self) -> bool:
+        return isinstance(self.content, list) and any(p.type == "image_url" for p in self.content)
 
     @model_validator(mode="after")
     def _limit(self):
         storable(self.text(), "content")  # parts joined: the message as it is stored
+        if self.role != "user" and self.has_images():
+            raise ValueError(f"only user messages may hold pictures (image_url parts); this one is a {self.role} "
+                             "message")
         return self
 
 

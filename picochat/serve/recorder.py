@@ -8,6 +8,9 @@ Two ways in, as docs/api.md says:
   `truncate_history`: the dropped ones are counted in the settings, not stored) and its answers.
 Storing never fails the response: the request was checked up front, and a database error after the
 answer was sent is logged, not thrown into a stream that is closing.
+
+Pictures are part of a message: the page's messages match the stored path only if their pictures are the
+stored ones (same bytes, same place in the text), and an API conversation stores the pictures it was sent.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import logging
 from typing import Optional
 
 from .errors import bad_request
+from .images import for_store, signature, stored_signature
 from .protocol import ChatCompletionRequest, ConversationMeta
 from .store_rules import settings_json
 
@@ -52,12 +56,12 @@ class Recorder:
             raise bad_request("metadata.parent_id must be the id (an integer) of a stored message",
                               "metadata") from None
         path = await asyncio.to_thread(store.path_to, m.conversation_id, m.parent_id)
-        sent = [(x["role"], x["content"]) for x in messages if x["role"] != "system"]
-        stored = [(x["role"], x["content"]) for x in path if x["role"] != "system"]
+        sent = [(x["role"], signature(x["content"])) for x in messages if x["role"] != "system"]
+        stored = [(x["role"], stored_signature(x)) for x in path if x["role"] != "system"]
         if sent != stored:
             raise bad_request(f"the messages sent are not conversation {m.conversation_id} up to message "
-                              f"{m.parent_id}: send that path (its system prompt aside), or leave out metadata "
-                              "to start a new conversation", "messages")
+                              f"{m.parent_id}: send that path (its system prompt aside, its pictures included), "
+                              "or leave out metadata to start a new conversation", "messages")
         conv = await asyncio.to_thread(store.conversation, m.conversation_id)
         if (system or "").strip() != (conv["system_prompt"] or "").strip():
             # the page's system prompt changed since the conversation was stored: keep the one the model saw
@@ -79,6 +83,7 @@ class Recorder:
                                                   "settings": self.settings, "source": "api"}
         try:
             self.store.record_exchange(conversation_id=self.cid, parent_id=self.parent_id,
-                                       messages=self.messages, answers=answers, new_conversation=new)
+                                       messages=[for_store(m) for m in self.messages], answers=answers,
+                                       new_conversation=new)
         except Exception:
             log.exception("could not store a chat completion (the client got its answer)")

@@ -5,7 +5,8 @@ can read while the server writes. Every write is one transaction (BEGIN IMMEDIAT
 crash leaves either all of it or none of it. Errors are ApiErrors (404 / 400 in OpenAI's shape).
 
 Every message tree follows the chat template's turn order (store_rules.check_turn_order), so whatever
-is stored can be rendered, continued and exported. The file, its WAL and its folder are private (0600,
+is stored can be rendered, continued and exported. A user message may hold pictures (store_images.py: the bytes
+beside the text, written in the same transaction as their message). The file, its WAL and its folder are private (0600,
 0700): they hold people's chats.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from ..fsutil import create_private_file, make_private, make_private_dirs
+from . import store_images
 from .store_rules import (MAX_CONTENT_BYTES, MAX_FINISH_REASON, MAX_INT, MAX_MODEL,  # noqa: F401 - re-exported
                           MAX_SETTINGS_BYTES, MAX_TITLE, ROLES, SOURCES, Invalid, NotFound, StoreError, check_text,
                           check_turn_order, message_id as _message_id, message_row, settings_json, text)
@@ -190,6 +192,7 @@ class Store:
             conv["rankings"] = [dict(r) for r in self._read(
                 "SELECT k.id, k.chosen_id, k.rejected_id, k.created_at FROM rankings k"
                 " JOIN messages m ON m.id = k.chosen_id WHERE m.conversation_id = ? ORDER BY k.id", (cid,))]
+            store_images.attach(self._db, conv["messages"], cid)
         for m in conv["messages"]:
             del m["conversation_id"]
         return conv
@@ -219,15 +222,18 @@ class Store:
         with self._tx() as db:
             if db.execute("DELETE FROM conversations WHERE id = ?", (self._cid(cid),)).rowcount == 0:
                 raise NotFound(f"no conversation with id {cid!r}", "conversation_id")
+            store_images.collect_garbage(db)  # its pictures' bytes, unless another message holds them
 
     # -- messages ------------------------------------------------------------------------------
     def add_message(self, cid: str, *, role: str, content: str, parent_id: Optional[int] = None,
                     model: Optional[str] = None, settings: Optional[dict] = None,
                     finish_reason: Optional[str] = None, prompt_tokens: Optional[int] = None,
-                    completion_tokens: Optional[int] = None) -> dict:
+                    completion_tokens: Optional[int] = None, images: Optional[list[dict]] = None) -> dict:
+        """images: the message's pictures, [{"offset", "media_type", "data", "width", "height"}] (store_images)."""
         return self.add_messages(cid, [dict(role=role, content=content, model=model, settings=settings,
                                             finish_reason=finish_reason, prompt_tokens=prompt_tokens,
-                                            completion_tokens=completion_tokens)], parent_id=parent_id)[0]
+                                            completion_tokens=completion_tokens, images=images)],
+                                 parent_id=parent_id)[0]
 
     def add_messages(self, cid: str, messages: list[dict], parent_id: Optional[int] = None) -> list[dict]:
         """A chain in one transaction: each message is the child of the one before, the first of parent_id.
@@ -238,11 +244,13 @@ class Store:
         if not isinstance(messages, list):
             raise Invalid("messages must be a list of messages", "messages")
         rows = [message_row(m) for m in messages]
+        pictures = [store_images.image_rows(m, row[1]) for m, row in zip(messages, rows)]
         if parent_id is not None:
             parent_id = _message_id(parent_id, "parent_id")
         self._cid(cid)
         with self._tx() as db:
-            ids, _ = self._append(db, cid, parent_id, rows, [], "parent_id" if parent_id is not None else "role")
+            ids, _ = self._append(db, cid, parent_id, rows, [], "parent_id" if parent_id is not None else "role",
+                                  pictures)
         return [self.get_message(i) for i in ids]
 
     def record_exchange(self, *, conversation_id: Optional[str], parent_id: Optional[int],
@@ -262,7 +270,10 @@ class Store:
         if not isinstance(messages, list) or not isinstance(answers, list):
             raise Invalid("messages and answers must be lists of messages", "messages")
         rows = [message_row(m) for m in messages]
+        pictures = [store_images.image_rows(m, row[1]) for m, row in zip(messages, rows)]
         answer_rows = [message_row(a, "answers", role="assistant") for a in answers]
+        for a, row in zip(answers, answer_rows):
+            store_images.image_rows({**a, "role": "assistant"}, row[1])  # refuses pictures in an answer
         conv = None
         if conversation_id is None:
             if parent_id is not None:
@@ -284,12 +295,13 @@ class Store:
                 now = time.time()
                 db.execute(f"INSERT INTO conversations ({_CONV_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                            (*conv, now, now))
-            ids, answer_ids = self._append(db, cid, parent_id, rows, answer_rows, "messages")
+            ids, answer_ids = self._append(db, cid, parent_id, rows, answer_rows, "messages", pictures)
         return {"conversation_id": cid, "message_ids": ids, "answer_ids": answer_ids}
 
     def _append(self, db: sqlite3.Connection, cid: str, parent_id: Optional[int], rows: list[tuple],
-                answers: list[tuple], param: str) -> tuple[list[int], list[int]]:
-        """Inside a transaction: `rows` as a chain under parent_id, then `answers` as siblings under its end."""
+                answers: list[tuple], param: str, pictures: list[list[tuple]]) -> tuple[list[int], list[int]]:
+        """Inside a transaction: `rows` as a chain under parent_id (each with its store_images.image_rows),
+        then `answers` as siblings under its end."""
         conv = db.execute("SELECT title FROM conversations WHERE id = ?", (cid,)).fetchone()
         if conv is None:
             raise NotFound(f"no conversation with id {cid!r}", "conversation_id")
@@ -301,8 +313,9 @@ class Store:
             return db.execute("INSERT INTO messages (conversation_id, parent_id, role, content, model, settings,"
                               " finish_reason, prompt_tokens, completion_tokens, created_at)"
                               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (cid, parent, *row, now)).lastrowid
-        for row in rows:
+        for row, pics in zip(rows, pictures):
             ids.append(insert(ids[-1] if ids else parent_id, row))
+            store_images.insert(db, ids[-1], pics, now)
             if not title and row[0] == "user" and row[1].strip():
                 title = _title_from(row[1])
                 db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, cid))
@@ -320,20 +333,33 @@ class Store:
         return rows
 
     def path_to(self, conversation_id: str, message_id: int) -> list[dict]:
-        """[{"id", "role", "content"}] of each message from the root down to message_id (the last one):
-        the conversation as a model answering under message_id sees it (without the system_prompt column)."""
+        """[{"id", "role", "content", "images"}] of each message from the root down to message_id (the last
+        one): the conversation as a model answering under message_id sees it (without the system_prompt
+        column; pictures without their bytes, which `image` reads)."""
         cid, mid = self._cid(conversation_id), _message_id(message_id)
         with self._lock:
-            return [{"id": r["id"], "role": r["role"], "content": r["content"]}
-                    for r in self._path(self._db, cid, mid, content=True, param="message_id")]
+            return store_images.attach(self._db, [
+                {"id": r["id"], "role": r["role"], "content": r["content"]}
+                for r in self._path(self._db, cid, mid, content=True, param="message_id")])
+
+    def image(self, image_id: int) -> dict:
+        """A stored picture: {"id", "offset", "media_type", "width", "height", "bytes", "sha256", "data"}."""
+        found = None
+        if isinstance(image_id, int) and 1 <= image_id <= MAX_INT:
+            with self._lock:
+                found = store_images.read(self._db, image_id)
+        if found is None:
+            raise NotFound(f"no picture with id {image_id}", "image_id")
+        return found
 
     def get_message(self, message_id: int) -> dict:
-        """A message with its conversation_id and rating (the app checks metadata.parent_id with it)."""
-        rows = self._read(f"SELECT {_MSG_COLS} FROM messages m LEFT JOIN ratings r ON r.message_id = m.id"
-                          " WHERE m.id = ?", (_message_id(message_id),))
-        if not rows:
-            raise NotFound(f"no message with id {message_id}", "message_id")
-        return _row(rows[0])
+        """A message with its conversation_id, rating and pictures (without their bytes)."""
+        with self._lock:
+            rows = self._read(f"SELECT {_MSG_COLS} FROM messages m LEFT JOIN ratings r ON r.message_id = m.id"
+                              " WHERE m.id = ?", (_message_id(message_id),))
+            if not rows:
+                raise NotFound(f"no message with id {message_id}", "message_id")
+            return store_images.attach(self._db, [_row(rows[0])])[0]
 
     # -- feedback ------------------------------------------------------------------------------
     def set_rating(self, message_id: int, rating: int) -> dict:

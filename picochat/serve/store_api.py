@@ -9,14 +9,20 @@ Ids in paths are taken as strings and checked by the store, so a malformed id is
 or a 500 (an integer wider than SQLite's 64 bits would otherwise crash the driver). Text fields are
 checked with the store's own rules (store_rules.check_text: valid Unicode, a limit in UTF-8 bytes), so a
 body is refused before any work, with the same message the store would give.
+
+A user message may carry pictures: POST .../messages takes OpenAI's content parts (text and `image_url`
+with a data: URL, checked as /v1/chat/completions checks them: images.py), every message comes back with
+its "images" (where each sits in the text, and a `url`), and GET /api/images/{id} serves the bytes.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import APIRouter, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from fastapi.responses import Response
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field, model_validator
 
+from .protocol import Part
 from .store import MAX_CONTENT_BYTES, MAX_INT, MAX_MODEL, MAX_TITLE, NotFound, Store
 from .store_rules import Invalid, check_text
 
@@ -59,8 +65,18 @@ class ConversationPatch(NewConversation):
 
 class NewMessage(_Body):
     role: Literal["user", "assistant", "system"] = "user"
-    content: Content
+    content: Union[Content, list[Part]] = Field(description="text, or a user message's parts: text and image_url "
+                                                            "(a data: URL of a PNG or JPEG)")
     parent_id: Optional[int] = Id
+
+    @model_validator(mode="after")
+    def _parts(self):
+        if isinstance(self.content, list):
+            check = _stored_as("content", MAX_CONTENT_BYTES).func
+            check("".join(p.text for p in self.content if p.type == "text"))
+            if self.role != "user" and any(p.type == "image_url" for p in self.content):
+                raise ValueError(f"only user messages may hold pictures; this one is a {self.role} message")
+        return self
 
 
 class Rating(_Body):
@@ -93,6 +109,20 @@ class Conversation(BaseModel):
     updated_at: float
 
 
+class Image(BaseModel):
+    id: int
+    offset: int = Field(description="where the picture sits in the message's content, in characters (code points)")
+    media_type: str
+    width: int
+    height: int
+    bytes: int
+
+    @computed_field
+    @property
+    def url(self) -> str:
+        return f"/api/images/{self.id}"
+
+
 class Message(BaseModel):
     id: int
     parent_id: Optional[int]
@@ -105,6 +135,7 @@ class Message(BaseModel):
     completion_tokens: Optional[int]
     created_at: float
     rating: Optional[int]
+    images: list[Image] = []
 
 
 class ConversationWithMessages(Conversation):
@@ -129,11 +160,15 @@ class Deleted(BaseModel):
     deleted: bool
 
 
-def _mid(text: str) -> int:
-    """A message id from a path: digits only (no sign, no spaces), else 404 like an unknown id."""
+def _id(text: str, param: str = "message_id", what: str = "message") -> int:
+    """An id from a path: digits only (no sign, no spaces), else 404 like an unknown id."""
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
-        raise NotFound(f"no message with id {text[:40]!r}", "message_id")
+        raise NotFound(f"no {what} with id {text[:40]!r}", param)
     return int(text)
+
+
+def _mid(text: str) -> int:
+    return _id(text)
 
 
 def store_router(store: Store) -> APIRouter:
@@ -163,7 +198,24 @@ def store_router(store: Store) -> APIRouter:
 
     @r.post("/conversations/{conversation_id}/messages", response_model=Message)
     def add_message(conversation_id: str, body: NewMessage):
-        return store.add_message(conversation_id, role=body.role, content=body.content, parent_id=body.parent_id)
+        from .images import content_with_pictures, for_store
+        content = body.content
+        if isinstance(content, list):  # pictures checked (and decoded) here, before anything is stored
+            content = content_with_pictures(content, "content")
+        m = for_store({"role": body.role, "content": content})
+        return store.add_message(conversation_id, role=body.role, content=m["content"], parent_id=body.parent_id,
+                                 images=m.get("images"))
+
+    @r.get("/images/{image_id}", response_class=Response,
+           responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
+    def get_image(image_id: str):
+        """A stored picture's bytes, as they were sent (PNG or JPEG)."""
+        im = store.image(_id(image_id, "image_id", "picture"))
+        # an id always names the same bytes: the browser may keep them
+        return Response(im["data"], media_type=im["media_type"],
+                        headers={"Cache-Control": "private, max-age=31536000, immutable",
+                                 "Content-Disposition": f'inline; filename="picture-{im["id"]}.'
+                                                        f'{"png" if im["media_type"] == "image/png" else "jpg"}"'})
 
     @r.post("/messages/{message_id}/rating", response_model=RatingOut)
     def set_rating(message_id: str, body: Rating):

@@ -20,7 +20,7 @@ MAX_INT = 2**63 - 1             # SQLite INTEGER; a bigger Python int makes sqli
 ROLES = ("system", "user", "assistant")
 SOURCES = ("web", "api")
 MESSAGE_KEYS = frozenset({"role", "content", "model", "settings", "finish_reason", "prompt_tokens",
-                          "completion_tokens"})
+                          "completion_tokens", "images"})  # images: store_images.image_rows checks them
 
 
 class StoreError(ApiError):

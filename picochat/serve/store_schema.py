@@ -46,5 +46,27 @@ MIGRATIONS = [
     );
     CREATE INDEX rankings_rejected ON rankings(rejected_id);
     """,
+    # 2: pictures in user messages (store_images.py). A picture's bytes are kept once however many
+    # messages hold it (an API client re-sends the whole conversation, pictures included, every turn);
+    # `char_offset` is where it sits in its message's content, in characters (code points), and a message's
+    # pictures are in id order (which is offset order)
+    """
+    CREATE TABLE image_blobs (
+        sha256 TEXT PRIMARY KEY,
+        media_type TEXT NOT NULL CHECK (media_type IN ('image/png', 'image/jpeg')),
+        data BLOB NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE images (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id INTEGER NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+        char_offset INTEGER NOT NULL CHECK (char_offset >= 0),
+        sha256 TEXT NOT NULL REFERENCES image_blobs(sha256)
+    );
+    CREATE INDEX images_message ON images(message_id);
+    CREATE INDEX images_sha256 ON images(sha256);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

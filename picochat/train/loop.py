@@ -107,8 +107,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, batch_fn: Callable, loss_fn: Callable,
                  eval_fn: Optional[Callable] = None, tokenizer=None, tokens_per_micro: int = 0,
                  run_info: Optional[dict] = None, save_weights: Optional[Callable] = None,
-                 load_weights: Optional[Callable] = None):
-        """save_weights(out_dir, extra_files) writes a checkpoint directory of the model's weights plus
+                 load_weights: Optional[Callable] = None, lr_mult: Optional[Callable[[str], float]] = None):
+        """lr_mult(parameter name) scales the learning rate of some parameters (optim.make_optimizer).
+        save_weights(out_dir, extra_files) writes a checkpoint directory of the model's weights plus
         extra_files ({name: bytes | callable(path)}); load_weights(ckpt_dir) reads them back into the
         model. Both default to the whole model in picochat's checkpoint format."""
         self.cfg = cfg
@@ -126,7 +127,8 @@ class Trainer:
         self.tokens_per_micro = tokens_per_micro
         self.run_dir = Path(cfg.out_dir)
         self.ckpts = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints)
-        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type)
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), self.device.type,
+                                        lr_mult)
         self.step = 0
         self._stats: dict[str, tuple[float, int]] = {}  # loss_fn's own metrics since the last row: (sum, count)
         self.run_info = run_info or {}
@@ -230,7 +232,7 @@ class Trainer:
         cfg, world = self.cfg, self.dist.world
         lr = lr_at(self.step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_frac)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_mult", 1.0)
         total = torch.zeros((), device=self.device)
         pop_aux_loss(self.moe)  # drop anything recorded outside a training step
         for micro in range(cfg.grad_accum):

@@ -108,3 +108,28 @@ def test_bad_pictures_are_one_clear_error(tmp_path, monkeypatch):
     (tmp_path / "big.png").write_bytes(png_bytes(64, 64))
     with pytest.raises(PicochatError, match="MB"):
         S.read_image(tmp_path / "big.png")
+
+
+def test_each_patch_is_labelled_with_the_shape_covering_it():
+    red, square = list(S.COLOURS).index("red"), S.SHAPES.index("square")
+    # a 7 px red square at (4, 8): it fills pixels 4..10 x 8..15, so with 4 px patches it covers patch
+    # columns 1 (pixels 4-7, 4 px wide) and 2 (8-10, 3 px) of rows 2 and 3 (8-11, 12-15, 4 px each)
+    got = S.patch_classes([S.Shape("square", "red", 4, 8, 7)], 4).view(6, 6)
+    want = torch.zeros(6, 6, dtype=torch.long)
+    want[2:4, 1:3] = 1 + square * len(S.COLOURS) + red
+    assert torch.equal(got, want)
+    # two shapes: each its own class, and a patch the shapes barely touch stays background
+    two = [S.Shape("circle", "blue", 0, 0, 6), S.Shape("triangle", "green", 12, 16, 7)]
+    got = S.patch_classes(two, 4)
+    assert set(got.tolist()) == {0, 1 + S.SHAPES.index("circle") * 4 + list(S.COLOURS).index("blue"),
+                                 1 + S.SHAPES.index("triangle") * 4 + list(S.COLOURS).index("green")}
+    assert got.view(6, 6)[0, 0] != 0 and got.view(6, 6)[5, 5] == 0
+
+
+def test_splits_keep_each_pictures_shapes(sets):
+    tr = sets["train"]
+    for i, (src, shapes) in enumerate(zip(tr.sources, tr.shapes)):
+        if src.startswith("digit"):
+            assert shapes == ()
+        else:
+            assert torch.equal(S.render_scene(list(shapes)), tr.images[i])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from picochat.errors import PicochatError
-from picochat.inspect.html import STATIC, page_html, write_html
+from picochat.inspect.html import MODULES, SIBLING_IMPORT, STATIC, page_html, write_html
 from picochat.inspect.maps import AttentionView, MapGroup
 from tests.serve.test_web import TIMEOUT_MS, chromium_browser  # noqa: F401 - the shared browser fixture
 
@@ -52,14 +52,18 @@ def test_page_inlines_the_viewer_and_the_data(tmp_path):
     path = write_html(view, tmp_path / "out" / "attention.html")
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["attention.html"]  # no temp file left
     text = path.read_text("utf-8")
-    assert (STATIC / "attention.js").read_text("utf-8") in text  # the page's own viewer, not a copy of it
+    for name in MODULES:  # the page's own viewer, not a copy of it (its modules linked: import lines dropped)
+        assert SIBLING_IMPORT.sub("", (STATIC / name).read_text("utf-8")) in text
+    assert "import {" not in text
     assert (STATIC / "attention.css").read_text("utf-8") in text
     assert embedded_json(text) == json.loads(json.dumps(view.to_json()))
     # the tokens' markup is data, never markup: the only "</script" are the two the page closes itself
     assert text.lower().count("</script") == 2 and "<!--" not in text
     assert "a &lt;test&gt; &amp; more" in text
-    # offline: nothing is fetched from anywhere (no src or href at all) and the CSP forbids it anyway
-    assert not re.search(r"\b(src|href)\s*=", text) and "default-src 'none'" in text
+    # offline: the markup fetches nothing (no src or href at all; the viewer's script sets an <img>'s src only
+    # to a picture's data: URL) and the CSP forbids any other fetch anyway
+    markup = re.sub(r'<script type="module">.*?</script>', "", text, flags=re.S)
+    assert not re.search(r"\b(src|href)\s*=", markup) and "default-src 'none'" in text
 
 
 def test_size_limit_and_layer_subset(tmp_path):

@@ -12,12 +12,7 @@ from picochat.model.gpt import GPT
 from picochat.model.seq2seq import CrossAttention, Seq2Seq, Seq2SeqConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record(model):

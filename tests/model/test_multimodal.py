@@ -145,3 +145,18 @@ def test_a_conversation_with_a_picture_needs_a_model_that_sees(tok):
         render_conversation(msgs + [{"role": "assistant", "content": [{"type": "image"}]}], tok, image_tokens=3)
     with pytest.raises(PicochatError, match="parts"):
         render_conversation([{"role": "user", "content": [{"type": "audio"}]}], tok, image_tokens=3)
+
+
+def test_each_image_token_gets_its_own_learned_position():
+    torch.manual_seed(0)
+    enc = ImageEncoder(VisionConfig(vit=VIT, pixel_shuffle=2, lm_width=32)).eval()
+    assert enc.pos.shape == (4, 32)
+    images = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        with_pos = enc(images)
+        enc.pos.zero_()
+        without = enc(images)
+    assert not torch.equal(with_pos, without)
+    assert torch.allclose(with_pos - without, (with_pos - without)[:1].expand(2, -1, -1))  # the same for every picture
+    plain = ImageEncoder(VisionConfig(vit=VIT, pixel_shuffle=2, lm_width=32, image_pos=False))
+    assert plain.pos is None and "pos" not in dict(plain.named_parameters())

@@ -12,14 +12,7 @@ from picochat.model.seq2seq import Seq2Seq, Seq2SeqConfig, cross_mask, decoder_m
 PAD, BOS, EOS = 0, 1, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run faster on one thread, and a 2-thread team stalls at every op while another
-    process holds a core (a shared 2-core machine): 20 us vs 2.7 ms for a small multiply, measured."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> Seq2Seq:

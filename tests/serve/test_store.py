@@ -67,7 +67,7 @@ def test_message_tree_title_and_listing(store):
     assert parents[u2["id"]] is None and parents[u3["id"]] == a1["id"]
     assert all(m["rating"] is None for m in conv["messages"])
     assert set(conv["messages"][0]) == {"id", "parent_id", "role", "content", "model", "settings", "finish_reason",
-                                        "prompt_tokens", "completion_tokens", "created_at", "rating"}
+                                        "prompt_tokens", "completion_tokens", "created_at", "rating", "images"}
     other = store.create_conversation(title="older")
     store.add_message(c["id"], role="user", content="touch")  # c becomes the newest again
     listed = store.list_conversations()

@@ -166,9 +166,9 @@ def test_path_to(store):
     u = store.add_message(c["id"], role="user", content="q", parent_id=s["id"])
     store.add_message(c["id"], role="user", content="sibling", parent_id=s["id"])
     a = store.add_message(c["id"], role="assistant", content="a", parent_id=u["id"])
-    assert store.path_to(c["id"], a["id"]) == [{"id": s["id"], "role": "system", "content": "S"},
-                                               {"id": u["id"], "role": "user", "content": "q"},
-                                               {"id": a["id"], "role": "assistant", "content": "a"}]
+    assert store.path_to(c["id"], a["id"]) == [{"id": s["id"], "role": "system", "content": "S", "images": []},
+                                               {"id": u["id"], "role": "user", "content": "q", "images": []},
+                                               {"id": a["id"], "role": "assistant", "content": "a", "images": []}]
     with pytest.raises(NotFound):
         store.path_to(other["id"], a["id"])
     with pytest.raises(NotFound):

@@ -14,7 +14,7 @@ TINY = ["--train-scenes", "30", "--val-scenes", "8", "--test-scenes", "8", "--vo
         "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "256", "--vit-layers", "1",
         "--vit-heads", "2", "--vit-embd", "32", "--val-questions", "12", "--examples", "2", "--batch-size", "8",
         "--warmup-steps", "2", "--eval-every", "3", "--ckpt-every", "3", "--log-every", "1", "--max-steps", "6",
-        "--no-progress"]
+        "--vit-pretrain-steps", "3", "--no-progress"]
 
 
 def weights(run: Path) -> dict:
@@ -118,3 +118,26 @@ def test_the_text_half_of_a_multimodal_checkpoint_loads_as_a_gpt(tmp_path):
     (tmp_path / "ckpt" / "vision.safetensors").write_bytes(b"broken")
     with pytest.raises(PicochatError, match="corrupt"):
         load_vlm(tmp_path / "ckpt")
+
+
+def test_the_pretrained_vit_trains_at_its_fraction_of_the_learning_rate(trained):
+    ckpt = trained / (trained / "latest").read_text().strip()
+    groups = json.loads((ckpt / "state.json").read_text())["param_groups"]
+    by_mult = {g["lr_mult"]: g["lr"] for g in groups}
+    assert set(by_mult) == {1.0, 0.1}
+    assert by_mult[0.1] == pytest.approx(0.1 * by_mult[1.0])
+    assert json.loads((trained / "results.json").read_text())["vision_pretraining"]["steps"] == 3
+
+
+def test_stage_one_teaches_the_vit_what_lies_under_each_patch():
+    from picochat.data import scenes as S
+    from picochat.model.vit import ViT, ViTConfig
+    from picochat.vision.patches import pretrain_patches
+    torch.set_num_threads(1)
+    sets = S.make_splits(0, 300, 60, 1)
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=24, channels=3, patch_size=4, n_layer=2, n_head=2, n_embd=48, num_classes=2,
+                        pool="mean"))
+    got = pretrain_patches(vit, sets["train"], sets["val"], steps=200, batch_size=32)
+    # always "background" scores background_share; the trained ViT must find the shapes' patches too
+    assert got["val_patch_accuracy"] > got["background_share"] + 0.25 * (1 - got["background_share"]), got

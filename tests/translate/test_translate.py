@@ -11,14 +11,7 @@ from picochat.translate.data import (PairTensors, Vocab, build_vocabs, english, 
 from picochat.translate.train import TranslateTrainConfig, load_translator, translate_train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and a 2-thread team stalls while another process holds a core."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_split_is_disjoint_deterministic_and_complete():

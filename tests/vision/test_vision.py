@@ -12,13 +12,7 @@ from picochat.vision.cli import PredictConfig, predict
 from picochat.vision.train import VisionTrainConfig, load_vision, vision_train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and a 2-thread team stalls while another process holds a core."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import { SAMPLING, writeSettings, loadLocalSettings, settingsChanged, currentMod
 import { loadConversations, closeSidebarOnPhone, toggleSidebar } from "./sidebar.js";
 import { render } from "./render.js";
 import { showAttention, wireAttention } from "./attention-dialog.js";
+import { attachmentProblem, clearAttachments, drawAttachments, wirePictures } from "./pictures.js";
 import {
   newChat, openConversation, sendMessage, generate, stopGenerating, regenerate, startCompare, chooseBetter, rate,
 } from "./chat.js";
@@ -29,11 +30,15 @@ function wire() {
     ev.preventDefault();
     const p = $("#prompt");
     const text = p.value;
-    if (!text.trim() || state.generating) return;
+    const pictures = state.attachments.map((a) => a.dataUrl);
+    if ((!text.trim() && !pictures.length) || state.generating) return;
+    const problem = attachmentProblem();
+    if (problem) { showError(new Error(problem)); return; }
     p.value = "";
     autoGrow();
+    clearAttachments();
     const leaf = state.leafId;
-    sendMessage(text, leaf);
+    sendMessage(text, leaf, pictures);
   });
   $("#prompt").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
@@ -55,7 +60,9 @@ function wire() {
   });
   $("#settings-reset").addEventListener("click", () => { writeSettings({}, ""); settingsChanged(); });
   for (const id of [...SAMPLING, "system-prompt"]) $("#" + id).addEventListener("change", settingsChanged);
+  wirePictures();
   $("#model-select").addEventListener("change", () => {
+    drawAttachments(); // the attach button is there only for a model that sees
     if (!state.convId) return;
     api(`/api/conversations/${encodeURIComponent(state.convId)}`, { method: "PATCH", body: { model: currentModel() } })
       .catch(showError);
@@ -83,6 +90,7 @@ async function init() {
   const local = loadLocalSettings();
   writeSettings(local?.settings || {}, local?.system_prompt ?? "");
   render();
+  drawAttachments();
   await loadConversations();
   const m = location.hash.match(/^#\/c\/(.+)$/);
   if (m) await openConversation(decodeURIComponent(m[1]));

@@ -1,10 +1,12 @@
 // The "Attention" button of an answer: a dialog with the viewer (attention.js) for that stored message.
 // The server rebuilds what the model read and wrote and returns its maps (GET /api/messages/{id}/attention);
 // the page asks for one layer at a time (a big model's maps of every layer would be hundreds of MB) and
-// the viewer fetches another when that layer is picked.
+// the viewer fetches another when that layer is picked. A conversation's pictures are drawn with the
+// attention over them, each fetched as pictures.js fetches it (with the page's API key; kept once fetched).
 import { $, el } from "./dom.js";
 import { api } from "./api.js";
 import { mountAttention } from "./attention.js";
+import { pictureData } from "./pictures.js";
 
 let viewer = null;
 let ticket = 0; // a newer click wins over an answer still on its way
@@ -33,7 +35,8 @@ export async function showAttention(msg) {
   try {
     const view = await api(url(0));
     if (mine !== ticket) return;
-    viewer = mountAttention(body, view, { loadLayer: (layer) => api(url(layer)) });
+    viewer = mountAttention(body, view, { loadLayer: (layer) => api(url(layer)),
+      pictureSrc: (p) => pictureData({ id: p.image_id, url: p.url }) });
   } catch (e) {
     if (mine !== ticket) return;
     const why = e && e.status ? `${e.message} (HTTP ${e.status})` : (e && e.message) || String(e);

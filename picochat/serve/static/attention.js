@@ -1,5 +1,6 @@
-// The attention viewer: one module, no dependencies, used by the web page (an answer's "Attention"
-// button) and inlined by picochat/inspect/html.py into the standalone page `picochat attention` writes.
+// The attention viewer: no dependencies but its sibling attention-images.js (the drawings over pictures),
+// used by the web page (an answer's "Attention" button) and inlined with that sibling by
+// picochat/inspect/html.py into the standalone page `picochat attention` writes.
 //
 // view = AttentionView.to_json(): {kind, title, meta, image, groups: {name: {queries, keys, causal,
 // layers, heads, weights[L][H][Tq][Tk]}}}, plus optional fields: answer_start (the first token of the
@@ -9,9 +10,14 @@
 // image (ViT): {pixels: [H][W] (or [H][W][3]) in 0..1, grid: [rows, cols], first_key?: the index of the
 // first patch among the keys (default: the last rows*cols keys)}: the chosen token's attention over
 // the patches is drawn over the picture.
+// pictures (a chat model that sees): [{index, first_token, n_tokens, grid, src? or url}] (docs/api.md):
+// the chosen token's attention over each picture's image tokens is drawn over that picture, fetched by
+// options.pictureSrc(picture) -> Promise<URL> when it has no src (attention-images.js).
 //
 // Everything is drawn on <canvas> and styled from attention.css through classes (the page's CSP
 // forbids inline style attributes; setting element.style from script is allowed).
+
+import { mountImages } from "./attention-images.js";
 
 const BLUES = [[247, 251, 255], [198, 219, 239], [107, 174, 214], [33, 113, 181], [8, 48, 107]];
 const MASKED = [214, 214, 214]; // where the mask forbids looking: not "zero weight", nothing at all
@@ -113,7 +119,7 @@ export function mountAttention(root, view, options = {}) {
     "each row sums to 1, grey cells are masked. Hover or click a cell or a token; arrow keys move the chosen token." +
     (Number.isInteger(view.answer_start) ? " Orange: the answer's tokens (the dashed lines mark where it starts)." : ""));
   const panel = (title, testid) => {
-    const f = el("figure", "attn-panel"), box = el("div", "attn-scroll"), c = el("canvas");
+    const f = el("figure", `attn-panel ${testid}-panel`), box = el("div", "attn-scroll"), c = el("canvas");
     c.dataset.testid = testid;
     c.tabIndex = 0;
     box.append(c);
@@ -123,7 +129,6 @@ export function mountAttention(root, view, options = {}) {
   const [heatFig, heat] = panel("Heatmap", "attn-heatmap");
   const [lineFig, lines] = panel("Lines: the chosen token and what it attends to", "attn-lines");
   const [imgFig, img] = panel("Attention over the image's patches", "attn-image");
-  imgFig.hidden = !view.image;
   const panels = el("div", "attn-panels");
   panels.append(heatFig, lineFig, imgFig);
   const tip = el("div", "attn-tip");
@@ -260,51 +265,6 @@ export function mountAttention(root, view, options = {}) {
     ln = { y0: 4, mid: (xq + xk) / 2, Tq, Tk };
   }
 
-  // ------------------------------------------------------------ image (ViT, or image patches among the keys)
-  let im = null;
-  function drawImage(m) {
-    if (!view.image) return;
-    const { pixels, grid } = view.image, [rows, cols] = grid, Hp = pixels.length, Wp = pixels[0].length;
-    const { M, Tq, Tk, g } = m, firstKey = view.image.first_key ?? Tk - rows * cols;
-    const scale = Math.max(1, Math.floor(256 / Math.max(Hp, Wp)));
-    const ctx = sizeCanvas(img, Wp * scale, Hp * scale + 20);
-    const off = document.createElement("canvas");
-    off.width = Wp; off.height = Hp;
-    const oc = off.getContext("2d"), data = oc.createImageData(Wp, Hp);
-    for (let y = 0; y < Hp; y++) for (let x = 0; x < Wp; x++) {
-      const v = pixels[y][x], p = (y * Wp + x) * 4, rgb = Array.isArray(v) ? v : [v, v, v];
-      for (let c = 0; c < 3; c++) data.data[p + c] = Math.round(255 * rgb[c]);
-      data.data[p + 3] = 255;
-    }
-    oc.putImageData(data, 0, 0);
-    ctx.imageSmoothingEnabled = false;
-    ctx.drawImage(off, 0, 0, Wp * scale, Hp * scale);
-    const a = active();
-    const q = a && a.side === "q" ? a.index : (view.kind === "vit" ? 0 : Tq - 1);
-    const ph = (Hp * scale) / rows, pw = (Wp * scale) / cols;
-    let max = 0;
-    for (let p = 0; p < rows * cols; p++) max = Math.max(max, M[q * Tk + firstKey + p] || 0);
-    for (let p = 0; p < rows * cols; p++) {
-      const w = M[q * Tk + firstKey + p] || 0;
-      ctx.fillStyle = `rgba(255, 69, 0, ${max > 0 ? 0.8 * (w / max) : 0})`;
-      ctx.fillRect((p % cols) * pw, Math.floor(p / cols) * ph, pw, ph);
-    }
-    ctx.strokeStyle = "rgba(255, 255, 255, .35)"; // the patch grid
-    ctx.lineWidth = 1;
-    ctx.beginPath();
-    for (let r = 1; r < rows; r++) { ctx.moveTo(0, r * ph); ctx.lineTo(Wp * scale, r * ph); }
-    for (let c = 1; c < cols; c++) { ctx.moveTo(c * pw, 0); ctx.lineTo(c * pw, Hp * scale); }
-    ctx.stroke();
-    if (g.queries.length === Tk && q >= firstKey && q < firstKey + rows * cols) { // the looking token's own patch
-      const p = q - firstKey;
-      ctx.strokeStyle = "#22d3ee"; ctx.lineWidth = 2;
-      ctx.strokeRect((p % cols) * pw + 1, Math.floor(p / cols) * ph + 1, pw - 2, ph - 2);
-    }
-    ctx.fillStyle = m.ink; ctx.textBaseline = "top"; ctx.textAlign = "left";
-    ctx.fillText(clip(`${showToken(g.queries[q])} looks at (max ${max.toFixed(3)})`, 60), 0, Hp * scale + 4);
-    im = { rows, cols, ph, pw, firstKey, Hp: Hp * scale };
-  }
-
   // ------------------------------------------------------------ drawing and events
   function draw() {
     gSel.value = st.group; lSel.value = String(st.layer); hSel.value = String(st.head); sSel.value = st.scale;
@@ -313,7 +273,7 @@ export function mountAttention(root, view, options = {}) {
     m.ink = getComputedStyle(root).color || "#222";
     const rgb = (m.ink.match(/\d+/g) || [0, 0, 0]).slice(0, 3).map(Number);
     m.blue = rgb[0] + rgb[1] + rgb[2] > 384 ? "96, 165, 250" : "37, 99, 235"; // light text: a dark page, a lighter blue
-    drawHeatmap(m); drawLines(m); drawImage(m);
+    drawHeatmap(m); drawLines(m); images.draw(m);
     rendered += 1;
     Object.assign(root.dataset, { rendered: String(rendered), group: st.group, layer: String(st.layer), head: String(st.head) });
   }
@@ -376,14 +336,8 @@ export function mountAttention(root, view, options = {}) {
     if (!st.hover || st.hover.side !== a.side || st.hover.index !== a.index) set({ hover: a });
   });
   lines.addEventListener("click", (ev) => { const a = lineAt(ev); if (a) pin(a); });
-  img.addEventListener("mousemove", (ev) => {
-    const m = matrix();
-    if (!im || !m || ev.offsetY >= im.Hp || m.g.queries.length !== m.Tk) return hideTip();
-    const p = Math.floor(ev.offsetY / im.ph) * im.cols + Math.floor(ev.offsetX / im.pw);
-    showTip(ev, `patch ${p} (row ${Math.floor(p / im.cols)}, column ${p % im.cols})`);
-    if (!st.hover || st.hover.index !== im.firstKey + p) set({ hover: { side: "q", index: im.firstKey + p } });
-  });
-  img.addEventListener("click", () => { if (st.hover) pin({ side: "q", index: st.hover.index }); });
+  const images = mountImages(imgFig, img, view, { sizeCanvas, active, matrix, set, pin, showTip, hideTip, clip,
+    hovered: () => st.hover, label: (t, n) => clip(showToken(t), n), pictureSrc: options.pictureSrc });
   for (const c of [heat, lines, img]) {
     c.addEventListener("mouseleave", hideTip);
     c.addEventListener("keydown", (ev) => { // the chosen query token, by keyboard

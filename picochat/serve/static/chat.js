@@ -6,14 +6,17 @@ import { state, setMessages, newestMessageId, pathTo } from "./store.js";
 import { readSettings, writeSettings, loadLocalSettings, currentModel, fillModelsSelect } from "./settings.js";
 import { loadConversations } from "./sidebar.js";
 import { render, drawPending, scrollToBottom } from "./render.js";
+import { contentOf, drawAttachments, remember } from "./pictures.js";
 
-function promptMessages(userId) {
+// the conversation up to userId, its pictures included (sent again with every request: the server
+// keeps no state between requests, and checks they are the stored ones)
+async function promptMessages(userId) {
   const msgs = [];
   const sys = $("#system-prompt").value.trim();
   if (sys) msgs.push({ role: "system", content: sys });
   for (const m of pathTo(userId)) {
     if (m.role === "system") continue; // the settings panel owns the system prompt
-    msgs.push({ role: m.role, content: m.content });
+    msgs.push({ role: m.role, content: await contentOf(m) });
   }
   return msgs;
 }
@@ -31,6 +34,7 @@ export function newChat() {
   const local = loadLocalSettings();
   writeSettings(local?.settings || {}, local?.system_prompt ?? "");
   if (state.config) $("#model-select").value = state.config.default_model || $("#model-select").value;
+  drawAttachments(); // the picture button follows the model
   history.replaceState(null, "", location.pathname);
   render();
   for (const li of document.querySelectorAll(".conv-item.active")) li.classList.remove("active");
@@ -55,6 +59,7 @@ export async function openConversation(id) {
     state.leafId = newestMessageId();
     writeSettings(conv.settings || {}, conv.system_prompt ?? "");
     if (conv.model) fillModelsSelect(conv.model);
+    drawAttachments(); // the picture button follows the model
     history.replaceState(null, "", `#/c/${encodeURIComponent(id)}`);
     render();
     for (const li of document.querySelectorAll(".conv-item")) li.classList.toggle("active", li.dataset.id === id);
@@ -65,9 +70,9 @@ export async function openConversation(id) {
   }
 }
 
-async function ensureConversation(firstText) {
+async function ensureConversation(firstText, pictures) {
   if (state.convId) return state.convId;
-  const title = firstText.replace(/\s+/g, " ").trim().slice(0, 60) || "New chat";
+  const title = firstText.replace(/\s+/g, " ").trim().slice(0, 60) || (pictures ? "Picture" : "New chat");
   const conv = await api("/api/conversations", {
     method: "POST",
     body: { model: currentModel(), title, system_prompt: $("#system-prompt").value, settings: readSettings() },
@@ -81,27 +86,33 @@ async function ensureConversation(firstText) {
 
 // ---------------------------------------------------------------- sending and streaming
 
-export async function sendMessage(text, parentId) {
-  if (state.generating) return;
+// pictures: data: URLs that go with the message, before its text (how the model was trained to read them)
+export async function sendMessage(text, parentId, pictures = []) {
+  if (state.generating) return false;
   text = text.trim();
-  if (!text) return;
+  if (!text && !pictures.length) return false;
   clearError();
   state.compare = null;
   setBusy(1);
   try {
     const isNew = !state.convId;
-    const convId = await ensureConversation(text);
+    const convId = await ensureConversation(text, pictures.length);
+    const content = !pictures.length ? text : [
+      ...pictures.map((url) => ({ type: "image_url", image_url: { url } })), ...(text ? [{ type: "text", text }] : [])];
     const msg = await api(`/api/conversations/${encodeURIComponent(convId)}/messages`, {
-      method: "POST", body: { role: "user", content: text, parent_id: parentId ?? null },
+      method: "POST", body: { role: "user", content, parent_id: parentId ?? null },
     });
+    remember(msg, pictures);
     state.byId.set(msg.id, msg);
     setMessages([...state.byId.values()]);
     state.leafId = msg.id;
     render();
     if (isNew) loadConversations();
     await generate(msg.id);
+    return true;
   } catch (e) {
     showError(e);
+    return false;
   } finally {
     setBusy(-1);
   }
@@ -143,7 +154,7 @@ async function generateInner(userId, { compare = false } = {}) {
   let stopped = false;
   try {
     const body = {
-      model: currentModel(), messages: promptMessages(userId), stream: true, ...readSettings(),
+      model: currentModel(), messages: await promptMessages(userId), stream: true, ...readSettings(),
       metadata: { conversation_id: String(convId), parent_id: String(userId) }, // OpenAI metadata: strings
       truncate_history: true, // a long chat drops its oldest turns rather than fail (picochat extension)
     };

@@ -3,6 +3,8 @@
 import { renderMarkdown } from "./markdown.js";
 import { $, el, icon, copyText } from "./dom.js";
 import { state, handlers, siblingsOf, newestLeafUnder, pathTo } from "./store.js";
+import { showError } from "./api.js";
+import { dataUrlsOf, pictureNodes, userBody } from "./pictures.js";
 
 function nearBottom() {
   const s = $("#scroller");
@@ -52,7 +54,7 @@ function messageNode(m, { actions = true } = {}) {
     "data-finish": m.finish_reason || null,
   });
   const body = el("div", { class: "msg-body" + (isUser ? "" : " markdown") });
-  if (isUser) body.textContent = m.content;
+  if (isUser) userBody(body, m); // its text, with its pictures where they sit
   else body.innerHTML = renderMarkdown(m.content); // escaped by renderMarkdown
   if (!isUser) node.append(el("div", { class: "avatar", "aria-hidden": "true", text: "\u03C0" }));
   node.append(body);
@@ -60,15 +62,24 @@ function messageNode(m, { actions = true } = {}) {
   if (isUser && state.editingId === m.id) {
     const ta = el("textarea", { class: "edit-input", "data-testid": "edit-input", rows: 3 });
     ta.value = m.content;
-    const save = () => { const t = ta.value; state.editingId = null; handlers.sendMessage(t, m.parent_id); };
+    // the edited message keeps its pictures (sent again, before the new text)
+    const save = async () => {
+      const t = ta.value;
+      state.editingId = null;
+      let pictures = [];
+      try { pictures = await dataUrlsOf(m); } catch (e) { showError(e); return; }
+      handlers.sendMessage(t, m.parent_id, pictures);
+    };
     ta.addEventListener("keydown", (ev) => {
       if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) { ev.preventDefault(); save(); }
       if (ev.key === "Escape") { state.editingId = null; render(); }
     });
-    body.replaceChildren(ta, el("div", { class: "edit-actions" },
+    body.replaceChildren(...pictureNodes(m), ta, el("div", { class: "edit-actions" },
       el("button", { type: "button", class: "btn", "data-testid": "edit-cancel", text: "Cancel", onclick: () => { state.editingId = null; render(); } }),
       el("button", { type: "button", class: "btn btn-primary", "data-testid": "edit-save", text: "Save & send", onclick: save })));
-    setTimeout(() => { ta.focus(); ta.setSelectionRange(ta.value.length, ta.value.length); });
+    // Only if nothing has taken focus meanwhile: moving the caret after the user (or a test's
+    // fill()) has selected the text would turn a replace into an append.
+    setTimeout(() => { if (document.activeElement !== ta) { ta.focus(); ta.setSelectionRange(ta.value.length, ta.value.length); } });
     return node;
   }
   if (!actions) return node;
