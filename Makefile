@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: run chat tiny test test-fast install browser pipeline digits rlhf translate bert vision moe bench clean help
+.PHONY: run chat tiny test test-fast install browser pipeline digits rlhf translate bert vision vlm moe bench clean help
 
 help:
 	@echo "make run       the chat app (web page + OpenAI API) on SmolLM2-135M-Instruct at http://127.0.0.1:8000"
@@ -19,6 +19,7 @@ help:
 	@echo "make translate the 2017 encoder-decoder Transformer: English -> French number words, held-out exact match (~1 min)"
 	@echo "make bert      a small BERT from scratch on Brown: masked-LM, POS tagging, genres, held out by document (~20 min)"
 	@echo "make vision    the vision transformer on the 8x8 digits beside an SVM, held-out test accuracy (~2 min)"
+	@echo "make vlm       a chat model that sees: ViT + projector + GPT on pictures of digits and shapes (~15 min)"
 	@echo "make moe       mixture of experts vs dense at equal active parameters, equal tokens and equal time (~10-15 min)"
 	@echo "make bench     run the benchmarks (one JSON line each)"
 
@@ -48,13 +49,10 @@ tiny: $(STAMP)
 	$(VENV)/bin/picochat generate runs/tiny --prompt "The old man" --max-tokens 120 --seed 0
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
-
-vlm: $(STAMP)
-	$(VENV)/bin/picochat vlm train --out-dir runs/vlm --progress
 
 # resumable: run it again after a kill and it continues where it stopped (--restart starts over)
 pipeline: $(STAMP)

@@ -24,7 +24,7 @@ import torch
 
 from ..errors import PicochatError
 from .kv_cache import KVCache
-from .sampling import Utf8Stream, apply_repetition_penalty, check_sampling, sample_next
+from .sampling import Penalties, Utf8Stream, check_sampling, sample_next
 
 
 @dataclass
@@ -35,12 +35,16 @@ class SamplingParams:
     top_p: Optional[float] = None
     min_p: Optional[float] = None     # keep tokens with p >= min_p * p_max
     repetition_penalty: Optional[float] = None  # CTRL-style, over prompt and generated tokens; 1 = off
+    frequency_penalty: float = 0.0    # OpenAI's, over generated tokens: - count * alpha
+    presence_penalty: float = 0.0     # OpenAI's, over generated tokens: - [count > 0] * alpha
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = ()  # ends the row; the token itself is not part of the output
     stop_strings: tuple[str, ...] = ()    # ends the row; the text is cut before the match
 
     def check(self) -> None:
-        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty)
+        check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
+                       self.frequency_penalty, self.presence_penalty, self.logit_bias)
         if self.max_tokens < 0:
             raise PicochatError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if any(not s for s in self.stop_strings):
@@ -265,17 +269,10 @@ class Engine:
             cache, logits, pad = *self._prefill_shared(prompts[0], sp.max_tokens, embeds[0]), None
         else:
             cache, logits, pad = self._prefill_batch(prompts, sp.max_tokens, embeds)
-        V = logits.size(-1)
-        seen = None  # (B, V) bool: which tokens each row's context contains, for the repetition penalty
-        if sp.repetition_penalty not in (None, 1.0):
-            seen = torch.zeros(len(prompts), V, dtype=torch.bool, device=self.device)
-            for i, p in enumerate(prompts):
-                seen[i, torch.tensor(p, device=self.device)] = True
+        penalties = Penalties(sp, prompts, logits.size(-1), self.device)
         active = list(range(len(prompts)))  # row index of each batch row still running
         while True:
-            last = logits[:, -1, :].float()  # (B_active, V)
-            if seen is not None:
-                last = apply_repetition_penalty(last, seen, sp.repetition_penalty)
+            last = penalties.apply(logits[:, -1, :].float())  # (B_active, V)
             nxt = sample_next(last, sp.temperature, sp.top_k or None, sp.top_p, generator, sp.min_p)  # (B_active,)
             events, keep = [], []
             for j, (r, t) in enumerate(zip(active, nxt.tolist())):
@@ -290,10 +287,9 @@ class Engine:
                 sel = torch.tensor(keep, device=self.device)
                 cache.keep_rows(sel)
                 nxt, active = nxt[sel], [active[j] for j in keep]
-                seen = None if seen is None else seen[sel]
+                penalties.keep(sel)
                 pad = None if pad is None else pad[sel]
-            if seen is not None:
-                seen[torch.arange(len(active), device=self.device), nxt] = True
+            penalties.update(nxt)
             logits = self._step(nxt.view(-1, 1), cache, pad)
             if shared:
                 self._ids.append(int(nxt[0]))

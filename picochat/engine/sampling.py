@@ -3,8 +3,13 @@
     p_i = softmax(z / tau)_i;  top-k keeps the k largest z_i;  top-p keeps the smallest set whose
     probabilities sum to at least p (Holtzman et al. 2020);  min-p keeps tokens with p_i >= min_p * max_j p_j
     (Nguyen et al. 2024);  tau = 0 means argmax (greedy), and so does any tau < GREEDY_BELOW.
-    Repetition penalty (CTRL, Keskar et al. 2019), applied first: for tokens already in the context,
-    z_i / r if z_i > 0 else z_i * r, so r > 1 always makes them less likely.
+    Before all of that, on the raw logits and in this order (class Penalties):
+      logit_bias (OpenAI's): z_i + b_i for the listed token ids, b_i in [-100, 100];
+      frequency and presence penalties (OpenAI's definitions, over the tokens generated so far, not the
+      prompt): z_i - c_i * alpha_frequency - [c_i > 0] * alpha_presence, c_i = times token i was generated;
+      repetition penalty (CTRL, Keskar et al. 2019), over prompt and generated tokens: z_i / r if z_i > 0
+      else z_i * r, so r > 1 always makes them less likely.
+    So all three are divided by the temperature like the logits they change (as vLLM applies them).
 
 Sampling never produces NaN, whatever the knobs: NaN logits count as -inf, and a row with +inf logits
 (a tiny repetition penalty overflows float32) samples among those tokens only, the limit of softmax.
@@ -34,7 +39,9 @@ class Unsampleable(PicochatError):
 
 
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float],
-                   min_p: Optional[float] = None, repetition_penalty: Optional[float] = None) -> None:
+                   min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
+                   frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                   logit_bias: tuple = ()) -> None:
     # written as "not (x in range)" so that NaN, which fails every comparison, is refused too
     if not 0 <= temperature < math.inf:
         raise PicochatError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -46,6 +53,12 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
         raise PicochatError(f"min_p must be in [0, 1] (0 = off), got {min_p}")
     if repetition_penalty is not None and not 0 < repetition_penalty < math.inf:
         raise PicochatError(f"repetition_penalty must be > 0 (1 = off), got {repetition_penalty}")
+    for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
+        if not -2.0 <= v <= 2.0:
+            raise PicochatError(f"{name} must be in [-2, 2] (0 = off), got {v}")
+    for tok, b in logit_bias:
+        if tok < 0 or not -100.0 <= b <= 100.0:
+            raise PicochatError(f"logit_bias maps token ids >= 0 to biases in [-100, 100], got {tok}: {b}")
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: Optional[float]) -> torch.Tensor:
@@ -55,6 +68,53 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     # dividing a negative logit would *raise* its probability, hence the two cases
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+class Penalties:
+    """What changes a batch's raw logits before sampling: logit_bias, frequency/presence penalties and the
+    repetition penalty (the module docstring has the formulas). Holds per row what they need: the tokens in
+    the context (repetition) and the counts of generated tokens (frequency/presence). Nothing is held,
+    and apply() returns the logits untouched, for the penalties that are off."""
+
+    def __init__(self, sp, prompts: list[list[int]], vocab_size: int, device):
+        B, V = len(prompts), vocab_size
+        self.sp = sp
+        self.seen = self.counts = self.bias = None
+        if sp.repetition_penalty not in (None, 1.0):
+            self.seen = torch.zeros(B, V, dtype=torch.bool, device=device)  # (B, V)
+            for i, p in enumerate(prompts):
+                self.seen[i, torch.tensor(p, device=device)] = True
+        if sp.frequency_penalty or sp.presence_penalty:
+            self.counts = torch.zeros(B, V, device=device)  # (B, V): the prompt does not count (OpenAI's rule)
+        if sp.logit_bias:
+            ids = [t for t, _ in sp.logit_bias]
+            if max(ids) >= V:
+                raise PicochatError(f"logit_bias names token {max(ids)}, but the vocabulary has {V} tokens")
+            self.bias = torch.zeros(V, device=device)
+            self.bias[torch.tensor(ids, device=device)] = torch.tensor([b for _, b in sp.logit_bias], device=device)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits (B, V) float -> adjusted logits (B, V)."""
+        if self.bias is not None:
+            logits = logits + self.bias
+        if self.counts is not None:
+            logits = logits - self.counts * self.sp.frequency_penalty - (self.counts > 0) * self.sp.presence_penalty
+        if self.seen is not None:
+            logits = apply_repetition_penalty(logits, self.seen, self.sp.repetition_penalty)
+        return logits
+
+    def update(self, tokens: torch.Tensor) -> None:
+        """Each row's newly generated token (B,)."""
+        rows = torch.arange(tokens.numel(), device=tokens.device)
+        if self.seen is not None:
+            self.seen[rows, tokens] = True
+        if self.counts is not None:
+            self.counts[rows, tokens] += 1
+
+    def keep(self, sel: torch.Tensor) -> None:
+        """Only the rows sel (indices) go on."""
+        self.seen = None if self.seen is None else self.seen[sel]
+        self.counts = None if self.counts is None else self.counts[sel]
 
 
 def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None,

@@ -41,7 +41,7 @@ import torch
 from ..errors import PicochatError
 from .engine import PromptEmbeds, SamplingParams, _Row, _Text
 from .model_thread import ModelThread
-from .sampling import apply_repetition_penalty, sample_next
+from .sampling import Penalties, sample_next
 from .slot_cache import SlotCache
 
 
@@ -81,7 +81,7 @@ class _Running:
         self.gen = None
         if req.params.seed is not None:
             self.gen = torch.Generator(device=device).manual_seed(req.params.seed)
-        self.seen: Optional[torch.Tensor] = None
+        self.penalties: Optional[Penalties] = None  # logit_bias, frequency/presence and repetition penalties
         self.prefilled = 0  # prompt tokens already in the cache
         self.slot = -1      # the slot its prompt is being written to (while admitting)
         self.cached = 0     # prompt tokens reused from a retained slot
@@ -306,9 +306,7 @@ class Scheduler:
         self.admitting = None
         self.cache.add_row(len(p))
         self.running.append(r)
-        if r.req.params.repetition_penalty not in (None, 1.0):
-            r.seen = torch.zeros(logits.size(-1), dtype=torch.bool, device=self.device)
-            r.seen[torch.tensor(p, device=self.device)] = True
+        r.penalties = Penalties(r.req.params, [p], logits.size(-1), self.device)
         self._sample([(r, logits[0, -1])])
 
     def _decode(self) -> None:
@@ -332,8 +330,8 @@ class Scheduler:
         for j, (r, logits) in enumerate(rows):
             sp = r.req.params
             last = logits.float().unsqueeze(0)  # (1, V)
-            if r.seen is not None:
-                last = apply_repetition_penalty(last, r.seen.unsqueeze(0), sp.repetition_penalty)
+            if r.penalties is not None:
+                last = r.penalties.apply(last)
             lasts.append(last)
             key = (sp.temperature, sp.top_k or None, sp.top_p, sp.min_p)
             groups.setdefault(key if r.gen is None else ("own", j), []).append(j)
@@ -358,8 +356,8 @@ class Scheduler:
             if j not in failed:
                 try:
                     t = picks[j]
-                    if r.seen is not None:
-                        r.seen[t] = True
+                    if r.penalties is not None:
+                        r.penalties.update(torch.tensor([t], device=self.device))
                     r.last_token = t
                     token, delta = r.row.push(t, r.req.params, self.context)
                 except Exception as e:

@@ -47,9 +47,11 @@ def _host(app, name: Optional[str]):
 def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tuple[int, ...]) -> SamplingParams:
     """The engine's sampling parameters, or a 400 naming the field that cannot be honoured. (A temperature
     below sampling.GREEDY_BELOW is greedy decoding, as documented in docs/api.md.)"""
-    if body.frequency_penalty or body.presence_penalty:
-        raise bad_request("frequency_penalty and presence_penalty are not supported; use repetition_penalty",
-                          "frequency_penalty" if body.frequency_penalty else "presence_penalty")
+    bias = body.bias_pairs()
+    if bias and bias[-1][0] >= host.tokenizer.vocab_size:
+        V = host.tokenizer.vocab_size
+        raise bad_request(f"logit_bias names token {bias[-1][0]}, but {host.id!r} has {V} tokens (ids 0 to {V - 1})",
+                          "logit_bias")
     room = host.context - prompt_len
     if room < 1:
         raise bad_request(f"this model's context is {host.context} tokens, but the prompt has {prompt_len}; "
@@ -73,6 +75,8 @@ def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tupl
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature,
                           top_p=body.top_p if body.top_p < 1.0 else None, top_k=top_k, min_p=body.min_p or None,
                           repetition_penalty=body.repetition_penalty, seed=body.seed,
+                          frequency_penalty=body.frequency_penalty or 0.0,
+                          presence_penalty=body.presence_penalty or 0.0, logit_bias=bias,
                           stop_token_ids=stops, stop_strings=tuple(body.stop_list()))
 
 

@@ -95,6 +95,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MAX_LOGIT_BIAS = 1024
+
+
 class Sampling(BaseModel):
     """The sampling fields both endpoints share (OpenAI's, plus vLLM's extras)."""
     model_config = ConfigDict(extra="ignore")
@@ -112,6 +115,24 @@ class Sampling(BaseModel):
     stream_options: Optional[StreamOptions] = None
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = None   # {"token id": bias in [-100, 100]}
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(v)}")
+        for k, b in v.items():
+            if not k.isdigit():
+                raise ValueError(f"keys are token ids (as strings, e.g. \"50256\"), got {k!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"biases are in [-100, 100], got {b} for token {k}")
+        return v
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted((int(k), float(b)) for k, b in (self.logit_bias or {}).items()))
 
     @field_validator("stop")
     @classmethod

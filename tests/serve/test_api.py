@@ -121,7 +121,11 @@ def test_completions(client):
     ({"messages": USER, "min_p": 1.5}, "min_p"),
     ({"messages": USER, "repetition_penalty": -1}, "repetition_penalty"),
     ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"messages": USER, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ({"messages": USER, "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"messages": USER, "presence_penalty": -2.5}, "presence_penalty"),
+    ({"messages": USER, "logit_bias": {"7": 150}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"seven": 1}}, "logit_bias"),
+    ({"messages": USER, "logit_bias": {"99999999": 1}}, "logit_bias"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ({"messages": USER + [{"role": "system", "content": "late"}]}, "messages"),
@@ -133,6 +137,29 @@ def test_bad_requests_name_the_field(client, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_penalties_and_logit_bias_are_honoured(tiny_chat_ckpt, tmp_path):
+    """The API's answer equals the engine's under the same fields (tests/engine/test_penalties.py checks the
+    engine against the formulas), and each field changes the answer."""
+    from picochat.engine.engine import Engine
+    c, host, store = make_client(tiny_chat_ckpt, tmp_path)
+    prompt = [5, 6, 7, 8]
+    base = {"prompt": prompt, "max_tokens": 16, "temperature": 0}
+    eot = host.tokenizer.eot_id
+    engine = Engine(host.scheduler.model, host.tokenizer)
+    favourite = host.tokenizer.encode(" Z")[0]
+    with c:
+        plain = c.post("/v1/completions", json=base).json()["choices"][0]["text"]
+        assert plain
+        for extra, fields in [({"frequency_penalty": 2.0}, {"frequency_penalty": 2.0}),
+                              ({"presence_penalty": 2.0}, {"presence_penalty": 2.0}),
+                              ({"logit_bias": {str(favourite): 100}}, {"logit_bias": ((favourite, 100.0),)})]:
+            got = c.post("/v1/completions", json=base | extra).json()["choices"][0]["text"]
+            want = engine.generate([prompt], max_tokens=16, temperature=0, stop_token_ids=(eot,), **fields)[0].text
+            assert got == want and got != plain, extra
+        assert got == host.tokenizer.decode([favourite] * 16)  # +100 on one token: nothing else is said
+    store.close()
 
 
 def test_other_errors(client):
