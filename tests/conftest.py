@@ -52,6 +52,20 @@ def picochat_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "picochat.cli", *args]
 
 
+def kill_when(cmd: list[str], env: dict, marker: Path, timeout: float = 120) -> None:
+    """Start cmd and SIGKILL it as soon as marker exists (e.g. a checkpoint directory): a crash mid-run."""
+    import signal
+    import subprocess
+    import time
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while not marker.exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def subprocess_env(**extra) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

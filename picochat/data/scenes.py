@@ -271,13 +271,19 @@ def image_to_input(img, size: int = IMAGE_SIZE) -> torch.Tensor:
     """A Pillow image -> (3, size, size) uint8 like the training images: EXIF orientation applied,
     transparency over white, padded with white to a square (centred; shapes keep their proportions),
     averaged down to size x size (BOX: each pixel the mean of its block)."""
+    from PIL import Image
+    return _to_tensor(square_on_white(img).resize((size, size), Image.Resampling.BOX))
+
+
+def square_on_white(img):
+    """A Pillow image -> an RGBA square at full resolution, as the model frames every picture: EXIF orientation
+    applied, transparency over white, padded with white to a centred square (the page draws over this)."""
     from PIL import Image, ImageOps
-    img = ImageOps.exif_transpose(img)
-    rgba = img.convert("RGBA")
+    rgba = ImageOps.exif_transpose(img).convert("RGBA")
     side = max(rgba.size)
     canvas = Image.new("RGBA", (side, side), BACKGROUND + (255,))
     canvas.alpha_composite(rgba, ((side - rgba.width) // 2, (side - rgba.height) // 2))
-    return _to_tensor(canvas.resize((size, size), Image.Resampling.BOX))
+    return canvas
 
 
 def read_image(source: str | Path | bytes, name: Optional[str] = None, size: int = IMAGE_SIZE) -> torch.Tensor:

@@ -25,14 +25,11 @@ def as_the_model_sees(img, side: int = THUMB):
     """A Pillow image -> an RGB square the way data/scenes.image_to_input frames it for the model
     (orientation applied, transparency over white, padded with white to a centred square), at most
     `side` pixels: the model's sqrt(N) x sqrt(N) grid lies exactly over this square."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
-    from ..data.scenes import BACKGROUND
-    img = ImageOps.exif_transpose(img).convert("RGBA")
-    s = max(img.size)
-    square = Image.new("RGBA", (s, s), BACKGROUND + (255,))
-    square.alpha_composite(img, ((s - img.width) // 2, (s - img.height) // 2))
-    if s > side:
+    from ..data.scenes import square_on_white
+    square = square_on_white(img)
+    if square.width > side:
         square = square.resize((side, side), Image.Resampling.BOX)
     return square.convert("RGB")
 

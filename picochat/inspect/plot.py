@@ -18,7 +18,6 @@ def plot_group(group: MapGroup, path, title: str = "", layers: Optional[Sequence
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..fsutil import atomic_write
     w = group.weights
     L, H, Tq, Tk = w.shape
     layers = list(range(L)) if layers is None else list(layers)
@@ -45,9 +44,17 @@ def plot_group(group: MapGroup, path, title: str = "", layers: Optional[Sequence
             if r == len(layers) - 1 and label_k:
                 ax.set_xticks(range(Tk), [_show(t) for t in group.keys], rotation=90, fontsize=font)
     fig.suptitle(title + "  (rows: queries, columns: keys; each map scaled to its own maximum)", fontsize=9)
+    return _save(fig, path, dpi=100)
+
+
+def _save(fig, path, dpi: int) -> Path:
+    """Lay out, render to PNG in memory, close, and write atomically (a kill never leaves half a file)."""
+    import matplotlib.pyplot as plt
+
+    from ..fsutil import atomic_write
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     plt.close(fig)
     atomic_write(path, buf.getvalue())
     return Path(path)
@@ -72,7 +79,6 @@ def plot_image_attention(view, path, picture: Optional[dict] = None) -> Path:
     import matplotlib.pyplot as plt
     import torch
 
-    from ..fsutil import atomic_write
     w = view.groups["self"].weights.mean(1)  # (L, T, T)
     L, T = w.size(0), w.size(-1)
     if picture is None:
@@ -111,9 +117,4 @@ def plot_image_attention(view, path, picture: Optional[dict] = None) -> Path:
     extra = f" -> {view.meta['prediction']} (p={view.meta['probability']})" if "prediction" in view.meta else ""
     # wrapped to the figure (about 14 characters an inch at 8 pt): a 1-layer model's figure is narrow
     fig.suptitle(textwrap.fill(f"{view.title}: {what}{extra}", max(30, int(width * 14))), fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-    return Path(path)
+    return _save(fig, path, dpi=110)

@@ -41,6 +41,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -87,8 +88,9 @@ class VLMTrainConfig(TrainConfig):
     vit_pretrain_steps: int = 1200
     """Steps of the first stage: the ViT alone learns what lies under each patch of the training scenes
     (vision/patches.py; 2-3 minutes). 0 trains it only through the answers."""
-    vit_lr_mult: float = 0.1
-    """The pretrained ViT's learning rate in the second stage, as a fraction of --lr (1 with no pretraining)."""
+    vit_lr_mult: Optional[float] = None
+    """The ViT's learning rate in the second stage, as a fraction of --lr (default: 0.1 after stage 1, 1
+    without it; a value given is used either way)."""
     turns: int = 4
     """Questions per training conversation about one picture (1 = one question per row)."""
     digit_share: float = 0.2
@@ -123,6 +125,8 @@ class VLMTrainConfig(TrainConfig):
             raise PicochatError("--train-scenes, --val-scenes and --test-scenes must be at least 1")
         if self.val_questions < 1 or self.turns < 1 or self.examples < 0 or self.threads < 0:
             raise PicochatError("--val-questions and --turns must be >= 1, --examples and --threads >= 0")
+        if self.vit_lr_mult is None:
+            self.vit_lr_mult = 0.1 if self.vit_pretrain_steps else 1.0
         if self.vit_pretrain_steps < 0 or self.vit_lr_mult < 0:
             raise PicochatError("--vit-pretrain-steps and --vit-lr-mult must be >= 0")
         if not 0 <= self.digit_share <= 1:
@@ -329,7 +333,6 @@ def vlm_train(cfg: VLMTrainConfig) -> dict:
     data_info |= {"data_seed": cfg.data_seed, "split_seed": cfg.split_seed, "image_size": S.IMAGE_SIZE,
                   "train_scenes": cfg.train_scenes, "val_scenes": cfg.val_scenes, "test_scenes": cfg.test_scenes}
     B, box = cfg.batch_size, []
-    vit_mult = cfg.vit_lr_mult if cfg.vit_pretrain_steps else 1.0
 
     def batch_fn(step: int, micro: int):
         return train.batch(cfg.seed * 1_000_003 + step * cfg.grad_accum * box[0].dist.world + micro, B)
@@ -363,7 +366,7 @@ def vlm_train(cfg: VLMTrainConfig) -> dict:
                       tokens_per_micro=B * (2 + render.n_tokens + 16 * cfg.turns),  # about: for tokens/s
                       run_info={"stage": "vlm", "data": data_info, "params": model.num_params()},
                       save_weights=lambda path, extra: save_vlm(box[0].raw_model, path, tokenizer, extra),
-                      load_weights=load_weights, lr_mult=lambda name: vit_mult if name.startswith("vision.vit.") else 1.0)
+                      load_weights=load_weights, lr_mult=lambda name: cfg.vit_lr_mult if name.startswith("vision.vit.") else 1.0)
     box.append(trainer)
     if trainer.dist.world > 1:
         raise PicochatError("picochat vlm trains in one process (minutes on a CPU); run it without torchrun")

@@ -29,9 +29,6 @@ from ..errors import PicochatError
 
 PIXEL_MAX = 16          # the dataset's pixel values are counts 0..16
 IMAGE_SIZE = 8
-MAX_FILE_BYTES = 20 * 1024 * 1024   # 20 MB: refused before reading
-MAX_PIXELS = 4096 * 4096            # 16.8 Mpx: refused from the header, before decoding
-FORMATS = ("PNG", "JPEG")
 
 
 def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,36 +108,10 @@ def random_affine(x: torch.Tensor, rotate: float, scale: float, translate: float
 
 # ---- a user's picture -> an 8x8 digit ---------------------------------------------------------------------
 def open_image(path: str | Path):
-    """The decoded Pillow image, or one clear PicochatError: missing, too large, not PNG/JPEG, corrupt."""
-    from PIL import Image, UnidentifiedImageError
-    path = Path(path)
-    if not path.is_file():
-        raise PicochatError(f"no image at {path}" if not path.exists() else f"{path} is not a file")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise PicochatError(f"{path} is {size / 2**20:.1f} MB; images up to {MAX_FILE_BYTES // 2**20} MB are read "
-                            "(a digit needs no more: shrink it)")
-    try:
-        img = Image.open(path)  # reads the header only
-    except UnidentifiedImageError:
-        raise PicochatError(f"{path} is not an image Pillow can read; give a PNG or JPEG file") from None
-    except Image.DecompressionBombError as e:
-        raise PicochatError(f"{path} is too large to decode ({e}); the limit is {MAX_PIXELS:,} pixels") from None
-    except OSError as e:
-        raise PicochatError(f"cannot read {path} ({e}); give a PNG or JPEG file") from None
-    with img:
-        if img.format not in FORMATS:
-            raise PicochatError(f"{path} is a {img.format} image; give a PNG or JPEG file")
-        w, h = img.size
-        if w * h > MAX_PIXELS:
-            raise PicochatError(f"{path} is {w}x{h} pixels; images up to {MAX_PIXELS:,} pixels (4096x4096) are "
-                                "read: shrink it")
-        try:
-            img.load()  # decodes: a truncated or damaged file fails here
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise PicochatError(f"{path} is a corrupt or truncated {img.format} file ({e}); "
-                                "save the image again") from None
-        return img.copy()
+    """The decoded Pillow image, or one clear PicochatError: missing, too large, not PNG/JPEG, corrupt
+    (the one reader every picture goes through: data/scenes.open_image)."""
+    from ..data.scenes import open_image as read
+    return read(path)
 
 
 def image_to_digit(img, crop: bool = True) -> torch.Tensor:

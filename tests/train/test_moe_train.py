@@ -1,9 +1,6 @@
 """Training a mixture-of-experts GPT: the loop adds the routers' auxiliary losses, logs the load per expert,
 plots it, and a SIGKILLed run resumes bit for bit like a dense one."""
-import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from picochat.model.config import ModelConfig
 from picochat.model.gpt import GPT
 from picochat.train.loop import TrainConfig, Trainer
 from picochat.train.metrics import read_metrics
-from tests.conftest import picochat_cmd, subprocess_env
+from tests.conftest import kill_when, picochat_cmd, subprocess_env
 
 # as tests/train/test_resume.py, with 4 experts top-2 in each block (and dropout inside the experts)
 MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--dropout", "0.1",
@@ -38,14 +35,7 @@ def test_moe_sigkill_then_resume_matches_uninterrupted_run_bitwise(tiny_dataset,
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(picochat_cmd(*train_args(tiny_dataset, ref)), env=env, check=True, capture_output=True)
 
-    proc = subprocess.Popen(picochat_cmd(*train_args(tiny_dataset, cut)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (cut / "checkpoints" / "step_0000012").exists() and time.time() < deadline:
-        assert proc.poll() is None, "training finished before we could kill it"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(picochat_cmd(*train_args(tiny_dataset, cut)), env, cut / "checkpoints" / "step_0000012")
     assert max(train_rows(cut)) < 24
     subprocess.run(picochat_cmd(*train_args(tiny_dataset, cut), "--resume"), env=env, check=True,
                    capture_output=True)

@@ -4,14 +4,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import picochat_cmd, subprocess_env
+from tests.conftest import kill_when, picochat_cmd, subprocess_env
 
 # a small model with dropout, so the RNG state has to be restored too
 MODEL = ["--n-layer", "2", "--n-head", "2", "--n-embd", "64", "--block-size", "32", "--dropout", "0.1"]
@@ -34,14 +33,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run_bitwise(tiny_dataset, tmp
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     subprocess.run(picochat_cmd(*train_args(tiny_dataset, ref)), env=env, check=True, capture_output=True)
 
-    proc = subprocess.Popen(picochat_cmd(*train_args(tiny_dataset, cut)), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (cut / "checkpoints" / "step_0000012").exists() and time.time() < deadline:
-        assert proc.poll() is None, "training finished before we could kill it"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(picochat_cmd(*train_args(tiny_dataset, cut)), env, cut / "checkpoints" / "step_0000012")
     killed_at = max(losses(cut))
     assert killed_at < 24
     subprocess.run(picochat_cmd(*train_args(tiny_dataset, cut), "--resume"), env=env, check=True,

@@ -141,3 +141,12 @@ def test_stage_one_teaches_the_vit_what_lies_under_each_patch():
     got = pretrain_patches(vit, sets["train"], sets["val"], steps=200, batch_size=32)
     # always "background" scores background_share; the trained ViT must find the shapes' patches too
     assert got["val_patch_accuracy"] > got["background_share"] + 0.25 * (1 - got["background_share"]), got
+
+
+def test_the_vit_lr_factor_defaults_by_stage_and_a_given_one_is_kept():
+    from picochat.train.vlm import VLMTrainConfig
+    assert VLMTrainConfig().vit_lr_mult == 0.1                       # after stage 1
+    assert VLMTrainConfig(vit_pretrain_steps=0).vit_lr_mult == 1.0   # a ViT that has learnt nothing yet
+    assert VLMTrainConfig(vit_pretrain_steps=0, vit_lr_mult=0.5).vit_lr_mult == 0.5
+    with pytest.raises(PicochatError, match="vit-lr-mult"):
+        VLMTrainConfig(vit_lr_mult=-1)
