@@ -17,7 +17,7 @@ help:
 	@echo "make digits    the digit question: merged vs split digit tokens, measured on held-out addition (~10 min)"
 	@echo "make rlhf      the RLHF experiment: SFT, honest pairs, reward model, PPO, GRPO, DPO on held-out addition (~25 min)"
 	@echo "make translate the 2017 encoder-decoder Transformer: English -> French number words, held-out exact match (~1 min)"
-	@echo "make bert      a small BERT from scratch on Brown: masked-LM, POS tagging, genres, held out by document (~20 min)"
+	@echo "make bert      a small BERT from scratch on Brown: masked-LM, POS tagging, genres; MiniLM genre probe (~25 min)"
 	@echo "make vision    the vision transformer on the 8x8 digits beside an SVM, held-out test accuracy (~2 min)"
 	@echo "make vlm       a chat model that sees: ViT + projector + GPT on pictures of digits and shapes (~15 min)"
 	@echo "make moe       mixture of experts vs dense at equal active parameters, equal tokens and equal time (~10-15 min)"

@@ -23,6 +23,7 @@ VERBS = {
     "rlhf": "picochat.train.ppo",
     "dpo": "picochat.train.dpo",
     "bert": "picochat.train.bert",
+    "probe": "picochat.train.genre_probe",
     "embed": "picochat.encoder.cli",
     "tag": "picochat.encoder.tasks_cli",  # and `classify`
     "translate": "picochat.translate.cli",

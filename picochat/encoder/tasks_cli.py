@@ -32,7 +32,8 @@ def words_of(text: str) -> list[str]:
 @dataclass
 class LabelConfig:
     model: str = ""
-    """A `picochat bert pos` run for tag, a `picochat bert genre` run for classify (or a checkpoint folder)."""
+    """A `picochat bert pos` run for tag; a `picochat bert genre` or `picochat probe` run for classify (or a
+    checkpoint folder)."""
     texts: list[str] = field(default_factory=list)
     """Texts to tag or classify."""
     json: bool = False
@@ -79,6 +80,12 @@ def classify(cfg: LabelConfig) -> list[dict[str, float]]:
     """{label: probability} per text, most likely first; also prints them."""
     if not cfg.texts:
         raise PicochatError('give a text: picochat classify runs/bert-genre "The committee voted on Tuesday."')
+    from ..train.genre_probe import Probe, is_probe
+    if is_probe(cfg.model):  # a frozen pretrained encoder's layer + a linear classifier (`picochat probe`)
+        probe = Probe(cfg.model)
+        out = [probe(text, f"text {i}") for i, text in enumerate(cfg.texts)]
+        _print_probs(out, cfg.json)
+        return out
     model, tok = _load(cfg.model, "sequence", "classify")
     out = []
     for i, text in enumerate(cfg.texts):
@@ -89,13 +96,17 @@ def classify(cfg: LabelConfig) -> list[dict[str, float]]:
         x = torch.tensor([ids])
         p = torch.softmax(model(x, torch.ones_like(x))[0].float(), -1)
         out.append({model.labels[j]: round(float(p[j]), 4) for j in p.argsort(descending=True).tolist()})
+    _print_probs(out, cfg.json)
+    return out
+
+
+def _print_probs(out: list[dict[str, float]], as_json: bool) -> None:
     for probs in out:
-        if cfg.json:
+        if as_json:
             print(json.dumps(probs))
         else:
             (best, pb), *rest = probs.items()
             print(f"{best} {pb:.2f}  (" + ", ".join(f"{k} {v:.2f}" for k, v in rest) + ")")
-    return out
 
 
 def add_parser(sub) -> None:

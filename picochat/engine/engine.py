@@ -23,8 +23,9 @@ from typing import Hashable, Iterator, Optional
 import torch
 
 from ..errors import PicochatError
+from .grammar import Constraint, Grammar
 from .kv_cache import KVCache
-from .sampling import Penalties, Utf8Stream, check_sampling, sample_next
+from .sampling import Penalties, TokenLogprob, Utf8Stream, check_sampling, draw, next_distribution, token_logprobs
 
 
 @dataclass
@@ -41,10 +42,12 @@ class SamplingParams:
     seed: Optional[int] = None
     stop_token_ids: tuple[int, ...] = ()  # ends the row; the token itself is not part of the output
     stop_strings: tuple[str, ...] = ()    # ends the row; the text is cut before the match
+    logprobs: Optional[int] = None    # None: off; k: each token's logprob and the k likeliest alternatives
+    grammar: Optional[Grammar] = None  # a grammar the output must follow (grammar.py: structured output)
 
     def check(self) -> None:
         check_sampling(self.temperature, self.top_k, self.top_p, self.min_p, self.repetition_penalty,
-                       self.frequency_penalty, self.presence_penalty, self.logit_bias)
+                       self.frequency_penalty, self.presence_penalty, self.logit_bias, self.logprobs)
         if self.max_tokens < 0:
             raise PicochatError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if any(not s for s in self.stop_strings):
@@ -103,6 +106,15 @@ class PromptEmbeds:
         return {"embeds": self.values[sel[0]:sel[-1] + 1].to(device), "embeds_mask": mask}
 
 
+def new_constraint(sp: SamplingParams, tokenizer, vocab_size: int) -> Optional[Constraint]:
+    """A row's grammar state, if sp asks for one; its end is the row's stop tokens."""
+    if sp.grammar is None:
+        return None
+    if tokenizer is None:
+        raise PicochatError("a grammar needs a tokenizer (Engine(model, tokenizer))")
+    return Constraint(sp.grammar, tokenizer, vocab_size, sp.stop_token_ids)
+
+
 def _check_embeds(embeds, prompts: list[list[int]], model) -> list[Optional[PromptEmbeds]]:
     if embeds is None:
         return [None] * len(prompts)
@@ -121,6 +133,7 @@ class GenerationResult:
     finish_reason: str     # "stop" or "length"
     prompt_tokens: int
     stop_token: Optional[int] = None  # the stop token that ended the row, if one did (RL trains on it)
+    logprobs: Optional[list[TokenLogprob]] = None  # one per token of token_ids, if SamplingParams.logprobs
 
 
 @dataclass
@@ -128,6 +141,7 @@ class StreamChunk:
     text: str                                       # complete characters only; may be ""
     token_ids: list[int] = field(default_factory=list)
     finish_reason: Optional[str] = None             # set on the last chunk only
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, if asked for
 
 
 class _Text:
@@ -178,20 +192,28 @@ class _Text:
 
 
 class _Row:
-    def __init__(self, prompt: list[int], text: _Text):
-        self.prompt, self.tokens, self.text = prompt, [], text
+    def __init__(self, prompt: list[int], text: _Text, constraint: Optional[Constraint] = None):
+        self.prompt, self.tokens, self.text, self.constraint = prompt, [], text, constraint
         self.finish_reason: Optional[str] = None
         self.stop_token: Optional[int] = None
+        self.logprobs: list[TokenLogprob] = []
 
-    def push(self, token: int, sp: SamplingParams, block_size: int) -> tuple[Optional[int], str]:
-        """Record a sampled token; returns (the token, or None if it was a stop token; text delta)."""
+    def push(self, token: int, sp: SamplingParams, block_size: int,
+             logprob: Optional[TokenLogprob] = None) -> tuple[Optional[int], str]:
+        """Record a sampled token (and its logprob, if asked for); returns (the token, or None if it was a
+        stop token; text delta)."""
         if token in sp.stop_token_ids:
             self.finish_reason, self.stop_token = "stop", token
             return None, self.text.finish()
         self.tokens.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
         delta, hit = self.text.push(token)
-        if hit:
+        if self.constraint is not None:
+            self.constraint.advance(token)
+        if hit or (self.constraint is not None and self.constraint.complete):  # (the grammar's end: done)
             self.finish_reason = "stop"
+            delta += "" if hit else self.text.finish()
         elif len(self.tokens) >= sp.max_tokens or len(self.prompt) + len(self.tokens) >= block_size:
             self.finish_reason = "length"
             delta += self.text.finish()
@@ -218,8 +240,8 @@ class Engine:
         rows = []
         for rows, _ in self._run(prompts, sp, embeds=embeds):
             pass
-        return [GenerationResult(r.tokens, r.text.text, r.finish_reason or "length", len(r.prompt), r.stop_token)
-                for r in rows]
+        return [GenerationResult(r.tokens, r.text.text, r.finish_reason or "length", len(r.prompt), r.stop_token,
+                                 None if sp.logprobs is None else r.logprobs) for r in rows]
 
     def stream(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
                embeds: Optional[PromptEmbeds] = None, **kwargs) -> Iterator[StreamChunk]:
@@ -227,7 +249,8 @@ class Engine:
         sp = params or SamplingParams(**kwargs)
         for rows, events in self._run([prompt_ids], sp, embeds=None if embeds is None else [embeds]):
             (_, token, delta), row = events[0], rows[0]
-            yield StreamChunk(delta, [] if token is None else [token], row.finish_reason)
+            yield StreamChunk(delta, [] if token is None else [token], row.finish_reason,
+                              row.logprobs[-1:] if token is not None and sp.logprobs is not None else [])
 
     def generate_tokens(self, prompt_ids: list[int], params: Optional[SamplingParams] = None,
                         generator: Optional[torch.Generator] = None, embeds: Optional[PromptEmbeds] = None,
@@ -256,7 +279,9 @@ class Engine:
                 raise PicochatError(f"the prompt is {len(p)} tokens but the model's context is {block}; "
                                     "shorten the prompt")
         embeds = _check_embeds(embeds, prompts, self.model)
-        rows = [_Row(list(p), _Text(self.tokenizer, tuple(sp.stop_strings))) for p in prompts]
+        V = self.model.config.vocab_size
+        rows = [_Row(list(p), _Text(self.tokenizer, tuple(sp.stop_strings)), new_constraint(sp, self.tokenizer, V))
+                for p in prompts]
         if sp.max_tokens == 0:
             for r in rows:
                 r.finish_reason = "length"
@@ -273,10 +298,14 @@ class Engine:
         active = list(range(len(prompts)))  # row index of each batch row still running
         while True:
             last = penalties.apply(logits[:, -1, :].float())  # (B_active, V)
-            nxt = sample_next(last, sp.temperature, sp.top_k or None, sp.top_p, generator, sp.min_p)  # (B_active,)
+            if sp.grammar is not None:
+                last = torch.stack([rows[r].constraint.mask(last[j]) for j, r in enumerate(active)])
+            z = next_distribution(last, sp.temperature, sp.top_k or None, sp.top_p, sp.min_p)
+            nxt = draw(z, sp.temperature, generator)  # (B_active,)
+            lps = [None] * len(active) if sp.logprobs is None else token_logprobs(z, nxt, sp.logprobs)
             events, keep = [], []
             for j, (r, t) in enumerate(zip(active, nxt.tolist())):
-                token, delta = rows[r].push(t, sp, block)
+                token, delta = rows[r].push(t, sp, block, lps[j])
                 events.append((r, token, delta))
                 if rows[r].finish_reason is None:
                     keep.append(j)

@@ -10,6 +10,9 @@
       repetition penalty (CTRL, Keskar et al. 2019), over prompt and generated tokens: z_i / r if z_i > 0
       else z_i * r, so r > 1 always makes them less likely.
     So all three are divided by the temperature like the logits they change (as vLLM applies them).
+Logprobs (token_logprobs) are those of the distribution a token was actually drawn from: log softmax of
+the penalised logits over tau, with top-k / top-p / min-p applied and renormalised; under greedy decoding
+(which draws nothing), of the penalised logits at tau = 1, whose argmax is the pick.
 
 Sampling never produces NaN, whatever the knobs: NaN logits count as -inf, and a row with +inf logits
 (a tiny repetition penalty overflows float32) samples among those tokens only, the limit of softmax.
@@ -19,6 +22,7 @@ naming the rows, so a batch can fail that row alone.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -41,7 +45,7 @@ class Unsampleable(PicochatError):
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float],
                    min_p: Optional[float] = None, repetition_penalty: Optional[float] = None,
                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
-                   logit_bias: tuple = ()) -> None:
+                   logit_bias: tuple = (), logprobs: Optional[int] = None) -> None:
     # written as "not (x in range)" so that NaN, which fails every comparison, is refused too
     if not 0 <= temperature < math.inf:
         raise PicochatError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
@@ -56,6 +60,8 @@ def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[flo
     for name, v in (("frequency_penalty", frequency_penalty), ("presence_penalty", presence_penalty)):
         if not -2.0 <= v <= 2.0:
             raise PicochatError(f"{name} must be in [-2, 2] (0 = off), got {v}")
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise PicochatError(f"logprobs (alternatives per token) must be in [0, {MAX_TOP_LOGPROBS}], got {logprobs}")
     for tok, b in logit_bias:
         if tok < 0 or not -100.0 <= b <= 100.0:
             raise PicochatError(f"logit_bias maps token ids >= 0 to biases in [-100, 100], got {tok}: {b}")
@@ -142,13 +148,51 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
                 min_p: Optional[float] = None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B,). Apply apply_repetition_penalty before, if wanted."""
+    """logits (B, V) -> next ids (B,). Apply Penalties before, if wanted."""
+    return draw(next_distribution(logits, temperature, top_k, top_p, min_p), temperature, generator)
+
+
+def next_distribution(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
+                      top_p: Optional[float] = None, min_p: Optional[float] = None) -> torch.Tensor:
+    """The logits the next token is drawn from, (B, V): z / tau with top-k / top-p / min-p applied (-inf
+    outside), so log_softmax of them is the distribution actually sampled from. Greedy (tau ~ 0): the
+    logits at tau = 1, unfiltered; their argmax is the pick and their log_softmax the model's own logprobs."""
     logits = sanitize_logits(logits.float())
     if temperature < GREEDY_BELOW:
-        return logits.argmax(dim=-1)
-    logits = sanitize_logits(filter_logits(logits / temperature, top_k, top_p, min_p))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return logits
+    return sanitize_logits(filter_logits(logits / temperature, top_k, top_p, min_p))
+
+
+def draw(z: torch.Tensor, temperature: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next ids (B,) from next_distribution's logits: argmax if greedy, else a sample of softmax(z)."""
+    if temperature < GREEDY_BELOW:
+        return z.argmax(dim=-1)
+    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the distribution it was drawn from, and the `top` most
+    likely tokens of that distribution as (id, logprob), most likely first (tokens outside top-k / top-p,
+    whose probability is 0, are never listed)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+MAX_TOP_LOGPROBS = 20
+
+
+def token_logprobs(z: torch.Tensor, chosen: torch.Tensor, n_top: int) -> list[TokenLogprob]:
+    """z (B, V) from next_distribution, chosen (B,) the drawn ids -> one TokenLogprob per row."""
+    lp = torch.log_softmax(z, dim=-1)  # (B, V)
+    picked = lp.gather(-1, chosen.view(-1, 1)).squeeze(-1).tolist()
+    if n_top > 0:
+        vals, ids = torch.topk(lp, min(n_top, lp.size(-1)), dim=-1)  # (B, n_top), sorted descending
+        tops = [[(i, v) for i, v in zip(ri, rv) if v != float("-inf")] for ri, rv in zip(ids.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in picked]
+    return [TokenLogprob(t, p, top) for t, p, top in zip(chosen.tolist(), picked, tops)]
 
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:

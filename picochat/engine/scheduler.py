@@ -39,9 +39,9 @@ from typing import Callable, Hashable, Optional
 import torch
 
 from ..errors import PicochatError
-from .engine import PromptEmbeds, SamplingParams, _Row, _Text
+from .engine import PromptEmbeds, SamplingParams, _Row, _Text, new_constraint
 from .model_thread import ModelThread
-from .sampling import Penalties, sample_next
+from .sampling import Penalties, TokenLogprob, draw, next_distribution, token_logprobs
 from .slot_cache import SlotCache
 
 
@@ -58,6 +58,7 @@ class Event:
     completion_tokens: int
     error: Optional[str] = None
     cached_tokens: int = 0           # prompt tokens whose K/V were reused from an earlier request
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of token_ids, if the request asked
 
 
 @dataclass
@@ -75,9 +76,10 @@ class Request:
 class _Running:
     """A request in a slot: its row state, its own RNG and repetition-penalty set."""
 
-    def __init__(self, req: Request, tokenizer, device):
+    def __init__(self, req: Request, tokenizer, device, vocab_size: int):
         self.req = req
-        self.row = _Row(list(req.prompt), _Text(tokenizer, tuple(req.params.stop_strings)))
+        self.row = _Row(list(req.prompt), _Text(tokenizer, tuple(req.params.stop_strings)),
+                        new_constraint(req.params, tokenizer, vocab_size))
         self.gen = None
         if req.params.seed is not None:
             self.gen = torch.Generator(device=device).manual_seed(req.params.seed)
@@ -252,7 +254,10 @@ class Scheduler:
             with self.cv:
                 req = self._next_waiting()
             if req is not None:
-                self.admitting = _Running(req, self.tokenizer, self.device)
+                try:
+                    self.admitting = _Running(req, self.tokenizer, self.device, self.model.config.vocab_size)
+                except Exception as e:  # (a grammar that will not compile): this request fails alone
+                    _notify(req, Event("", [], "error", len(req.prompt), 0, error=f"{type(e).__name__}: {e}"))
         if self.admitting is not None:
             try:
                 self._prefill_chunk()
@@ -324,6 +329,7 @@ class Scheduler:
     def _sample(self, rows: list[tuple[_Running, torch.Tensor]]) -> None:
         now = time.monotonic()
         picks: dict[int, int] = {}
+        lps: dict[int, TokenLogprob] = {}
         failed: dict[int, str] = {}
         groups: dict[tuple, list[int]] = {}  # rows that sample alike share one batched call
         lasts = []
@@ -332,23 +338,27 @@ class Scheduler:
             last = logits.float().unsqueeze(0)  # (1, V)
             if r.penalties is not None:
                 last = r.penalties.apply(last)
+            if r.row.constraint is not None:
+                try:
+                    last = r.row.constraint.mask(last)
+                except Exception as e:
+                    failed[j] = f"{type(e).__name__}: {e}"
             lasts.append(last)
+            if j in failed:
+                continue
             key = (sp.temperature, sp.top_k or None, sp.top_p, sp.min_p)
             groups.setdefault(key if r.gen is None else ("own", j), []).append(j)
         for key, js in groups.items():
             sp = rows[js[0]][0].req.params
-            try:
-                out = sample_next(torch.cat([lasts[j] for j in js]), sp.temperature, sp.top_k or None, sp.top_p,
-                                  rows[js[0]][0].gen, sp.min_p)  # seeded rows: their own generator, alone
-                picks.update(zip(js, out.tolist()))
+            try:  # seeded rows: their own generator, alone
+                self._draw(rows, js, torch.cat([lasts[j] for j in js]), rows[js[0]][0].gen, picks, lps)
             except Exception as e:  # one bad row must not take its group down: the others again, alone
                 if len(js) == 1:
                     failed[js[0]] = f"{type(e).__name__}: {e}"
                     continue
                 for j in js:
                     try:
-                        picks[j] = int(sample_next(lasts[j], sp.temperature, sp.top_k or None, sp.top_p,
-                                                   None, sp.min_p)[0])
+                        self._draw(rows, [j], lasts[j], None, picks, lps)
                     except Exception as e1:
                         failed[j] = f"{type(e1).__name__}: {e1}"
         done = []
@@ -359,7 +369,7 @@ class Scheduler:
                     if r.penalties is not None:
                         r.penalties.update(torch.tensor([t], device=self.device))
                     r.last_token = t
-                    token, delta = r.row.push(t, r.req.params, self.context)
+                    token, delta = r.row.push(t, r.req.params, self.context, lps.get(j))
                 except Exception as e:
                     failed[j] = f"{type(e).__name__}: {e}"
             if j in failed:
@@ -368,7 +378,8 @@ class Scheduler:
             else:
                 with self.cv:  # counted before the client can see it: a /metrics read right after includes it
                     self.generated_total += 1
-                self._emit(r, delta, [] if token is None else [token], r.row.finish_reason)
+                self._emit(r, delta, [] if token is None else [token], r.row.finish_reason,
+                           logprobs=[lps[j]] if token is not None and j in lps else [])
             if r.row.finish_reason is not None:
                 done.append(r)
         with self.cv:
@@ -377,8 +388,23 @@ class Scheduler:
         for r in done:
             self._retire(r, keep=r.row.finish_reason != "error")
 
-    def _emit(self, r: _Running, text: str, tokens: list[int], finish: Optional[str], error=None) -> None:
-        _notify(r.req, Event(text, tokens, finish, len(r.row.prompt), len(r.row.tokens), error, r.cached))
+    @staticmethod
+    def _draw(rows, js: list[int], last: torch.Tensor, gen, picks: dict, lps: dict) -> None:
+        """Sample rows js (which share their sampling knobs) from their penalised logits last (len(js), V);
+        the picks, and each asking row's logprobs, go into picks and lps by row index."""
+        sp = rows[js[0]][0].req.params
+        z = next_distribution(last, sp.temperature, sp.top_k or None, sp.top_p, sp.min_p)
+        out = draw(z, sp.temperature, gen)
+        picks.update(zip(js, out.tolist()))
+        for k, j in enumerate(js):
+            n_top = rows[j][0].req.params.logprobs
+            if n_top is not None:
+                lps[j] = token_logprobs(z[k:k + 1], out[k:k + 1], n_top)[0]
+
+    def _emit(self, r: _Running, text: str, tokens: list[int], finish: Optional[str], error=None,
+              logprobs: Optional[list] = None) -> None:
+        _notify(r.req, Event(text, tokens, finish, len(r.row.prompt), len(r.row.tokens), error, r.cached,
+                             logprobs or []))
 
     def _retire(self, r: _Running, keep: bool = True) -> None:
         """r leaves the batch: swapped to the last row (rows stay contiguous), then popped; its K/V stay

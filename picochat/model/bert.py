@@ -53,6 +53,13 @@ class BertEncoder(nn.Module):
                 token_type_ids: Optional[torch.Tensor] = None, return_attention: bool = False) -> torch.Tensor:
         """idx (B, T), attention_mask (B, T) 1 on real tokens -> last hidden states (B, T, d).
         return_attention: keep each layer's softmax weights for attention_maps() (the textbook path)."""
+        return self.hidden_states(idx, attention_mask, token_type_ids, return_attention)[-1]
+
+    def hidden_states(self, idx: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                      token_type_ids: Optional[torch.Tensor] = None, return_attention: bool = False,
+                      upto: Optional[int] = None) -> list[torch.Tensor]:
+        """Every block's output (B, T, d), first to last, or to block `upto` (the later ones never run):
+        what a probe of a middle layer reads."""
         B, T = idx.shape
         if T > self.config.block_size:
             raise PicochatError(f"{T} tokens is longer than the encoder's {self.config.block_size}; shorten the text")
@@ -65,9 +72,11 @@ class BertEncoder(nn.Module):
         keep = torch.ones(B, T, dtype=torch.bool, device=idx.device) if attention_mask is None \
             else attention_mask.bool()
         mask = keep[:, None, None, :].expand(B, 1, T, T)  # (B, 1, T, T): any query, real keys only
-        for block in self.blocks:
+        out = []
+        for block in self.blocks[:upto]:
             x = block(x, attn_mask=mask, rope=rope, return_weights=return_attention)
-        return x
+            out.append(x)
+        return out
 
     def attention_maps(self) -> list[torch.Tensor]:
         """Per layer, (B, nh, T, T) weights from the last forward with return_attention=True."""

@@ -2,6 +2,7 @@
 for a model that sees (`picochat vlm train`), the image encoder beside its GPT."""
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,14 @@ class ModelHost:
     def image_size(self) -> Optional[int]:
         """The side in pixels every picture is shrunk to before the model reads it."""
         return self.vision.config.vit_config().image_size if self.vision is not None else None
+
+    @property
+    def fingerprint(self) -> str:
+        """OpenAI's system_fingerprint: names the backend configuration (model, weights' dtype, width of the
+        batch, context), so a client can tell when the same seed may no longer give the same answer."""
+        p = next(self.model.parameters())
+        cfg = f"{self.id}|{p.dtype}|{type(self.model).__name__}|{self.scheduler.max_batch}|{self.context}"
+        return "fp_" + hashlib.blake2b(cfg.encode(), digest_size=5).hexdigest()
 
     def card(self) -> dict:
         sees = {"image_tokens": self.image_tokens, "image_size": self.image_size} if self.vision is not None else {}

@@ -28,8 +28,10 @@ from ..engine.scheduler import Request as GenRequest
 from ..errors import PicochatError
 from .errors import ApiError, bad_request, not_found
 from .images import cannot_see, prompt_embeds, request_messages
+from .logprobs import Pending, chat_logprobs, completion_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest, Sampling
 from .recorder import Recorder
+from .structured import response_grammar
 
 
 def _host(app, name: Optional[str]):
@@ -44,7 +46,8 @@ def _host(app, name: Optional[str]):
     return hosts[name]
 
 
-def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tuple[int, ...]) -> SamplingParams:
+def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tuple[int, ...],
+            logprobs: Optional[int] = None) -> SamplingParams:
     """The engine's sampling parameters, or a 400 naming the field that cannot be honoured. (A temperature
     below sampling.GREEDY_BELOW is greedy decoding, as documented in docs/api.md.)"""
     bias = body.bias_pairs()
@@ -77,7 +80,7 @@ def _params(body: Sampling, host, prompt_len: int, default_max: int, stops: tupl
                           repetition_penalty=body.repetition_penalty, seed=body.seed,
                           frequency_penalty=body.frequency_penalty or 0.0,
                           presence_penalty=body.presence_penalty or 0.0, logit_bias=bias,
-                          stop_token_ids=stops, stop_strings=tuple(body.stop_list()))
+                          stop_token_ids=stops, stop_strings=tuple(body.stop_list()), logprobs=logprobs)
 
 
 def _render(host, messages: list[dict], body: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
@@ -151,6 +154,9 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
             host.scheduler.cancel(r)
         raise bad_request(str(e), "messages") from None
     state[0]["submitted"] = True  # from here on the request is real: it gets stored
+    if sp.logprobs is not None:
+        for s in state:
+            s["logprobs"] = []
     open_, checked = n, time.monotonic()
     try:
         while open_:
@@ -169,6 +175,8 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
             s = state[i]
             s["text"] += ev.text
             s["tokens"] += len(ev.token_ids)
+            if sp.logprobs is not None:
+                s["logprobs"] += ev.logprobs
             s["prompt_tokens"] = ev.prompt_tokens
             s["cached"] = ev.cached_tokens
             if ev.finish_reason:
@@ -182,8 +190,8 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
 
 
 def _new_state(n: int) -> list[dict]:
-    return [{"text": "", "tokens": 0, "prompt_tokens": 0, "cached": 0, "finish_reason": None, "error": None}
-            for _ in range(n)]
+    return [{"text": "", "tokens": 0, "prompt_tokens": 0, "cached": 0, "finish_reason": None, "error": None,
+             "logprobs": None} for _ in range(n)]
 
 
 def _usage(state: list[dict], prompt_len: int) -> dict:
@@ -240,7 +248,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         ids, kept = await asyncio.to_thread(_render, host, messages, body)
     except PicochatError as e:
         raise bad_request(str(e), "messages") from None
-    sp = _params(body, host, len(ids), app.state.default_max_tokens, host.stop_ids)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+    sp = _params(body, host, len(ids), app.state.default_max_tokens, host.stop_ids,
+                 (body.top_logprobs or 0) if body.logprobs else None)
+    if body.response_format is not None and body.response_format.type != "text":
+        sp.grammar = await asyncio.to_thread(response_grammar, host, body.response_format)
     try:  # (once the prompt is known to fit)
         embeds = await prompt_embeds(host, ids, kept) if pictures else None
     except PicochatError as e:
@@ -248,9 +261,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     headers = {"X-Picochat-Dropped-Messages": str(len(messages) - len(kept))}
     store = app.state.store
     saver = None
-    if store is not None:
+    if body.store is False and "conversation_id" in (body.metadata or {}):
+        raise bad_request("store: false, but metadata names a stored conversation to answer in", "store")
+    if store is not None and body.store is not False:
         saver = await Recorder.create(store, body, messages, kept, host, _settings(body, sp))
-    conversation = saver.conversation_id if saver else None
+    # prompt caching is scoped to the conversation the page names, or to the client's prompt_cache_key
+    conversation = saver.conversation_id if saver and saver.conversation_id else body.prompt_cache_key
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     state = _new_state(body.n)
@@ -264,19 +280,26 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                 await asyncio.to_thread(saver.save, state)
         _check_error(state)
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": host.id,
-                             "choices": [{"index": i, "message": {"role": "assistant", "content": s["text"]},
-                                          "logprobs": None, "finish_reason": s["finish_reason"]}
+                             "choices": [{"index": i, "message": {"role": "assistant", "content": s["text"],
+                                                                  "refusal": None},
+                                          "logprobs": chat_logprobs(host.tokenizer, s["logprobs"]),
+                                          "finish_reason": s["finish_reason"]}
                                          for i, s in enumerate(state)],
-                             "usage": _usage(state, len(ids)), "system_fingerprint": None}, headers=headers)
+                             "usage": _usage(state, len(ids)), "system_fingerprint": host.fingerprint},
+                            headers=headers)
 
     envelope = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": host.id,
-                "system_fingerprint": None}
+                "system_fingerprint": host.fingerprint}
     openers = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                for i in range(body.n)]
 
+    pending = Pending(body.n, sp.logprobs is not None)
+
     def choices(i, ev):  # the text, then (in a chunk of its own) the finish reason
-        if ev.text:
-            yield {"index": i, "delta": {"content": ev.text}, "logprobs": None, "finish_reason": None}
+        lps = pending.take(i, ev.logprobs, bool(ev.text or ev.finish_reason))
+        if ev.text or lps:
+            yield {"index": i, "delta": {"content": ev.text}, "logprobs": chat_logprobs(host.tokenizer, lps),
+                   "finish_reason": None}
         if ev.finish_reason:
             yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}
     # the answer is stored synchronously as the stream closes: after a disconnect this task may not
@@ -301,7 +324,11 @@ async def completions(body: CompletionRequest, request: Request):
             if eot is None:
                 raise bad_request("the prompt is empty", "prompt")
             ids = [eot]
-    sp = _params(body, host, len(ids), app.state.default_max_tokens, (eot,) if eot is not None else ())
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo with logprobs (the prompt's own logprobs) is not supported; ask for one or the "
+                          "other", "echo")
+    sp = _params(body, host, len(ids), app.state.default_max_tokens, (eot,) if eot is not None else (),
+                 body.logprobs)
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     state = _new_state(body.n)
     echo = await asyncio.to_thread(host.tokenizer.decode, ids) if body.echo else ""
@@ -310,15 +337,22 @@ async def completions(body: CompletionRequest, request: Request):
             pass
         _check_error(state)
         return {"id": cid, "object": "text_completion", "created": created, "model": host.id,
-                "choices": [{"index": i, "text": echo + s["text"], "logprobs": None,
+                "choices": [{"index": i, "text": echo + s["text"],
+                             "logprobs": completion_logprobs(host.tokenizer, s["logprobs"]),
                              "finish_reason": s["finish_reason"]} for i, s in enumerate(state)],
-                "usage": _usage(state, len(ids))}
-    envelope = {"id": cid, "object": "text_completion", "created": created, "model": host.id}
+                "usage": _usage(state, len(ids)), "system_fingerprint": host.fingerprint}
+    envelope = {"id": cid, "object": "text_completion", "created": created, "model": host.id,
+                "system_fingerprint": host.fingerprint}
     openers = [{"index": i, "text": echo, "logprobs": None, "finish_reason": None} for i in range(body.n)] if echo else []
 
+    pending = Pending(body.n, sp.logprobs is not None)
+
     def choices(i, ev):  # text and finish reason together, as OpenAI's completions stream them
+        lps = pending.take(i, ev.logprobs, bool(ev.text or ev.finish_reason))
         if ev.text or ev.finish_reason:
-            yield {"index": i, "text": ev.text, "logprobs": None, "finish_reason": ev.finish_reason}
+            yield {"index": i, "text": ev.text, "finish_reason": ev.finish_reason,
+                   "logprobs": completion_logprobs(host.tokenizer, lps, pending.offset[i])}
+            pending.offset[i] += len(ev.text)
     return await _stream(request, host, ids, sp, body, state, envelope, openers, choices, {})
 
 

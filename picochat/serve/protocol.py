@@ -1,8 +1,11 @@
 """Request bodies of the OpenAI-compatible API, with the limits a public endpoint needs.
 
 Pydantic rejects wrong types and out-of-range values with the field's name, which the app turns into
-an OpenAI-shaped 400. Unknown fields are accepted and ignored (clients send `user`, `logprobs`: false,
-and so on), as OpenAI and vLLM do.
+an OpenAI-shaped 400. No field is silently ignored: an unknown one is a 400 naming it, and a field OpenAI
+defines that picochat cannot honour (`audio`, `reasoning_effort`, ...) is accepted only at its "off"
+value (null, or what means the same) and otherwise refused with the reason (`refused`). The same holds
+inside messages, so an assistant message the `openai` SDK returned (`refusal: null`, `tool_calls: null`,
+...) can be sent back as it is. docs/api.md has the table.
 
 Text is held to the conversation store's own rule (`store_rules.check_text`: valid Unicode, at most
 1,000,000 bytes of UTF-8 per message) here, before any generation: a request the store would refuse
@@ -14,10 +17,12 @@ thread (decoding a picture is CPU work the event loop must not do).
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
+from ..engine.sampling import MAX_TOP_LOGPROBS
 from .store_rules import MAX_CONTENT_BYTES, StoreError, check_text
 
 MAX_MESSAGES = 1024
@@ -34,8 +39,21 @@ def storable(value: str, what: str, limit: int = MAX_TEXT) -> str:
         raise ValueError(e.message) from None
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+def refused(why: str, *off) -> Any:
+    """The type of a field OpenAI defines that picochat does not honour: null (or one of `off`, values
+    that mean the same) passes, anything else is a 400 naming the field and saying why."""
+    def check(v):
+        if v is not None and v not in off:
+            raise ValueError(why)
+        return v
+    return Annotated[Any, AfterValidator(check), Field(default=None)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
@@ -45,15 +63,13 @@ class TextPart(BaseModel):
         return storable(v, "text")
 
 
-class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ImageURL(Strict):
     url: str
     # every picture is read at the model's one fixed size (24 x 24): the three mean the same (docs/api.md)
     detail: Optional[Literal["auto", "low", "high"]] = None
 
 
-class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ImagePart(Strict):
     type: Literal["image_url"]
     image_url: ImageURL
 
@@ -66,10 +82,20 @@ class ImagePart(BaseModel):
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+NO_TOOLS = "tool calls are not supported yet: send a conversation without them"
+
+
+class Message(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[Part], None] = Field(default="")
+    content: Union[str, list[Part], None]
+    name: refused("a participant's name is not supported (the chat template has no place for it): put it in "
+                  "the content")
+    # what the openai SDK's own ChatCompletionMessage holds: sent back unchanged, null or empty
+    refusal: refused("an assistant refusal cannot be sent back: send it as content")
+    tool_calls: refused(NO_TOOLS, [])
+    function_call: refused(NO_TOOLS)
+    audio: refused("audio is not supported: picochat reads and writes text (and pictures)")
+    annotations: refused("annotations (web search citations) are not supported", [])
 
     def text(self) -> str:
         if self.content is None:
@@ -81,6 +107,14 @@ class Message(BaseModel):
     def has_images(self) -> bool:
         return isinstance(self.content, list) and any(p.type == "image_url" for p in self.content)
 
+    @field_validator("content")
+    @classmethod
+    def _present(cls, v, info: ValidationInfo):
+        if v is None:
+            raise ValueError(f"a {info.data.get('role', '')} message needs content (null content is for an "
+                             "assistant's tool calls, which are not supported yet)")
+        return v
+
     @model_validator(mode="after")
     def _limit(self):
         storable(self.text(), "content")  # parts joined: the message as it is stored
@@ -90,17 +124,17 @@ class Message(BaseModel):
         return self
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(Strict):
     include_usage: bool = False
+    include_obfuscation: refused("stream obfuscation is not implemented: send include_obfuscation: false",
+                                 False)
 
 
 MAX_LOGIT_BIAS = 1024
 
 
-class Sampling(BaseModel):
+class Sampling(Strict):
     """The sampling fields both endpoints share (OpenAI's, plus vLLM's extras)."""
-    model_config = ConfigDict(extra="ignore")
     model: Optional[str] = Field(default=None, max_length=256)
     max_tokens: Optional[int] = Field(default=None, ge=1, le=1_000_000)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -116,6 +150,8 @@ class Sampling(BaseModel):
     frequency_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     presence_penalty: Optional[float] = Field(default=None, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = None   # {"token id": bias in [-100, 100]}
+    # an end-user id for OpenAI's abuse monitoring: it never changes an answer, here or at OpenAI
+    user: Optional[str] = Field(default=None, max_length=256)
 
     @field_validator("logit_bias")
     @classmethod
@@ -150,10 +186,52 @@ class Sampling(BaseModel):
         return list(self.stop or [])
 
 
+class JSONSchemaFormat(Strict):
+    """response_format.json_schema: the schema every answer must validate against."""
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: Optional[str] = Field(default=None, max_length=4096)
+    schema_: dict = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: Optional[bool] = None  # either way the schema is enforced token by token (docs/api.md)
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_iff(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only there")
+        return self
+
+    def answer_schema(self) -> Optional[dict]:
+        """The JSON schema answers must follow; {"type": "object"} for json_object; None for text."""
+        return None if self.type == "text" else \
+            {"type": "object"} if self.type == "json_object" else self.json_schema.schema_
+
+
 class ChatCompletionRequest(Sampling):
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=1_000_000)
     metadata: Optional[dict[str, str]] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # needs logprobs: true
+    safety_identifier: Optional[str] = Field(default=None, max_length=256)  # (what OpenAI now calls `user`)
+    store: Optional[bool] = None          # false: the conversation is not recorded (--db), for this request
+    prompt_cache_key: Optional[str] = Field(default=None, max_length=256)  # scopes prompt caching, as a conversation id
+    service_tier: refused("this server has one tier: auto or default", "auto", "default")
+    modalities: refused("picochat writes text only: modalities may only be [\"text\"]", ["text"])
+    audio: refused("audio output is not supported")
+    prediction: refused("predicted outputs are not supported")
+    web_search_options: refused("web search is not supported: this server fetches nothing")
+    reasoning_effort: refused("these models do not reason before answering: reasoning_effort is not supported")
+    verbosity: refused("verbosity is not supported: say how long in the prompt, or set max_tokens")
+    tools: refused(NO_TOOLS, [])
+    tool_choice: refused(NO_TOOLS, "none")
+    parallel_tool_calls: refused(NO_TOOLS)
+    functions: refused(NO_TOOLS, [])
+    function_call: refused(NO_TOOLS, "none")
+    response_format: Optional[ResponseFormat] = None
     # picochat extension (the web page sets it): when the conversation no longer fits the context, drop
     # its oldest turns (never the system prompt or the last message) instead of answering 400
     truncate_history: bool = False
@@ -173,6 +251,9 @@ class CompletionRequest(Sampling):
     prompt: Union[str, list[str], list[int]] = Field(default="")
     max_tokens: Optional[int] = Field(default=16, ge=1, le=1_000_000)  # OpenAI's default for completions
     echo: bool = False
+    best_of: refused("best_of is not supported: ask for n choices and pick yourself", 1)
+    suffix: refused("suffix (text after the insertion) is not supported: these models only continue text")
+    logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
 
     @field_validator("prompt")
     @classmethod

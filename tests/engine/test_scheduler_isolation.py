@@ -71,13 +71,13 @@ def test_bad_knobs_never_hurt_a_running_request():
 def test_a_row_that_fails_to_sample_ends_alone(monkeypatch):
     """Whatever breaks one row's sampling (here: a sampler that raises for one temperature) ends that
     row with an error; the rows batched with it, seeded or not, carry on."""
-    real = scheduler_mod.sample_next
+    real = scheduler_mod.next_distribution
 
     def flaky(logits, temperature, *a, **kw):
         if temperature == 0.5:
             raise Unsampleable([0])
         return real(logits, temperature, *a, **kw)
-    monkeypatch.setattr(scheduler_mod, "sample_next", flaky)
+    monkeypatch.setattr(scheduler_mod, "next_distribution", flaky)
     m = tiny()
     alone = Engine(m).generate([[9, 9, 9]], max_tokens=40, temperature=0)[0].token_ids
     s = Scheduler(m, None, max_batch=4).start()

@@ -28,6 +28,16 @@ def tiny_chat_ckpt(tiny_dataset, tmp_path_factory) -> Path:
     return save_model(model, tmp_path_factory.mktemp("chat") / "tiny-chat", tokenizer=tok)
 
 
+@pytest.fixture(scope="module")
+def tiny_api(tiny_chat_ckpt, tmp_path_factory):
+    """The app over the tiny chat model with a store, in-process: (TestClient, host)."""
+    from tests.serve.test_api import make_client
+    c, host, store = make_client(tiny_chat_ckpt, tmp_path_factory.mktemp("api"))
+    with c:
+        yield c, host
+    store.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.test_api import USER, make_client
+from tests.serve.test_api import USER
 
 
 @pytest.fixture(scope="module")
-def api(tiny_chat_ckpt, tmp_path_factory):
-    c, host, store = make_client(tiny_chat_ckpt, tmp_path_factory.mktemp("tok"))
-    with c:
-        yield c, host
-    store.close()
+def api(tiny_api):
+    return tiny_api
 
 
 def test_a_prompt_is_tokenized_as_completions_reads_it_and_comes_back(api):

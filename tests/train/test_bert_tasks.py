@@ -102,3 +102,14 @@ def test_three_tasks_end_to_end_and_the_verbs_that_use_them(tmp_path, capsys):
         classify(LabelConfig(model=str(tmp_path / "genre"), texts=["word " * 400]))
     assert main(["tag", str(tmp_path / "genre"), "hello"]) == 2
     assert "needs a `picochat bert pos` run" in capsys.readouterr().err
+
+    # `picochat probe`: the mlm run's encoder frozen, a linear classifier on its (one) layer, then classify
+    assert main(["probe", str(tmp_path / "mlm"), "--out-dir", str(tmp_path / "probe"), "--no-progress"]) == 0
+    res = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert res["layer"] == 1 and res["documents"] == {"train": 349, "val": 51, "test": 100}
+    assert 0.25 < res["test_accuracy"] <= 1 and res["baseline"]["name"] == "TF-IDF + logistic regression"
+    assert len(res["val_by_layer_and_l2"]) == 7
+    probs = classify(LabelConfig(model=str(tmp_path / "probe"), texts=["The senator said on Tuesday."]))[0]
+    assert set(probs) == {"fiction", "general", "learned", "press"} and abs(sum(probs.values()) - 1) < 1e-3
+    with pytest.raises(PicochatError, match="reads at most 256"):
+        classify(LabelConfig(model=str(tmp_path / "probe"), texts=["word " * 400]))
