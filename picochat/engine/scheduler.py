@@ -101,6 +101,7 @@ class Scheduler:
         outlives it; `picochat serve --no-store`)."""
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        self.vocab_size = model.config.vocab_size  # (grammars mask this many logits)
         if model.config.pos == "alibi":  # its bias is built from one shared query position
             max_batch = 1
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
@@ -255,7 +256,7 @@ class Scheduler:
                 req = self._next_waiting()
             if req is not None:
                 try:
-                    self.admitting = _Running(req, self.tokenizer, self.device, self.model.config.vocab_size)
+                    self.admitting = _Running(req, self.tokenizer, self.device, self.vocab_size)
                 except Exception as e:  # (a grammar that will not compile): this request fails alone
                     _notify(req, Event("", [], "error", len(req.prompt), 0, error=f"{type(e).__name__}: {e}"))
         if self.admitting is not None:

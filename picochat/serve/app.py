@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import PicochatError
 from .errors import ApiError
-from .guard import GuardMiddleware, as_keys, normalize_allowed
+from .guard import GuardMiddleware, as_keys, normalize_allowed, normalize_origin
 
 STATIC = Path(__file__).parent / "static"
 
@@ -33,7 +33,8 @@ def _error(status: int, message: str, param=None, type="invalid_request_error", 
 
 def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, str]] = None,
                max_body: int = 4 * 1024 * 1024, default_max_tokens: int = 1024,
-               allowed_hosts: Optional[Iterable[str]] = None, encoders: Iterable = ()) -> FastAPI:
+               allowed_hosts: Optional[Iterable[str]] = None, encoders: Iterable = (),
+               cors_origins: Iterable[str] = ()) -> FastAPI:
     """hosts: loaded ModelHosts (the first is the default model); store: a Store or None (no history).
     encoders: loaded encoder.embeddings.Encoders, answering /v1/embeddings.
 
@@ -71,7 +72,7 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
     app.state.allowed_hosts = allowed_hosts
     counters: dict = {}
     app.add_middleware(GuardMiddleware, keys=keys, max_body=max_body, counters=counters,
-                       allowed_hosts=allowed_hosts)
+                       allowed_hosts=allowed_hosts, cors_origins=[normalize_origin(o) for o in cors_origins])
 
     @app.exception_handler(ApiError)
     async def api_error(request, e: ApiError):

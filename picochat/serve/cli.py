@@ -49,6 +49,9 @@ class ServeConfig:
     """Host names answered besides the bind address, comma-separated, any port ('*': any; '*.example.org':
     its subdomains). Guards against DNS rebinding; bound to 0.0.0.0 or :: the server answers loopback,
     this machine's hostname and addresses, so name here what clients or a reverse proxy use."""
+    cors_origin: Optional[str] = None
+    """Origins (scheme://host[:port], comma-separated) whose pages may call the API from the browser (CORS):
+    for a web app served elsewhere, e.g. http://localhost:5173. Others stay refused as cross-site."""
     insecure_no_key: bool = False
     """Allow --host beyond loopback without an API key: anyone who can reach the port can use the server."""
     max_batch: int = 16
@@ -123,7 +126,9 @@ def build_app(cfg: ServeConfig):
     from .app import create_app
     from .guard import allowed_hosts_for
     from .hosts import load_host
+    from .guard import normalize_origin
     keys = _check(cfg)
+    origins = [normalize_origin(o) for o in (cfg.cors_origin or "").split(",") if o.strip()]  # before loading
     from ..encoder.embeddings import is_encoder_spec, load_encoder
     hosts, encoders, seen = [], [], set()
     for spec in cfg.models:
@@ -152,7 +157,8 @@ def build_app(cfg: ServeConfig):
     max_body_mb = cfg.max_body_mb or (PICTURE_BODY_MB if any(h.vision is not None for h in hosts) else 4.0)
     return create_app(hosts, store=store, api_key=keys or None, max_body=int(max_body_mb * 1024 * 1024),
                       default_max_tokens=cfg.max_tokens,
-                      allowed_hosts=allowed_hosts_for(cfg.host, _allowed_extra(cfg)), encoders=encoders)
+                      allowed_hosts=allowed_hosts_for(cfg.host, _allowed_extra(cfg)), encoders=encoders,
+                      cors_origins=origins)
 
 
 def _check_port(host: str, port: int) -> None:

@@ -4,7 +4,9 @@ In order, for each HTTP request:
   1. Host check (DNS rebinding): a page whose hostname rebinds to 127.0.0.1 sends its own name as
      Host; only the names the server is bound to (plus --allowed-hosts) are answered.
   2. Cross-site check: a state-changing request from another site (Sec-Fetch-Site, Origin) or one a
-     browser may send without a CORS preflight (a non-JSON Content-Type) is refused.
+     browser may send without a CORS preflight (a non-JSON Content-Type) is refused, unless its Origin is
+     one of --cors-origin's: those get CORS (a preflight answered without a key, since browsers send none;
+     Access-Control-Allow-Origin on every answer), so a browser app served elsewhere can call the API.
   3. API keys: every route but /health and the page's static files; the key used names the request's
      principal (request.state.principal, request.state.client).
   4. Body limit: the bytes that really arrive are counted, whatever Content-Length says.
@@ -204,6 +206,38 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+# ---------------------------------------------------------------- CORS
+
+EXPOSED = b"X-Picochat-Dropped-Messages"
+PREFLIGHT = ((b"access-control-allow-methods", b"GET, POST, PATCH, DELETE"),
+             (b"access-control-allow-headers", b"Authorization, Content-Type"),
+             (b"access-control-max-age", b"600"), (b"content-length", b"0"))
+
+
+def normalize_origin(origin: str, strict: bool = True) -> str:
+    """scheme://host[:port], lowercased, no path (what a browser sends as Origin). strict: refuse anything
+    else (a --cors-origin mistake), else return it as it is (an Origin header that matches nothing)."""
+    o = origin.strip().lower().rstrip("/")
+    try:
+        parts = urlsplit(o)
+        _ = parts.port  # (a bad port raises)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and not (
+            parts.path or parts.query or parts.fragment or parts.username)
+    except ValueError:
+        ok = False
+    if not ok and strict:
+        raise PicochatError(f"--cors-origin {origin!r} is not an origin: give scheme://host[:port], such as "
+                            "https://app.example.org or http://localhost:5173 ('*' is not accepted: it would let "
+                            "every site's pages use this server)")
+    return o
+
+
+async def _preflight(send) -> None:
+    """A CORS preflight from a --cors-origin: 204 with what may follow (send adds the origin headers)."""
+    await send({"type": "http.response.start", "status": 204, "headers": list(PREFLIGHT)})
+    await send({"type": "http.response.body", "body": b""})
+
+
 # ---------------------------------------------------------------- the middleware
 
 class GuardMiddleware:
@@ -211,8 +245,9 @@ class GuardMiddleware:
     behind something that checks it); keys {}: no auth, principal None."""
 
     def __init__(self, app, keys: Mapping[str, str], max_body: int, counters: dict,
-                 allowed_hosts: Optional[Iterable[str]] = None):
+                 allowed_hosts: Optional[Iterable[str]] = None, cors_origins: Iterable[str] = ()):
         self.app, self.max_body, self.counters = app, max_body, counters
+        self.cors = frozenset(normalize_origin(o) for o in cors_origins)
         self.keys = [(name, key.encode("ascii")) for name, key in keys.items()]
         self.allowed = None if allowed_hosts is None else [normalize_allowed(a) for a in allowed_hosts]
 
@@ -220,20 +255,27 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = {"code": None}
+        headers = {}
+        for k, v in scope.get("headers") or ():
+            headers.setdefault(k.lower(), v.decode("latin-1"))
+        origin = headers.get(b"origin")
+        cors = origin is not None and normalize_origin(origin, strict=False) in self.cors
+        extra = SECURITY_HEADERS + ((b"access-control-allow-origin", origin.encode("latin-1")),
+                                    (b"access-control-expose-headers", EXPOSED), (b"vary", b"Origin")) \
+            if cors else SECURITY_HEADERS
 
         async def guarded_send(msg):
             if msg["type"] == "http.response.start":
                 status["code"] = msg["status"]
                 have = {k.lower() for k, _ in msg.get("headers") or ()}
                 msg = dict(msg, headers=[*(msg.get("headers") or ()),
-                                         *((k, v) for k, v in SECURITY_HEADERS if k not in have)])
+                                         *((k, v) for k, v in extra if k not in have)])
             await send(msg)
 
         try:
-            headers = {}
-            for k, v in scope.get("headers") or ():
-                headers.setdefault(k.lower(), v.decode("latin-1"))
-            refusal = self._check_request(scope, headers)
+            if cors and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+                return await _preflight(guarded_send)
+            refusal = self._check_request(scope, headers, cors)
             if refusal is None:
                 app_receive = await self._read_body(headers, receive)
                 if app_receive is None:
@@ -250,7 +292,7 @@ class GuardMiddleware:
                 key = str(status["code"])
                 self.counters[key] = self.counters.get(key, 0) + 1
 
-    def _check_request(self, scope, headers: dict) -> Optional[ApiError]:
+    def _check_request(self, scope, headers: dict, cors: bool = False) -> Optional[ApiError]:
         """The refusal for this request's headers, or None (and request.state is filled in)."""
         host_header = headers.get(b"host")
         host = split_host(host_header) if host_header else None
@@ -259,13 +301,14 @@ class GuardMiddleware:
             return ApiError(400, f"this server does not answer to the Host {shown!r} (a guard against DNS "
                          "rebinding); if that is a name it really has, start it with --allowed-hosts "
                          f"{host[0] if host else 'NAME'}", code="invalid_host")
-        if scope["method"] in UNSAFE_METHODS:
+        if scope["method"] in UNSAFE_METHODS and not cors:
             site = headers.get(b"sec-fetch-site", "").lower()
             origin = headers.get(b"origin")
             if site in ("cross-site", "same-site") or (
                     origin is not None and not _same_origin(origin, host, scope.get("scheme", "http"))):
                 return ApiError(403, "cross-site request refused: state-changing requests must come from this "
                              "server's own page or from a client that is not a browser", code="cross_site_request")
+        if scope["method"] in UNSAFE_METHODS:
             ctype = headers.get(b"content-type")
             has_body = headers.get(b"content-length", "0").strip() != "0" or b"transfer-encoding" in headers
             if (ctype is not None and not _is_json(ctype)) or (ctype is None and has_body):

@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
 from fastapi import APIRouter, Request
@@ -31,6 +32,7 @@ from .images import cannot_see, prompt_embeds, request_messages
 from .logprobs import Pending, chat_logprobs, completion_logprobs
 from .protocol import ChatCompletionRequest, CompletionRequest, Sampling
 from .recorder import Recorder
+from . import tools
 from .structured import response_grammar
 
 
@@ -233,8 +235,20 @@ def encoder_card(enc, created: float) -> dict:
             "type": "embedding", "dimensions": enc.dim, "context_length": enc.max_tokens, "chat": False}
 
 
-@router.post("/v1/chat/completions")
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+@dataclass
+class ChatJob:
+    """A chat request made ready to generate: everything checked (a 400 raised otherwise), nothing run."""
+    host: object
+    messages: list[dict]   # as the chat template takes them (tools folded in)
+    kept: list[dict]       # what the model reads (after truncate_history)
+    ids: list[int]
+    sp: SamplingParams
+    embeds: object
+    tool_mode: bool        # the answer may be tool calls (tools.parse_calls)
+
+
+async def prepare_chat(body: ChatCompletionRequest, request: Request) -> ChatJob:
+    """The checks and the work before generation that /v1/chat/completions and /v1/responses share."""
     app = request.app
     host = _host(app, body.model)
     if host.template is None:
@@ -243,7 +257,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     pictures = any(m.has_images() for m in body.messages)
     if pictures and host.vision is None:
         raise bad_request(cannot_see(host, app.state.hosts.values()), "messages")
+    tools.check_conversation(body)
     messages = await asyncio.to_thread(request_messages, body, host) if pictures else request_messages(body, host)
+    messages = tools.fold(messages, body, host.default_system)
     try:
         ids, kept = await asyncio.to_thread(_render, host, messages, body)
     except PicochatError as e:
@@ -254,10 +270,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                  (body.top_logprobs or 0) if body.logprobs else None)
     if body.response_format is not None and body.response_format.type != "text":
         sp.grammar = await asyncio.to_thread(response_grammar, host, body.response_format)
+    tool_mode = tools.choice_of(body) != "none"
+    if tool_mode:
+        sp.grammar = await asyncio.to_thread(tools.compiled_grammar, body, host)
     try:  # (once the prompt is known to fit)
         embeds = await prompt_embeds(host, ids, kept) if pictures else None
     except PicochatError as e:
         raise bad_request(str(e), "messages") from None
+    return ChatJob(host, messages, kept, ids, sp, embeds, tool_mode)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    app = request.app
+    job = await prepare_chat(body, request)
+    host, messages, kept, ids, sp, embeds, tool_mode = (job.host, job.messages, job.kept, job.ids, job.sp, job.embeds,
+                                                        job.tool_mode)
     headers = {"X-Picochat-Dropped-Messages": str(len(messages) - len(kept))}
     store = app.state.store
     saver = None
@@ -279,12 +307,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             if saver:
                 await asyncio.to_thread(saver.save, state)
         _check_error(state)
+        choices = []
+        for i, s in enumerate(state):
+            message, finish = tools.chat_message(s["text"], s["finish_reason"], tool_mode)
+            choices.append({"index": i, "message": message, "logprobs": chat_logprobs(host.tokenizer, s["logprobs"]),
+                            "finish_reason": finish})
         return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": host.id,
-                             "choices": [{"index": i, "message": {"role": "assistant", "content": s["text"],
-                                                                  "refusal": None},
-                                          "logprobs": chat_logprobs(host.tokenizer, s["logprobs"]),
-                                          "finish_reason": s["finish_reason"]}
-                                         for i, s in enumerate(state)],
+                             "choices": choices,
                              "usage": _usage(state, len(ids)), "system_fingerprint": host.fingerprint},
                             headers=headers)
 
@@ -294,14 +323,18 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                for i in range(body.n)]
 
     pending = Pending(body.n, sp.logprobs is not None)
+    streams = [tools.ChatDeltas(tool_mode) for _ in range(body.n)]
 
-    def choices(i, ev):  # the text, then (in a chunk of its own) the finish reason
-        lps = pending.take(i, ev.logprobs, bool(ev.text or ev.finish_reason))
-        if ev.text or lps:
-            yield {"index": i, "delta": {"content": ev.text}, "logprobs": chat_logprobs(host.tokenizer, lps),
+    def choices(i, ev):  # the text (or tool-call pieces), then (in a chunk of its own) the finish reason
+        deltas = streams[i].push(ev.text)
+        lps = pending.take(i, ev.logprobs, bool(deltas or ev.finish_reason))
+        if lps and not deltas:
+            deltas = [{"content": ""}]
+        for k, delta in enumerate(deltas):
+            yield {"index": i, "delta": delta, "logprobs": chat_logprobs(host.tokenizer, lps) if k == 0 else None,
                    "finish_reason": None}
         if ev.finish_reason:
-            yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}
+            yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": streams[i].finish(ev.finish_reason)}
     # the answer is stored synchronously as the stream closes: after a disconnect this task may not
     # get to await again
     return await _stream(request, host, ids, sp, body, state, envelope, openers, choices, headers,

@@ -17,6 +17,7 @@ thread (decoding a picture is CPU work the event loop must not do).
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
@@ -82,18 +83,42 @@ class ImagePart(Strict):
 Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
-NO_TOOLS = "tool calls are not supported yet: send a conversation without them"
+FUNCTIONS = "functions and function_call are OpenAI's deprecated form: send tools and tool_choice"
+NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCall(Strict):
+    name: str = Field(pattern=NAME)
+    arguments: str = Field(max_length=MAX_TEXT)  # the arguments object's JSON text
+
+    @field_validator("arguments")
+    @classmethod
+    def _json(cls, v):
+        try:
+            value = json.loads(v)
+        except ValueError:
+            raise ValueError("arguments must be the JSON text of an object") from None
+        if not isinstance(value, dict):
+            raise ValueError("arguments must be the JSON text of an object")
+        return v
+
+
+class ToolCall(Strict):
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[Part], None]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[Part], None] = Field(default=None, validate_default=True)
     name: refused("a participant's name is not supported (the chat template has no place for it): put it in "
                   "the content")
     # what the openai SDK's own ChatCompletionMessage holds: sent back unchanged, null or empty
     refusal: refused("an assistant refusal cannot be sent back: send it as content")
-    tool_calls: refused(NO_TOOLS, [])
-    function_call: refused(NO_TOOLS)
+    tool_calls: Optional[list[ToolCall]] = Field(default=None, max_length=128)   # an assistant's calls
+    tool_call_id: Optional[str] = Field(default=None, max_length=128)           # a tool message's answer to one
+    function_call: refused(FUNCTIONS)
     audio: refused("audio is not supported: picochat reads and writes text (and pictures)")
     annotations: refused("annotations (web search citations) are not supported", [])
 
@@ -110,13 +135,18 @@ class Message(Strict):
     @field_validator("content")
     @classmethod
     def _present(cls, v, info: ValidationInfo):
-        if v is None:
-            raise ValueError(f"a {info.data.get('role', '')} message needs content (null content is for an "
-                             "assistant's tool calls, which are not supported yet)")
+        if v is None and info.data.get("role") != "assistant":
+            raise ValueError(f"a {info.data.get('role', '')} message needs content")
         return v
 
     @model_validator(mode="after")
     def _limit(self):
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content, or tool_calls")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message holds tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message needs tool_call_id (the call it answers), and only a tool message has one")
         storable(self.text(), "content")  # parts joined: the message as it is stored
         if self.role != "user" and self.has_images():
             raise ValueError(f"only user messages may hold pictures (image_url parts); this one is a {self.role} "
@@ -186,6 +216,27 @@ class Sampling(Strict):
         return list(self.stop or [])
 
 
+class FunctionDef(Strict):
+    name: str = Field(pattern=NAME)
+    description: Optional[str] = Field(default=None, max_length=8192)
+    parameters: Optional[dict] = None   # a JSON schema of the arguments object (none: no arguments)
+    strict: Optional[bool] = None       # either way the arguments are written under the schema
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str = Field(pattern=NAME)
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class JSONSchemaFormat(Strict):
     """response_format.json_schema: the schema every answer must validate against."""
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
@@ -226,11 +277,11 @@ class ChatCompletionRequest(Sampling):
     web_search_options: refused("web search is not supported: this server fetches nothing")
     reasoning_effort: refused("these models do not reason before answering: reasoning_effort is not supported")
     verbosity: refused("verbosity is not supported: say how long in the prompt, or set max_tokens")
-    tools: refused(NO_TOOLS, [])
-    tool_choice: refused(NO_TOOLS, "none")
-    parallel_tool_calls: refused(NO_TOOLS)
-    functions: refused(NO_TOOLS, [])
-    function_call: refused(NO_TOOLS, "none")
+    tools: Optional[list[Tool]] = Field(default=None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    functions: refused(FUNCTIONS, [])
+    function_call: refused(FUNCTIONS, "none")
     response_format: Optional[ResponseFormat] = None
     # picochat extension (the web page sets it): when the conversation no longer fits the context, drop
     # its oldest turns (never the system prompt or the last message) instead of answering 400

@@ -12,14 +12,15 @@ those would report. `content` is accepted for `prompt`, as llama.cpp's server na
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Literal, Optional, Union
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import PicochatError
 from .errors import bad_request
-from .protocol import MAX_MESSAGES, Message
+from .protocol import MAX_MESSAGES, Message, NamedToolChoice, Tool
+from .tools import fold
 
 router = APIRouter()
 
@@ -31,6 +32,9 @@ class TokenizeRequest(BaseModel):
     content: Optional[str] = None   # llama.cpp's name for prompt
     messages: Optional[list[Message]] = Field(default=None, min_length=1, max_length=MAX_MESSAGES)
     add_generation_prompt: bool = True
+    # the tools a chat request would list: they are part of what the model reads (serve/tools.py)
+    tools: Optional[list[Tool]] = Field(default=None, max_length=128)
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -38,8 +42,9 @@ class TokenizeRequest(BaseModel):
         if len(given) != 1:
             raise ValueError("give exactly one of prompt (or content) and messages"
                              + (f", not {' and '.join(given)}" if given else ""))
-        if self.messages is None and "add_generation_prompt" in self.model_fields_set:
-            raise ValueError("add_generation_prompt applies to messages only")
+        for k in ("add_generation_prompt", "tools", "tool_choice"):
+            if self.messages is None and k in self.model_fields_set:
+                raise ValueError(f"{k} applies to messages only")
         return self
 
 
@@ -58,7 +63,8 @@ def _ids(host, body: TokenizeRequest) -> list[int]:
     if any(m.has_images() for m in body.messages):
         raise bad_request("/tokenize reads text only: a picture is the model's image tokens, not text; "
                           "leave out the image_url parts", "messages")
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    messages = fold([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                     for m in body.messages], body, host.default_system)
     try:
         return render_conversation(messages, host.tokenizer, host.template,
                                    add_generation_prompt=body.add_generation_prompt,

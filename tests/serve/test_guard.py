@@ -190,6 +190,34 @@ def test_cross_site_requests_are_refused(client, store):
     assert r.status_code == 200, r.text
 
 
+def test_cors_origins_may_call_the_api_and_no_one_else(host, store):
+    """--cors-origin: a page served elsewhere gets a preflight (without the key: browsers send none) and
+    Access-Control-Allow-Origin; an origin not listed stays refused as cross-site, and gets no CORS header."""
+    app = create_app([host], store=store, api_key="k", cors_origins=["http://localhost:5173"])
+    with TestClient(app) as c:
+        pre = c.options("/v1/chat/completions", headers={"Origin": "http://localhost:5173",
+                                                         "Access-Control-Request-Method": "POST",
+                                                         "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "http://localhost:5173"
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        assert "Authorization" in pre.headers["access-control-allow-headers"]
+        page = {"Origin": "http://localhost:5173", "Sec-Fetch-Site": "cross-site", "Authorization": "Bearer k"}
+        r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, headers=page)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
+        assert r.headers["vary"] == "Origin"
+        assert c.post("/v1/chat/completions", json={"messages": USER}, headers=page | {"Authorization": "Bearer x"}
+                      ).status_code == 401  # the key is still needed
+        evil = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site", "Authorization": "Bearer k"}
+        r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, headers=evil)
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        assert c.options("/v1/chat/completions", headers={"Origin": "http://evil.example",
+                                                          "Access-Control-Request-Method": "POST"}
+                         ).headers.get("access-control-allow-origin") is None
+    for bad in ("*", "localhost:5173", "http://a.example/path", "ftp://a.example"):
+        with pytest.raises(PicochatError, match="is not an origin"):
+            create_app([host], store=store, cors_origins=[bad])
+
+
 def test_the_openai_client_still_works(client):
     openai = pytest.importorskip("openai")
     oai = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=client, max_retries=0)

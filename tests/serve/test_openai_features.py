@@ -136,3 +136,63 @@ def test_structured_outputs_always_parse_and_validate(client):
     parsed = client.chat.completions.parse(model="smollm2", response_format=Capital, temperature=0, max_tokens=60,
                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in parsed.choices[0].message.parsed.city
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+
+
+def test_tool_calls_forced_streamed_and_answered(client):
+    import json
+    import jsonschema_rs
+    ask = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+    schema = WEATHER_TOOL["function"]["parameters"]
+    for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):
+        # (parallel calls off: SmolLM2, not tuned for tools, would repeat the call until max_tokens)
+        r = client.chat.completions.create(model="smollm2", messages=ask, tools=[WEATHER_TOOL], tool_choice=choice,
+                                           temperature=0, max_tokens=80, parallel_tool_calls=False)
+        assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.content is None
+        call = r.choices[0].message.tool_calls[0]
+        assert call.function.name == "get_weather"
+        args = json.loads(call.function.arguments)
+        assert jsonschema_rs.is_valid(schema, args) and "Paris" in args["city"]
+    stream = client.chat.completions.create(model="smollm2", messages=ask, tools=[WEATHER_TOOL], tool_choice="required",
+                                            temperature=0, max_tokens=80, stream=True, parallel_tool_calls=False)
+    name, arguments, finish = None, "", None
+    for chunk in stream:
+        for d in chunk.choices[0].delta.tool_calls or []:
+            name = d.function.name or name
+            arguments += d.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert (name, arguments) == (call.function.name, call.function.arguments) and finish == "tool_calls"
+    # the result goes back as a tool message and is answered in text
+    history = ask + [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
+    # (tool_choice "none": answer now; under "auto" SmolLM2, not tuned for tools, calls the tool again)
+    answer = client.chat.completions.create(model="smollm2", messages=history, tools=[WEATHER_TOOL], temperature=0,
+                                            max_tokens=60, tool_choice="none")
+    text = answer.choices[0].message.content
+    assert answer.choices[0].finish_reason == "stop" and "21" in text, text
+
+
+def test_langchain_bind_tools_and_structured_output(smol_fp32):
+    lc = pytest.importorskip("langchain_openai")
+    pydantic = pytest.importorskip("pydantic")
+    chat = lc.ChatOpenAI(base_url=smol_fp32.url + "/v1", api_key="unused", model="smollm2", temperature=0,
+                         max_tokens=80, max_retries=0)
+
+    class GetWeather(pydantic.BaseModel):
+        """Get the current weather in a city."""
+        city: str
+
+    msg = chat.bind_tools([GetWeather], tool_choice="GetWeather").invoke("What is the weather in Rome?")
+    assert msg.tool_calls and msg.tool_calls[0]["name"] == "GetWeather" and "Rome" in msg.tool_calls[0]["args"]["city"]
+
+    class Capital(pydantic.BaseModel):
+        city: str
+        country: str
+    got = chat.with_structured_output(Capital).invoke("What is the capital of France?")
+    assert isinstance(got, Capital) and got.city and got.country  # (the schema is ours to keep; the facts, the model's)
