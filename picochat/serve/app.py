@@ -99,10 +99,12 @@ def create_app(hosts: list, store=None, api_key: Union[None, str, Mapping[str, s
 
     from .embeddings_api import router as embeddings_router
     from .openai_api import router
+    from .responses_api import router as responses_router
     from .tokenize_api import router as tokenize_router
     app.include_router(router)
     app.include_router(embeddings_router)
     app.include_router(tokenize_router)
+    app.include_router(responses_router)
     if store is not None:
         from .attention_api import attention_router
         from .store_api import store_router

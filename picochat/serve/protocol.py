@@ -15,12 +15,11 @@ A user message's content may hold pictures, OpenAI's `image_url` parts; their st
 (only user messages, `detail` one of auto/low/high), their data: URLs by serve/images.py in a worker
 thread (decoding a picture is CPU work the event loop must not do).
 """
-from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
                       model_validator)
 
 from ..engine.sampling import MAX_TOP_LOGPROBS
@@ -40,18 +39,24 @@ def storable(value: str, what: str, limit: int = MAX_TEXT) -> str:
         raise ValueError(e.message) from None
 
 
-def refused(why: str, *off) -> Any:
-    """The type of a field OpenAI defines that picochat does not honour: null (or one of `off`, values
-    that mean the same) passes, anything else is a 400 naming the field and saying why."""
-    def check(v):
-        if v is not None and v not in off:
-            raise ValueError(why)
-        return v
-    return Annotated[Any, AfterValidator(check), Field(default=None)]
+def refusal(why: str, *off) -> tuple:
+    """A field OpenAI defines that picochat does not honour (a Strict class's REFUSED): null, or one of `off`
+    (values that mean the same), passes; anything else is a 400 naming the field and saying why."""
+    return why, off
 
 
 class Strict(BaseModel):
+    """Unknown fields are a 400 naming them; the fields in REFUSED are accepted at their off value only."""
     model_config = ConfigDict(extra="forbid")
+    REFUSED: ClassVar[dict] = {}
+
+    @field_validator("*")
+    @classmethod
+    def _refused(cls, v, info: ValidationInfo):
+        rule = cls.REFUSED.get(info.field_name)
+        if rule is not None and v is not None and v not in rule[1]:
+            raise ValueError(rule[0])
+        return v
 
 
 class TextPart(Strict):
@@ -112,15 +117,22 @@ class ToolCall(Strict):
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[Part], None] = Field(default=None, validate_default=True)
-    name: refused("a participant's name is not supported (the chat template has no place for it): put it in "
-                  "the content")
+    REFUSED: ClassVar[dict] = {  # accepted only at their off value: docs/api.md
+        "name": refusal("a participant's name is not supported (the chat template has no place for it): put it "
+                        "in the content"),
+        "refusal": refusal("an assistant refusal cannot be sent back: send it as content"),
+        "function_call": refusal(FUNCTIONS),
+        "audio": refusal("audio is not supported: picochat reads and writes text (and pictures)"),
+        "annotations": refusal("annotations (web search citations) are not supported", []),
+    }
+    name: Any = None
     # what the openai SDK's own ChatCompletionMessage holds: sent back unchanged, null or empty
-    refusal: refused("an assistant refusal cannot be sent back: send it as content")
+    refusal: Any = None
     tool_calls: Optional[list[ToolCall]] = Field(default=None, max_length=128)   # an assistant's calls
     tool_call_id: Optional[str] = Field(default=None, max_length=128)           # a tool message's answer to one
-    function_call: refused(FUNCTIONS)
-    audio: refused("audio is not supported: picochat reads and writes text (and pictures)")
-    annotations: refused("annotations (web search citations) are not supported", [])
+    function_call: Any = None
+    audio: Any = None
+    annotations: Any = None
 
     def text(self) -> str:
         if self.content is None:
@@ -156,8 +168,10 @@ class Message(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
-    include_obfuscation: refused("stream obfuscation is not implemented: send include_obfuscation: false",
-                                 False)
+    REFUSED: ClassVar[dict] = {  # accepted only at their off value: docs/api.md
+        "include_obfuscation": refusal("stream obfuscation is not implemented: send include_obfuscation: false", False),
+    }
+    include_obfuscation: Any = None
 
 
 MAX_LOGIT_BIAS = 1024
@@ -270,18 +284,29 @@ class ChatCompletionRequest(Sampling):
     safety_identifier: Optional[str] = Field(default=None, max_length=256)  # (what OpenAI now calls `user`)
     store: Optional[bool] = None          # false: the conversation is not recorded (--db), for this request
     prompt_cache_key: Optional[str] = Field(default=None, max_length=256)  # scopes prompt caching, as a conversation id
-    service_tier: refused("this server has one tier: auto or default", "auto", "default")
-    modalities: refused("picochat writes text only: modalities may only be [\"text\"]", ["text"])
-    audio: refused("audio output is not supported")
-    prediction: refused("predicted outputs are not supported")
-    web_search_options: refused("web search is not supported: this server fetches nothing")
-    reasoning_effort: refused("these models do not reason before answering: reasoning_effort is not supported")
-    verbosity: refused("verbosity is not supported: say how long in the prompt, or set max_tokens")
+    REFUSED: ClassVar[dict] = {  # accepted only at their off value: docs/api.md
+        "service_tier": refusal("this server has one tier: auto or default", "auto", "default"),
+        "modalities": refusal("picochat writes text only: modalities may only be [\"text\"]", ["text"]),
+        "audio": refusal("audio output is not supported"),
+        "prediction": refusal("predicted outputs are not supported"),
+        "web_search_options": refusal("web search is not supported: this server fetches nothing"),
+        "reasoning_effort": refusal("these models do not reason before answering: reasoning_effort is not supported"),
+        "verbosity": refusal("verbosity is not supported: say how long in the prompt, or set max_tokens"),
+        "functions": refusal(FUNCTIONS, []),
+        "function_call": refusal(FUNCTIONS, "none"),
+    }
+    service_tier: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
     tools: Optional[list[Tool]] = Field(default=None, max_length=128)
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = None
-    functions: refused(FUNCTIONS, [])
-    function_call: refused(FUNCTIONS, "none")
+    functions: Any = None
+    function_call: Any = None
     response_format: Optional[ResponseFormat] = None
     # picochat extension (the web page sets it): when the conversation no longer fits the context, drop
     # its oldest turns (never the system prompt or the last message) instead of answering 400
@@ -302,8 +327,12 @@ class CompletionRequest(Sampling):
     prompt: Union[str, list[str], list[int]] = Field(default="")
     max_tokens: Optional[int] = Field(default=16, ge=1, le=1_000_000)  # OpenAI's default for completions
     echo: bool = False
-    best_of: refused("best_of is not supported: ask for n choices and pick yourself", 1)
-    suffix: refused("suffix (text after the insertion) is not supported: these models only continue text")
+    REFUSED: ClassVar[dict] = {  # accepted only at their off value: docs/api.md
+        "best_of": refusal("best_of is not supported: ask for n choices and pick yourself", 1),
+        "suffix": refusal("suffix (text after the insertion) is not supported: these models only continue text"),
+    }
+    best_of: Any = None
+    suffix: Any = None
     logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
 
     @field_validator("prompt")

@@ -68,5 +68,18 @@ MIGRATIONS = [
     CREATE INDEX images_message ON images(message_id);
     CREATE INDEX images_sha256 ON images(sha256);
     """,
+    # 3: the Responses API's stored responses (store_responses.py). `turns` holds the conversation so far as
+    # chat messages (the system prompt aside: a response's instructions are not carried to the next), this
+    # response's answer last, so that previous_response_id needs this one row, whatever was deleted before
+    """
+    CREATE TABLE responses (
+        id TEXT PRIMARY KEY,
+        previous_id TEXT,
+        model TEXT NOT NULL,
+        turns TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

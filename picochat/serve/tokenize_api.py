@@ -75,7 +75,7 @@ def _ids(host, body: TokenizeRequest) -> list[int]:
 
 @router.post("/tokenize")
 async def tokenize(body: TokenizeRequest, request: Request):
-    from .openai_api import _host
+    from .chat_prepare import _host
     host = _host(request.app, body.model)
     ids = await asyncio.to_thread(_ids, host, body)   # up to megabytes of text: not on the event loop
     return {"tokens": ids, "count": len(ids), "max_model_len": host.context}
@@ -83,7 +83,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 @router.post("/detokenize")
 async def detokenize(body: DetokenizeRequest, request: Request):
-    from .openai_api import _host
+    from .chat_prepare import _host
     host = _host(request.app, body.model)
     V = host.tokenizer.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < V), None)

@@ -44,6 +44,8 @@ def test_no_route_answers_5xx(tiny_chat_ckpt, tmp_path):
     store.close()
     assert failures == []
     for route in ("POST /v1/chat/completions", "POST /v1/completions", "GET /v1/models", "GET /health",
-                  "GET /metrics", "GET /api/conversations", "POST /api/rankings"):
+                  "GET /metrics", "GET /api/conversations", "POST /api/rankings", "POST /v1/responses",
+                  "GET /v1/responses/{response_id}", "DELETE /v1/responses/{response_id}", "POST /tokenize",
+                  "POST /detokenize"):
         assert route in routes
     assert any(c == 200 for c in calls) and any(400 <= c < 500 for c in calls)

@@ -196,3 +196,41 @@ def test_langchain_bind_tools_and_structured_output(smol_fp32):
         country: str
     got = chat.with_structured_output(Capital).invoke("What is the capital of France?")
     assert isinstance(got, Capital) and got.city and got.country  # (the schema is ours to keep; the facts, the model's)
+
+
+def test_responses_chain_across_a_server_restart(tmp_path):
+    """client.responses: the second response, chained by previous_response_id after the server restarted on
+    the same database, sees the earlier turn; GET and DELETE through the SDK; a missing id is a 400."""
+    openai = pytest.importorskip("openai")
+    db = tmp_path / "r.db"
+    srv = ServerProcess("smollm2", "--dtype", "fp32", "--max-context", "1024", db=db)
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        first = c.responses.create(model="smollm2", input="My favourite colour is blue.", temperature=0, max_output_tokens=12)
+        assert first.status in ("completed", "incomplete") and first.output_text  # (SmolLM2 may ramble on)
+    finally:
+        srv.stop()
+    srv = ServerProcess("smollm2", "--dtype", "fp32", "--max-context", "1024", db=db)
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+        second = c.responses.create(model="smollm2", input="What is my favourite colour?", previous_response_id=first.id,
+                                    temperature=0, max_output_tokens=40)
+        # the model read the whole conversation: its prompt is exactly the two turns'
+        conv = [{"role": "user", "content": "My favourite colour is blue."}, {"role": "assistant", "content": first.output_text},
+                {"role": "user", "content": "What is my favourite colour?"}]
+        assert second.usage.input_tokens == httpx.post(srv.url + "/tokenize", json={"messages": conv}).json()["count"]
+        assert "blue" in second.output_text.lower(), second.output_text
+        streamed = "".join(e.delta for e in c.responses.create(model="smollm2", input="What is my favourite colour?",
+                                                               previous_response_id=first.id, temperature=0,
+                                                               max_output_tokens=40, stream=True)
+                           if e.type == "response.output_text.delta")
+        assert streamed == second.output_text
+        assert c.responses.retrieve(second.id).output_text == second.output_text
+        c.responses.delete(second.id)
+        with pytest.raises(openai.NotFoundError):
+            c.responses.retrieve(second.id)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.responses.create(model="smollm2", input="x", previous_response_id=second.id)
+        assert "previous_response_id" in str(e.value)
+    finally:
+        srv.stop()

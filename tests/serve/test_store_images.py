@@ -31,7 +31,7 @@ def test_a_database_from_before_pictures_is_migrated_and_keeps_everything(tmp_pa
     db.commit()
     db.close()
     with Store(path) as store:
-        assert store._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+        assert store._read("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3  # (3: stored responses)
         old = store.get_conversation("0123456789abcdef0123456789abcdef")
         assert [(m["content"], m["images"]) for m in old["messages"]] == [("an old question", [])]
         pic = png_bytes()
@@ -39,7 +39,7 @@ def test_a_database_from_before_pictures_is_migrated_and_keeps_everything(tmp_pa
                               images=[picture(pic, offset=4)])
         assert store.integrity_check() == "ok"
     with Store(path) as store:  # reopened: no second migration, the picture is there
-        assert store._read("PRAGMA user_version")[0][0] == 2
+        assert store._read("PRAGMA user_version")[0][0] == 3 and store._read("SELECT COUNT(*) FROM responses")[0][0] == 0
         img = store.get_conversation(old["id"])["messages"][1]["images"][0]
         assert img["offset"] == 4 and img["bytes"] == len(pic) and img["id"] == m["images"][0]["id"]
         assert store.image(img["id"])["data"] == pic
