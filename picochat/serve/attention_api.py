@@ -111,13 +111,11 @@ def attention_router(store: Store) -> APIRouter:
     r = APIRouter(prefix="/api", tags=["attention"])
     slots = threading.BoundedSemaphore(MAX_AT_ONCE)
 
-    @r.get("/messages/{message_id}/attention")
-    def message_attention(message_id: str, request: Request,
-                          layer: Optional[int] = Query(None, ge=0, description="only this layer (0-based)")):
+    def answer_and_host(message_id: str, request: Request, what: str):
         mid = _mid(message_id)
         msg = store.get_message(mid)
         if msg["role"] != "assistant":
-            raise Invalid(f"only an assistant answer has attention maps; message {mid} is a {msg['role']} message",
+            raise Invalid(f"only an assistant answer has {what}; message {mid} is a {msg['role']} message",
                           "message_id")
         hosts = request.app.state.hosts
         host = hosts.get(msg["model"]) if msg["model"] else None
@@ -127,13 +125,35 @@ def attention_router(store: Store) -> APIRouter:
         if host.template is None:
             raise bad_request(f"model {host.id!r} has no chat template, so a chat answer cannot be rebuilt "
                               "for it", "message_id")
+        if (msg.get("prompt_tokens") or 0) > MAX_TOKENS:  # refused before rendering a long conversation
+            raise _too_long(mid, msg["prompt_tokens"])
+        return mid, msg, host
+
+    @r.get("/messages/{message_id}/tokens")
+    def message_tokens(message_id: str, request: Request,
+                       top: int = Query(5, ge=0, le=20, description="alternatives per token")):
+        """Each answer token's probability and the likeliest alternatives, as the model gives them reading
+        the conversation and the answer so far (temperature 1, no penalties: the model's own view, which
+        the sampling knobs of the request then reshaped)."""
+        mid, msg, host = answer_and_host(message_id, request, "token probabilities")
+        prompt, answer, exact, images = rebuild_tokens(store, host, msg)
+        ids = prompt + answer
+        if len(ids) > min(MAX_TOKENS, host.model.config.block_size) or not answer:
+            raise bad_request(f"message {mid} is empty or too long to score ({len(ids)} tokens with its "
+                              "conversation)", "message_id")
+        pictures, pixels = _pictures(store, host, prompt, images) if images else ([], None)
+        data = _on_model_thread(host, lambda: _token_probs(host, prompt, answer, top, pixels))
+        return {"message_id": mid, "model": host.id, "exact": exact, "tokens": data}
+
+    @r.get("/messages/{message_id}/attention")
+    def message_attention(message_id: str, request: Request,
+                          layer: Optional[int] = Query(None, ge=0, description="only this layer (0-based)")):
+        mid, msg, host = answer_and_host(message_id, request, "attention maps")
         cfg = host.model.config
         n_layers, n_heads = cfg.n_layer, cfg.n_head
         if layer is not None and layer >= n_layers:
             raise bad_request(f"layer must be in 0..{n_layers - 1} ({host.id} has {n_layers} layers), got {layer}",
                               "layer")
-        if (msg.get("prompt_tokens") or 0) > MAX_TOKENS:  # refused before rendering a long conversation
-            raise _too_long(mid, msg["prompt_tokens"])
         prompt, answer, exact, images = rebuild_tokens(store, host, msg)
         ids = prompt + answer
         if len(ids) > MAX_TOKENS:
@@ -189,6 +209,36 @@ def _pictures(store: Store, host, prompt: list[int], images: list[dict]):
     return runs, torch.stack(pixels)
 
 
+def _token_probs(host, prompt: list[int], answer: list[int], top: int, pixels) -> list[dict]:
+    """(On the model's thread.) One forward pass over prompt + answer: log softmax at each answer token."""
+    import torch
+    ids = prompt + answer
+    extra = {}
+    if pixels is not None:
+        from ..checkpoints.vlm import encode_pixels
+        from ..engine.engine import PromptEmbeds
+        extra = PromptEmbeds.at_markers(prompt, host.image_id, encode_pixels(host.vision, pixels)).window(0, len(ids))
+    with torch.no_grad():
+        logits = host.model(torch.tensor([ids]), **extra)[0][0, len(prompt) - 1:len(ids) - 1].float()  # (A, V)
+    lp = torch.log_softmax(logits, -1)
+    chosen = lp.gather(-1, torch.tensor(answer).view(-1, 1)).squeeze(-1).tolist()
+    vals, alts = torch.topk(lp, top, -1) if top else (torch.zeros(len(answer), 0), torch.zeros(len(answer), 0))
+    name = lambda t: host.tokenizer.token_bytes(int(t)).decode("utf-8", errors="replace")  # noqa: E731
+    return [{"token": name(t), "bytes": list(host.tokenizer.token_bytes(int(t))), "logprob": round(c, 5),
+             "top": [{"token": name(a), "logprob": round(v, 5)} for a, v in zip(ra, rv)]}
+            for t, c, ra, rv in zip(answer, chosen, alts.tolist(), vals.tolist())]
+
+
+def _on_model_thread(host, job):
+    fut = host.scheduler.run_on_model(job)
+    try:
+        return fut.result(timeout=JOB_TIMEOUT_S)
+    except FutureTimeout:
+        fut.cancel()
+        raise ApiError(503, f"the model stayed busy for {JOB_TIMEOUT_S:.0f} s; try again later", type="server_error",
+                       code="timeout") from None
+
+
 def _maps_on_model_thread(host, prompt: list[int], ids: list[int], layer: Optional[int], title: str,
                           pictures: list[dict], pixels) -> dict:
     """The pictures' embeddings, gpt_maps and to_json on the model's thread (all torch work); the scheduler
@@ -207,10 +257,4 @@ def _maps_on_model_thread(host, prompt: list[int], ids: list[int], layer: Option
             g.weights = g.weights[layer:layer + 1]
         return view.to_json()
 
-    fut = host.scheduler.run_on_model(job)
-    try:
-        return fut.result(timeout=JOB_TIMEOUT_S)
-    except FutureTimeout:
-        fut.cancel()
-        raise ApiError(503, f"the attention maps took more than {JOB_TIMEOUT_S:.0f} s (the model is busy); "
-                            "try again later", type="server_error", code="timeout") from None
+    return _on_model_thread(host, job)

@@ -72,6 +72,8 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
             host.scheduler.cancel(r)
         raise bad_request(str(e), "messages") from None
     state[0]["submitted"] = True  # from here on the request is real: it gets stored
+    for s in state:
+        s["submitted_at"] = time.monotonic()
     if sp.logprobs is not None:
         for s in state:
             s["logprobs"] = []
@@ -93,11 +95,14 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
             s = state[i]
             s["text"] += ev.text
             s["tokens"] += len(ev.token_ids)
+            if ev.token_ids and "first_at" not in s:
+                s["first_at"] = time.monotonic()
             if sp.logprobs is not None:
                 s["logprobs"] += ev.logprobs
             s["prompt_tokens"] = ev.prompt_tokens
             s["cached"] = ev.cached_tokens
             if ev.finish_reason:
+                s["done_at"] = time.monotonic()
                 s["finish_reason"] = ev.finish_reason
                 s["error"] = ev.error
                 open_ -= 1
@@ -110,6 +115,17 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
 def _new_state(n: int) -> list[dict]:
     return [{"text": "", "tokens": 0, "prompt_tokens": 0, "cached": 0, "finish_reason": None, "error": None,
              "logprobs": None} for _ in range(n)]
+
+
+def timing(s: dict) -> Optional[dict]:
+    """A choice's time to its first token (from submission: queueing and prefill included) and its decode
+    speed after it, as the page shows them under an answer."""
+    if "first_at" not in s or "done_at" not in s:
+        return None
+    out = {"ttft_s": round(s["first_at"] - s["submitted_at"], 3)}
+    if s["tokens"] > 1 and s["done_at"] > s["first_at"]:
+        out["tokens_per_s"] = round((s["tokens"] - 1) / (s["done_at"] - s["first_at"]), 2)
+    return out
 
 
 def _usage(state: list[dict], prompt_len: int) -> dict:

@@ -74,7 +74,9 @@ class Recorder:
         if self.saved or not state[0].get("submitted"):  # refused (4xx/503): nothing to keep
             return
         self.saved = True
-        answers = [{"content": s["text"], "model": self.host.id, "settings": self.settings,
+        from .openai_api import timing
+        answers = [{"content": s["text"], "model": self.host.id,
+                    "settings": self.settings | ({"timing": t} if (t := timing(s)) else {}),
                     "finish_reason": s["finish_reason"] or "cancelled", "prompt_tokens": s["prompt_tokens"],
                     "completion_tokens": s["tokens"]} for s in state if s["finish_reason"] != "error"]
         if not answers:

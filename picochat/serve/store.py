@@ -175,12 +175,19 @@ class Store:
             raise NotFound(f"no conversation with id {cid!r}", "conversation_id")
         return _row(rows[0])
 
-    def list_conversations(self, limit: int = 200) -> list[dict]:
+    def list_conversations(self, limit: int = 200, q: Optional[str] = None) -> list[dict]:
+        """Newest first; q: only those whose title or any message holds q (case-insensitive for ASCII)."""
         limit = max(1, min(int(limit), 10_000))
+        where, params = "", [limit]
+        if q:
+            like = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where = (" WHERE c.title LIKE ? ESCAPE '\\' OR EXISTS (SELECT 1 FROM messages m WHERE"
+                     " m.conversation_id = c.id AND m.content LIKE ? ESCAPE '\\')")
+            params = [like, like, limit]
         rows = self._read(
             "SELECT c.id, c.title, c.model, c.source, c.created_at, c.updated_at,"
             " (SELECT COUNT(*) FROM messages m WHERE m.conversation_id = c.id) AS message_count"
-            " FROM conversations c ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?", (limit,))
+            f" FROM conversations c{where} ORDER BY c.updated_at DESC, c.rowid DESC LIMIT ?", params)
         return [dict(r) for r in rows]
 
     def get_conversation(self, cid: str) -> dict:

@@ -175,8 +175,9 @@ def store_router(store: Store) -> APIRouter:
     r = APIRouter(prefix="/api", tags=["conversations"])
 
     @r.get("/conversations", response_model=list[ConversationSummary])
-    def list_conversations(limit: int = Query(200, ge=1, le=10_000)):
-        return store.list_conversations(limit)
+    def list_conversations(limit: int = Query(200, ge=1, le=10_000),
+                           q: Optional[str] = Query(None, max_length=200, description="title or content holds this")):
+        return store.list_conversations(limit, q)
 
     @r.post("/conversations", response_model=Conversation)
     def create_conversation(body: Optional[NewConversation] = None):

@@ -6,7 +6,7 @@ import { $, copyText } from "./dom.js";
 import { api, showError, clearError } from "./api.js";
 import { state, handlers } from "./store.js";
 import { SAMPLING, writeSettings, loadLocalSettings, settingsChanged, currentModel, fillModels } from "./settings.js";
-import { loadConversations, closeSidebarOnPhone, toggleSidebar } from "./sidebar.js";
+import { loadConversations, closeSidebarOnPhone, toggleSidebar, wireRename, wireSearch } from "./sidebar.js";
 import { render } from "./render.js";
 import { showAttention, wireAttention } from "./attention-dialog.js";
 import { attachmentProblem, clearAttachments, drawAttachments, wirePictures } from "./pictures.js";
@@ -74,9 +74,19 @@ function wire() {
     const code = b.closest(".code-block").querySelector("code");
     copyText(code.textContent, b);
   });
+  // shortcuts (as ChatGPT's): Ctrl/Cmd+Shift+O a new chat, Shift+Esc the message box, Esc stops an answer
   document.addEventListener("keydown", (ev) => {
-    if (ev.key === "Escape" && state.generating) stopGenerating();
+    if ((ev.ctrlKey || ev.metaKey) && ev.shiftKey && ev.key.toLowerCase() === "o") {
+      ev.preventDefault();
+      if (!state.generating) newChat();
+      $("#prompt").focus();
+    } else if (ev.key === "Escape" && ev.shiftKey) {
+      ev.preventDefault();
+      $("#prompt").focus();
+    } else if (ev.key === "Escape" && state.generating) stopGenerating();
   });
+  wireSearch();
+  wireRename();
 }
 
 async function init() {

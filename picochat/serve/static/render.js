@@ -5,6 +5,7 @@ import { $, el, icon, copyText } from "./dom.js";
 import { state, handlers, siblingsOf, newestLeafUnder, pathTo } from "./store.js";
 import { showError } from "./api.js";
 import { dataUrlsOf, pictureNodes, userBody } from "./pictures.js";
+import { tokenNodes, tokensOf, toggleTokens } from "./tokens.js";
 
 function nearBottom() {
   const s = $("#scroller");
@@ -55,6 +56,7 @@ function messageNode(m, { actions = true } = {}) {
   });
   const body = el("div", { class: "msg-body" + (isUser ? "" : " markdown") });
   if (isUser) userBody(body, m); // its text, with its pictures where they sit
+  else if (tokensOf(m.id)) body.replaceChildren(el("div", { class: "tokens", "data-testid": "token-view" }, ...tokenNodes(tokensOf(m.id))));
   else body.innerHTML = renderMarkdown(m.content); // escaped by renderMarkdown
   if (!isUser) node.append(el("div", { class: "avatar", "aria-hidden": "true", text: "\u03C0" }));
   node.append(body);
@@ -100,11 +102,25 @@ function messageNode(m, { actions = true } = {}) {
       iconButton("thumb-down", "Bad answer", "down", () => handlers.rate(m, -1), { "aria-pressed": String(m.rating === -1), class: "act" + (m.rating === -1 ? " on" : "") }),
       iconButton("regenerate", "Regenerate", "redo", () => handlers.regenerate(m)),
       iconButton("compare", "Compare with a second answer", "compare", () => handlers.startCompare(m), {}, "Compare"),
-      iconButton("attention", "Show what each token attended to", "grid", () => handlers.showAttention(m), {}, "Attention"));
+      iconButton("attention", "Show what each token attended to", "grid", () => handlers.showAttention(m), {}, "Attention"),
+      iconButton("tokens", "Show each token's probability (hover a token for the alternatives)", "tokens",
+        () => toggleTokens(m, render), { "aria-pressed": String(!!tokensOf(m.id)) }, "Tokens"));
     if (m.model) bar.append(el("span", { class: "model-tag", text: m.model }));
+    const stats = statsText(m);
+    if (stats) bar.append(el("span", { class: "msg-stats", "data-testid": "message-stats", text: stats }));
   }
   node.append(bar);
   return node;
+}
+
+// "42 tokens · first token 0.31 s · 23.5 tokens/s": what the server measured for this answer
+function statsText(m) {
+  const parts = [];
+  if (m.completion_tokens != null) parts.push(`${m.completion_tokens} token${m.completion_tokens === 1 ? "" : "s"}`);
+  const t = m.settings && m.settings.timing;
+  if (t && t.ttft_s != null) parts.push(`first token ${t.ttft_s.toFixed(2)} s`);
+  if (t && t.tokens_per_s != null) parts.push(`${t.tokens_per_s.toFixed(1)} tokens/s`);
+  return parts.join(" · ");
 }
 
 function pendingNode() {
@@ -162,5 +178,6 @@ export function render() {
   renderCompare();
   $("#empty").hidden = nodes.length > 0 || !!state.compare;
   $("#conversation-title").textContent = (state.conv && state.conv.title) || "New chat";
+  $("#rename").hidden = !state.convId;
   document.title = state.conv && state.conv.title ? `${state.conv.title} · picochat` : "picochat";
 }

@@ -3,10 +3,13 @@ import { $, el, icon } from "./dom.js";
 import { api, showError } from "./api.js";
 import { state, handlers } from "./store.js";
 
+// the list (filtered by the search box: conversations whose title or messages hold its text)
 export async function loadConversations() {
   const list = $("#conversation-list");
+  const q = $("#conversation-search").value.trim();
   let convs;
-  try { convs = await api("/api/conversations"); } catch (e) { showError(e); return; }
+  try { convs = await api("/api/conversations" + (q ? "?q=" + encodeURIComponent(q) : "")); } catch (e) { showError(e); return; }
+  if (q !== $("#conversation-search").value.trim()) return; // typed on meanwhile: a newer search draws the list
   list.replaceChildren(...convs.map((c) => {
     const del = el("button", {
       type: "button", class: "conv-delete", "data-testid": "delete-conversation", "aria-label": "Delete conversation",
@@ -52,4 +55,42 @@ export function toggleSidebar(force) {
     const collapsed = force === undefined ? !app.classList.contains("sidebar-collapsed") : !force;
     app.classList.toggle("sidebar-collapsed", collapsed);
   }
+}
+
+let searchTimer = null;
+export function wireSearch() {
+  $("#conversation-search").addEventListener("input", () => {
+    clearTimeout(searchTimer);
+    searchTimer = setTimeout(loadConversations, 200);
+  });
+}
+
+// the title in the top bar: the pencil turns it into a box; Enter saves, Escape gives up
+export function wireRename() {
+  const input = $("#title-input"), title = $("#conversation-title");
+  const close = () => { input.hidden = true; title.hidden = false; };
+  $("#rename").addEventListener("click", () => {
+    if (!state.convId) return;
+    input.value = (state.conv && state.conv.title) || "";
+    title.hidden = true;
+    input.hidden = false;
+    input.focus();
+    input.select();
+  });
+  input.addEventListener("keydown", async (ev) => {
+    if (ev.key === "Escape") { ev.stopPropagation(); close(); return; }
+    if (ev.key !== "Enter" || ev.isComposing) return;
+    ev.preventDefault();
+    const t = input.value.trim();
+    close();
+    if (!t || !state.convId || (state.conv && t === state.conv.title)) return;
+    try {
+      const conv = await api(`/api/conversations/${encodeURIComponent(state.convId)}`, { method: "PATCH", body: { title: t } });
+      state.conv = { ...state.conv, title: conv.title };
+      title.textContent = conv.title;
+      document.title = `${conv.title} · picochat`;
+      await loadConversations();
+    } catch (e) { showError(e); }
+  });
+  input.addEventListener("blur", close);
 }
