@@ -16,6 +16,7 @@ its "images" (where each sits in the text, and a `url`), and GET /api/images/{id
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import APIRouter, Query
@@ -24,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_fiel
 
 from .protocol import Part
 from .store import MAX_CONTENT_BYTES, MAX_INT, MAX_MODEL, MAX_TITLE, NotFound, Store
+from . import store_transfer
 from .store_rules import Invalid, check_text
 
 Id = Field(None, ge=1, le=MAX_INT)
@@ -171,6 +173,11 @@ def _mid(text: str) -> int:
     return _id(text)
 
 
+def _download(doc: dict, name: str) -> Response:
+    return Response(json.dumps(doc, ensure_ascii=False), media_type="application/json",
+                    headers={"Content-Disposition": f'attachment; filename="{name}.json"'})
+
+
 def store_router(store: Store) -> APIRouter:
     r = APIRouter(prefix="/api", tags=["conversations"])
 
@@ -191,6 +198,21 @@ def store_router(store: Store) -> APIRouter:
     @r.patch("/conversations/{conversation_id}", response_model=Conversation)
     def update_conversation(conversation_id: str, body: ConversationPatch):
         return store.update_conversation(conversation_id, **body.model_dump())
+
+    @r.get("/conversations/{conversation_id}/export")
+    def export_conversation(conversation_id: str):
+        """The whole conversation as one JSON document (store_transfer.py): every branch, ratings, rankings,
+        pictures; POST /api/import takes it back."""
+        return _download(store_transfer.export_conversation(store, conversation_id), f"conversation-{conversation_id}")
+
+    @r.get("/export")
+    def export_all():
+        return _download(store_transfer.export_all(store), "picochat-conversations")
+
+    @r.post("/import")
+    def import_conversations(body: dict[str, Any]):
+        """One exported conversation, or an export of all: imported under new ids in one transaction."""
+        return {"imported": store_transfer.import_conversations(store, body)}
 
     @r.delete("/conversations/{conversation_id}", response_model=Deleted)
     def delete_conversation(conversation_id: str):

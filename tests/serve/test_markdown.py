@@ -36,6 +36,10 @@ MB = 1_000_000
 # quotes); list-markers, list-indent and many-lines were fine and guard the block loops.
 PATHOLOGICAL = {
     "link-openers": ("", "[a](", ""),
+    "math-dollars": ("", "$a ", ""),                # (math: an opener each, none closes)
+    "math-parens": ("", "\\(a ", ""),
+    "math-display-lines": ("", "$$x\n", ""),       # every line opens a display block that never closes
+    "math-prices": ("", "$5 and ", ""),
     "link-texts": ("", "[", ""),
     "link-urls": ("", "[a](http://x", ""),
     "code-run-lengths": ("", None, ""),  # `a``a```a...: every run length once, none closed
@@ -163,7 +167,7 @@ def test_text_beyond_the_markdown_limit_is_plain_escaped_text(tmp_path):
       const text = line.repeat(Math.ceil(md.MARKDOWN_LIMIT / line.length) + 100);
       out = { lines: text.split("\\n").length - 1, html: renderMarkdown(text), limit: md.MARKDOWN_LIMIT };""")
     html, lines = got["html"], got["lines"]
-    head, sep, tail = html.rpartition('<pre><code class="language-text">')
+    head, sep, tail = html.rpartition('<pre><code class="hljs language-text">')
     assert sep and tail.endswith("</code></pre></div>") and "<pre>" not in head
     assert head.count("<strong>bold</strong>") == head.count("bold") > got["limit"] // 50
     assert tail.count("**bold** &lt;b&gt;x&lt;/b&gt; [a](https://a.com)\n") == tail.count("bold") > 50
@@ -178,10 +182,10 @@ SUPPORTED = [
     ("`a<b` and ``x ` y``", "<p><code>a&lt;b</code> and <code>x ` y</code></p>"),
     ("```py\nif a < b:\n```", '<div class="code-block" data-testid="code-block"><div class="code-head">'
      '<span class="code-lang">py</span><button type="button" class="code-copy" data-testid="copy-code">Copy'
-     '</button></div><pre><code class="language-py">if a &lt; b:</code></pre></div>'),
+     '</button></div><pre><code class="hljs language-py"><span class="hljs-keyword">if</span> a &lt; b:</code></pre></div>'),
     ("~~~\nopen fence", '<div class="code-block" data-testid="code-block"><div class="code-head">'
      '<span class="code-lang">code</span><button type="button" class="code-copy" data-testid="copy-code">Copy'
-     '</button></div><pre><code>open fence</code></pre></div>'),
+     '</button></div><pre><code class="hljs">open fence</code></pre></div>'),
     ("- a\n  - b\n- c\n\n3. x\n4. y",
      '<ul><li>a<ul><li>b</li></ul></li><li>c</li></ul><ol start="3"><li>x</li><li>y</li></ol>'),
     ("> q\n> > r", "<blockquote><p>q</p>\n<blockquote><p>r</p></blockquote></blockquote>"),
@@ -192,6 +196,9 @@ SUPPORTED = [
     ("go https://a.com/b.", '<p>go <a href="https://a.com/b" target="_blank" rel="noopener noreferrer">'
      'https://a.com/b</a>.</p>'),
     ("<img src=x onerror=alert(1)>", "<p>&lt;img src=x onerror=alert(1)&gt;</p>"),
+    # math: KaTeX's MathML, TeX kept as its annotation; prices stay text; bad TeX stays its source
+    ("costs $5 and $10", "<p>costs $5 and $10</p>"),
+    ("$\\frac{1$", '<p><code class="math-error" title="not valid LaTeX">\\frac{1</code></p>'),
 ]
 
 
@@ -199,6 +206,10 @@ def test_supported_markdown_still_renders(tmp_path):
     got = run_node(tmp_path, f"out = {json.dumps([t for t, _ in SUPPORTED])}.map((t) => renderMarkdown(t));")
     for (text, want), html in zip(SUPPORTED, got):
         assert html == want, text
+    inline, display = run_node(tmp_path, "out = [renderMarkdown('so $x^2$ here'), renderMarkdown('$$\\nx\\n$$')];")
+    assert inline.startswith('<p>so <span class="katex"><math') and '<annotation encoding="application/x-tex">x^2' in inline
+    assert display.startswith('<div class="math-block" data-testid="math-block">') and 'display="block"' in display
+    assert "style=" not in inline + display  # (the page's CSP allows no inline style)
 
 
 # ------------------------------------------------------------------------------ Chromium, slow

@@ -323,10 +323,44 @@ def test_web_markdown_escapes_html(tiny_server, chromium_browser):
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<h1>Hi</h1>" in html and "<strong>b</strong>" in html and "<em>i</em>" in html
     assert "<code>&lt;x&gt;</code>" in html and "<ul><li>a</li><li>b</li></ul>" in html
-    assert 'data-testid="copy-code"' in html and 'class="language-python"' in html
+    assert 'data-testid="copy-code"' in html and 'language-python"' in html
     assert 'href="https://example.com"' in html and 'href="javascript' not in html
     assert not errors, errors
     ctx.close()
+
+
+MATH_AND_CODE = (r"Euler: $e^{i\pi} + 1 = 0$ and \(a^2 + b^2 = c^2\). It costs $5 and $10." "\n\n"
+                 "$$\n" r"\int_0^1 x^2\,dx = \frac{1}{3}" "\n$$\n\n" r"Broken: $\frac{1$ here." "\n\n"
+                 "```python\ndef area(r):\n    return 3.14 * r ** 2  # a comment\n```")
+
+
+def test_web_code_is_highlighted_and_math_rendered(tiny_server, chromium_browser):
+    """Vendored highlight.js and KaTeX (MathML): keywords coloured, formulas drawn by the browser, prices left
+    as text, a broken formula shown as its source; nothing the page's CSP refuses."""
+    ctx, page, errors = open_page(chromium_browser, tiny_server.url, viewport={"width": 1000, "height": 800})
+    try:
+        info = page.evaluate("""async (src) => {
+          const { renderMarkdown } = await import('/static/markdown.js');
+          document.querySelector('#messages').innerHTML =
+            '<div class="msg msg-assistant"><div class="avatar">\u03C0</div><div class="msg-body markdown" id="probe">'
+            + renderMarkdown(src) + '</div></div>';
+          document.querySelector('#empty').hidden = true;
+          const probe = document.querySelector('#probe');
+          const kw = probe.querySelector('.hljs-keyword'), plain = probe.querySelector('pre code');
+          const maths = [...probe.querySelectorAll('math')];
+          return {keyword: kw && kw.textContent, kwColor: kw && getComputedStyle(kw).color,
+                  codeColor: getComputedStyle(plain).color, comment: !!probe.querySelector('.hljs-comment'),
+                  maths: maths.length, sizes: maths.map(m => m.getBoundingClientRect().width),
+                  block: !!probe.querySelector('[data-testid=math-block] math[display=block]'),
+                  text: probe.innerText, broken: probe.querySelector('code.math-error')?.textContent};
+        }""", MATH_AND_CODE)
+        assert info["keyword"] in ("def", "return") and info["comment"] and info["kwColor"] != info["codeColor"]
+        assert info["maths"] == 3 and all(w > 5 for w in info["sizes"]) and info["block"], info
+        assert "It costs $5 and $10." in info["text"] and info["broken"] == r"\frac{1", info
+        page.screenshot(path=str(artifacts_dir() / "code_and_math.png"))
+        assert not errors, errors
+    finally:
+        ctx.close()
 
 
 def test_web_api_key(tiny_chat_ckpt, chromium_browser, tmp_path):

@@ -1,8 +1,11 @@
 """The page's conversation tools in a real browser: search by title and content, rename, the stats line under an
-answer, keyboard shortcuts, and the token view whose hover shows each token's probability and alternatives."""
+answer, keyboard shortcuts, the token view whose hover shows each token's probability and alternatives, and
+export then import (the copy opens with its messages and its rating)."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import httpx
 import pytest
@@ -63,7 +66,7 @@ def test_search_rename_stats_shortcuts_and_token_hover(tiny_server, chromium_bro
         page.click(f"[data-testid=conversation-item][data-id='{first}'] [data-testid=open-conversation]")
         wait_js(page, f"location.hash === '#/c/{first}'")
         last_assistant(page).locator("[data-testid=tokens]").click()
-        page.wait_for_selector("[data-testid=token-view] [data-testid=token]")
+        page.wait_for_selector("[data-testid=token-view] [data-testid=token]", state="attached")
         want = httpx.get(f"{url}/api/messages/{stored['id']}/tokens?top=5").json()["tokens"]
         spans = last_assistant(page).locator("[data-testid=token]")
         assert spans.count() == len(want)
@@ -76,6 +79,28 @@ def test_search_rename_stats_shortcuts_and_token_hover(tiny_server, chromium_bro
         wait_js(page, "document.querySelector('#token-tip').hidden")
         last_assistant(page).locator("[data-testid=tokens]").click()  # back to the rendered answer
         page.wait_for_selector("[data-testid=token-view]", state="detached")
+
+        # export then import: the copy opens with its messages and its feedback
+        last_assistant(page).locator("[data-testid=thumb-up]").click()
+        wait_js(page, "document.querySelector('#messages [data-role=assistant] [data-testid=thumb-up]')"
+                      ".getAttribute('aria-pressed') === 'true'")
+        with page.expect_download() as dl:
+            page.click("[data-testid=export]")
+        path = dl.value.path()
+        doc = json.loads(Path(path).read_text())
+        assert doc["format"] == "picochat-conversation" and doc["messages"][1]["rating"] == 1
+        page.set_input_files("[data-testid=import-file]", path)
+        wait_js(page, f"location.hash.startsWith('#/c/') && location.hash !== '#/c/{first}'")
+        copy = conversation_id(page)
+        page.wait_for_selector("#messages [data-role=assistant]")
+        texts = page.eval_on_selector_all("#messages [data-testid=message] .msg-body", "xs => xs.map(x => x.innerText)")
+        assert texts[0] == "Tell me about the harbour of Lisbon" and len(texts) == 2
+        assert last_assistant(page).locator("[data-testid=thumb-up]").get_attribute("aria-pressed") == "true"
+        assert httpx.get(f"{url}/api/conversations/{copy}").json()["messages"][1]["rating"] == 1
+        with page.expect_download() as dl_all:
+            page.click("[data-testid=export-all]")
+        everything = json.loads(Path(dl_all.value.path()).read_text())
+        assert {c["title"] for c in everything["conversations"]} >= {"Northern trip"}
         assert not errors, errors
     finally:
         ctx.close()

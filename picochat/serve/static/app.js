@@ -6,7 +6,7 @@ import { $, copyText } from "./dom.js";
 import { api, showError, clearError } from "./api.js";
 import { state, handlers } from "./store.js";
 import { SAMPLING, writeSettings, loadLocalSettings, settingsChanged, currentModel, fillModels } from "./settings.js";
-import { loadConversations, closeSidebarOnPhone, toggleSidebar, wireRename, wireSearch } from "./sidebar.js";
+import { loadConversations, closeSidebarOnPhone, toggleSidebar, wireRename, wireSearch, wireTransfer } from "./sidebar.js";
 import { render } from "./render.js";
 import { showAttention, wireAttention } from "./attention-dialog.js";
 import { attachmentProblem, clearAttachments, drawAttachments, wirePictures } from "./pictures.js";
@@ -87,6 +87,7 @@ function wire() {
   });
   wireSearch();
   wireRename();
+  wireTransfer();
 }
 
 async function init() {

@@ -3,9 +3,13 @@
 // only contains the tags this file writes itself. Links are limited to http(s) and mailto.
 //
 // Supported: paragraphs, headings (#..######), **bold**, *italic* / _italic_, ~~strike~~,
-// `inline code`, fenced code blocks (``` or ~~~, with a copy button; an unclosed fence, as seen
-// while streaming, runs to the end), ordered / unordered lists (nested by indentation),
-// > blockquotes, horizontal rules, [links](https://...) and bare https:// links.
+// `inline code`, fenced code blocks (``` or ~~~, with a copy button, syntax-highlighted by the
+// vendored highlight.js when the language is named; an unclosed fence, as seen while streaming,
+// runs to the end), ordered / unordered lists (nested by indentation), > blockquotes, horizontal
+// rules, [links](https://...) and bare https:// links, and LaTeX math rendered by the vendored
+// KaTeX to MathML: $inline$ and \(inline\), $$display$$ and \[display\] (also as lines of their own).
+// A $ opens math only before a non-space and closes only after one and before no digit, so
+// "$5 and $10" stays text.
 //
 // The text is untrusted, so rendering must take linear time and bounded stack whatever it is:
 // no regex here has two quantifiers that can trade the same characters (or, for *italic*, their
@@ -14,8 +18,13 @@
 // unmatched opener. Blockquotes and lists nest at most MAX_DEPTH deep.
 // As a backstop, only the first MARKDOWN_LIMIT characters are Markdown; the rest is plain text.
 
+import hljs from "./vendor/highlight/highlight.min.js";
+import katex from "./vendor/katex/katex.mjs";
+
 export const MARKDOWN_LIMIT = 100_000;
 const MAX_DEPTH = 16;
+const HIGHLIGHT_LIMIT = 20_000; // characters of one code block highlighted (the rest of a longer one: plain)
+const MATH_LIMIT = 2_000;       // characters of one formula
 
 const ESCAPES = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
 export function escapeHtml(s) {
@@ -79,6 +88,43 @@ const LINK = /\[([^[\]\n]+)\]\(\s*((?:[^\s)\]`\u0000]|\](?!\())+)(?:\s+"[^"\n]*"
 // bare links; \u0000 is excluded: a bare url must never swallow the placeholder of a link kept above
 const BARE_LINK = /\bhttps?:\/\/[^\s<>"'`)\]\u0000]+[^\s<>"'`)\].,;:!?\u0000]/g;
 
+// TeX -> MathML (no inline styles: the page's CSP allows none); a formula KaTeX cannot read stays source
+function mathHtml(tex, display) {
+  try {
+    return katex.renderToString(tex, { output: "mathml", displayMode: display, throwOnError: true, trust: false,
+      strict: "ignore", maxSize: 50, maxExpand: 1000 });
+  } catch {
+    return `<code class="math-error" title="not valid LaTeX">${escapeHtml(tex)}</code>`;
+  }
+}
+
+// \(..\), \[..\], $$..$$ and $..$ into slots. Each opener's scan ends at the first possible closer
+// (a formula never holds its own delimiter), so every character is read a bounded number of times.
+function mathSpans(s, keep) {
+  let out = "", pos = 0, i = 0;
+  const none = new Set(); // closers known to be absent from here on: their openers are text, unscanned
+  while (i < s.length) {
+    const c = s[i];
+    let open = null, close = null, display = false;
+    if (c === "\\" && (s[i + 1] === "(" || s[i + 1] === "[")) {
+      open = 2; display = s[i + 1] === "["; close = display ? "\\]" : "\\)";
+    } else if (c === "$") {
+      if (s[i + 1] === "$") { open = 2; close = "$$"; display = true; }
+      else if (s[i + 1] && !/\s/.test(s[i + 1])) { open = 1; close = "$"; }
+    }
+    if (open === null || none.has(close)) { i += open || 1; continue; }
+    let j = s.indexOf(close, i + open);
+    if (j === -1) none.add(close);
+    // a $ closes after a non-space, and not before a digit (so "$5 and $10" is text)
+    if (close === "$" && j !== -1 && (/\s/.test(s[j - 1]) || /\d/.test(s[j + 1] || ""))) j = -1;
+    const tex = j === -1 ? "" : s.slice(i + open, j);
+    if (j === -1 || !tex.trim() || tex.length > MATH_LIMIT) { i += open; continue; }
+    out += s.slice(pos, i) + keep(mathHtml(tex, display));
+    pos = i = j + close.length;
+  }
+  return out + s.slice(pos);
+}
+
 // Inline markup on one block of raw text.
 export function renderInline(raw) {
   const slots = [];
@@ -87,6 +133,8 @@ export function renderInline(raw) {
   // (each pass is skipped when its marker is absent: most lines of an answer have none)
   // inline code first: its content is not parsed further
   if (s.includes("`")) s = codeSpans(s, keep);
+  // math next: its TeX is not Markdown (slots of code are \u0000-delimited digits: no math inside)
+  if (s.includes("$") || s.includes("\\(") || s.includes("\\[")) s = mathSpans(s, keep);
   // links: the url must be safe; the text keeps inline markup (it stays outside the slots)
   if (s.includes("](")) {
     s = s.replace(LINK, (m, text, url) => {
@@ -109,12 +157,25 @@ export function renderInline(raw) {
   return !slots.length ? s : s.replace(/\u0000(\d+)\u0000/g, (_, n) => slots[Number(n)]);
 }
 
+// highlight.js escapes the code itself and adds only <span class="hljs-..."> (no auto-detection: it
+// runs every grammar over the text)
+function highlighted(code, lang) {
+  if (lang && code.length <= HIGHLIGHT_LIMIT && hljs.getLanguage(lang)) {
+    try { return hljs.highlight(code, { language: lang, ignoreIllegals: true }).value; } catch { /* plain */ }
+  }
+  return escapeHtml(code);
+}
+
 function codeBlock(lang, lines) {
   const l = escapeHtml(lang || "");
+  const code = lines.join("\n");
   return `<div class="code-block" data-testid="code-block"><div class="code-head"><span class="code-lang">${l || "code"}</span>` +
     `<button type="button" class="code-copy" data-testid="copy-code">Copy</button></div>` +
-    `<pre><code${l ? ` class="language-${l}"` : ""}>${escapeHtml(lines.join("\n"))}</code></pre></div>`;
+    `<pre><code class="hljs${l ? ` language-${l}` : ""}">${highlighted(code, lang)}</code></pre></div>`;
 }
+
+// a formula on lines of its own: $$ or \[ opening a line, up to the line that ends with $$ or \]
+const MATH_OPEN = /^\s{0,3}(\$\$|\\\[)/;
 
 // Line patterns. Two quantifiers that could split the same run of characters between them
 // (`\s*([\w]*)\s*$`, `(.*?)\s*#*\s*$`, `\s+(.*)$` when `.` stops at a U+2028 in the line) backtrack
@@ -196,6 +257,22 @@ function renderBlocks(lines, depth) {
       i++; // closing fence (or past the end)
       out.push(codeBlock(m[2], body));
       continue;
+    }
+    if ((m = line.match(MATH_OPEN))) {
+      const closer = m[1] === "$$" ? "$$" : "\\]";
+      const first = line.trim().slice(2);
+      const body = [];
+      let j = i, rest = first;
+      while (!rest.trimEnd().endsWith(closer) && j + 1 < lines.length && j - i < 200) { body.push(rest); rest = lines[++j]; }
+      if (rest.trimEnd().endsWith(closer)) {
+        body.push(rest.trimEnd().slice(0, -2));
+        const tex = body.join("\n");
+        if (tex.trim() && tex.length <= MATH_LIMIT) {
+          out.push(`<div class="math-block" data-testid="math-block">${mathHtml(tex, true)}</div>`);
+          i = j + 1;
+          continue;
+        }
+      }
     }
     if ((m = line.match(HEADING))) {
       const n = m[1].length;

@@ -179,5 +179,6 @@ export function render() {
   $("#empty").hidden = nodes.length > 0 || !!state.compare;
   $("#conversation-title").textContent = (state.conv && state.conv.title) || "New chat";
   $("#rename").hidden = !state.convId;
+  $("#export").hidden = !state.convId;
   document.title = state.conv && state.conv.title ? `${state.conv.title} · picochat` : "picochat";
 }

@@ -94,3 +94,35 @@ export function wireRename() {
   });
   input.addEventListener("blur", close);
 }
+
+// export (one conversation, or all) as a JSON download; import such a file back (new conversations)
+async function download(path, name) {
+  const res = await api(path, { raw: true });
+  const url = URL.createObjectURL(await res.blob());
+  const a = el("a", { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+export function wireTransfer() {
+  $("#export").addEventListener("click", () => {
+    if (state.convId) download(`/api/conversations/${encodeURIComponent(state.convId)}/export`,
+      `${(state.conv && state.conv.title) || "conversation"}.json`).catch(showError);
+  });
+  $("#export-all").addEventListener("click", () => download("/api/export", "picochat-conversations.json").catch(showError));
+  $("#import").addEventListener("click", () => $("#import-file").click());
+  $("#import-file").addEventListener("change", async (ev) => {
+    const file = ev.target.files[0];
+    ev.target.value = "";
+    if (!file) return;
+    try {
+      let doc;
+      try { doc = JSON.parse(await file.text()); } catch { throw new Error(`${file.name} is not JSON: export a conversation first`); }
+      const r = await api("/api/import", { method: "POST", body: doc });
+      await loadConversations();
+      if (r.imported.length) await handlers.openConversation(r.imported[0].id);
+    } catch (e) { showError(e); }
+  });
+}

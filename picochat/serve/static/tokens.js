@@ -23,7 +23,9 @@ const shownText = (t) => JSON.stringify(t).slice(1, -1); // spaces and newlines 
 export function tokenNodes(tokens) {
   return tokens.map((t, i) => {
     const p = Math.exp(t.logprob);
-    const span = el("span", { class: "tok", "data-testid": "token", "data-i": String(i), "data-p": p.toFixed(4), text: t.token });
+    // a token with no text of its own (part of a character split over tokens) still gets a box to hover
+    const span = el("span", { class: t.token ? "tok" : "tok tok-empty", "data-testid": "token", "data-i": String(i),
+      "data-p": p.toFixed(4), text: t.token || "\u2205" });
     span.style.backgroundColor = `hsla(${Math.round(120 * p)}, 75%, 50%, 0.28)`; // red unlikely ... green sure
     span.addEventListener("mouseenter", () => showTip(span, t));
     span.addEventListener("mouseleave", hideTip);
