@@ -119,10 +119,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
     if is_adapter(path):
         return load_adapter_model(path, device=device, dtype=dtype, quantize=quantize)
     from ..model.gpt import GPT
-    from .gguf import gguf_source, load_gguf
+    from .gguf import gguf_source
     gguf_file = gguf_source(path)
-    if gguf_file is not None:
-        model, tokenizer, _ = load_gguf(gguf_file)
+    if gguf_file is not None:  # converted once, then read back from picochat's own format (gguf_cache.py)
+        from .gguf_cache import load_cached
+        model, tokenizer = load_cached(gguf_file, torch.float32 if quantize else dtype)  # (int8: from fp32)
         return place_model(model, device, dtype, quantize), tokenizer, gguf_file
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -40,6 +41,22 @@ class Block(nn.Module):
         return self.ffn_norm(x + self.ffn(x))
 
 
+_INITS = ("normal_", "zeros_", "ones_", "uniform_", "kaiming_uniform_", "trunc_normal_", "xavier_uniform_")
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """torch.nn.init's fills as no-ops (as transformers' no_init_weights): weights about to be replaced."""
+    saved = {n: getattr(nn.init, n) for n in _INITS}
+    try:
+        for n in _INITS:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -53,7 +70,15 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        # fixed tables are buffers (not saved: persistent=False) so .to(device) moves them
+        self.init_tables()
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def init_tables(self) -> None:
+        """The fixed tables, as buffers (not saved: persistent=False) so .to(device) moves them."""
+        config = self.config
         if config.pos == "sinusoidal":
             self.register_buffer("pos_table", sinusoidal_table(config.block_size, config.n_embd), persistent=False)
         if config.pos == "rope":
@@ -62,10 +87,18 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         if config.pos == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2L)
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    @classmethod
+    def from_state(cls, config: ModelConfig, state: dict[str, torch.Tensor]) -> "GPT":
+        """A GPT holding exactly `state`'s tensors (their dtype and memory: no second copy). Its own weights
+        are never initialised: allocated untouched (so never resident), then replaced by the state's.
+        (The meta device would do the same, but its first use imports ~2 s of torch's decompositions.)"""
+        with _skip_init():
+            model = cls(config)
+        model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        return model
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
