@@ -46,7 +46,8 @@ _INITS = ("normal_", "zeros_", "ones_", "uniform_", "kaiming_uniform_", "trunc_n
 
 @contextlib.contextmanager
 def _skip_init():
-    """torch.nn.init's fills as no-ops (as transformers' no_init_weights): weights about to be replaced."""
+    """torch.nn.init's fills as no-ops (as transformers' no_init_weights): weights about to be replaced.
+    Process-wide while it lasts (a few ms): models are loaded before serving starts, never beside it."""
     saved = {n: getattr(nn.init, n) for n in _INITS}
     try:
         for n in _INITS:
@@ -95,7 +96,11 @@ class GPT(nn.Module):
         (The meta device would do the same, but its first use imports ~2 s of torch's decompositions.)"""
         with _skip_init():
             model = cls(config)
-        model.load_state_dict(state, strict=not config.tie_embeddings, assign=True)
+        result = model.load_state_dict(state, strict=False, assign=True)
+        missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
+        if missing or result.unexpected_keys:  # (a weight left out would stay uninitialised memory)
+            raise PicochatError(f"the weights do not fit the model: missing {sorted(missing)[:3]}, "
+                                f"unexpected {sorted(result.unexpected_keys)[:3]}")
         if config.tie_embeddings:
             model.lm_head.weight = model.tok_emb.weight
         return model

@@ -141,8 +141,14 @@ def attention_router(store: Store) -> APIRouter:
         if len(ids) > min(MAX_TOKENS, host.model.config.block_size) or not answer:
             raise bad_request(f"message {mid} is empty or too long to score ({len(ids)} tokens with its "
                               "conversation)", "message_id")
-        pictures, pixels = _pictures(store, host, prompt, images) if images else ([], None)
-        data = _on_model_thread(host, lambda: _token_probs(host, prompt, answer, top, pixels))
+        if not slots.acquire(blocking=False):  # (the same few slots as the maps: each is a forward pass)
+            raise ApiError(503, "the server is busy reading back other answers; try again shortly",
+                           type="server_error", code="busy")
+        try:
+            pictures, pixels = _pictures(store, host, prompt, images) if images else ([], None)
+            data = _on_model_thread(host, lambda: _token_probs(host, prompt, answer, top, pixels))
+        finally:
+            slots.release()
         return {"message_id": mid, "model": host.id, "exact": exact, "tokens": data}
 
     @r.get("/messages/{message_id}/attention")

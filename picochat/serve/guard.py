@@ -210,8 +210,10 @@ def _is_json(content_type: str) -> bool:
 
 EXPOSED = b"X-Picochat-Dropped-Messages"
 PREFLIGHT = ((b"access-control-allow-methods", b"GET, POST, PATCH, DELETE"),
-             (b"access-control-allow-headers", b"Authorization, Content-Type"),
              (b"access-control-max-age", b"600"), (b"content-length", b"0"))
+# what a preflight may ask to send: the SDKs' own headers too (openai-node adds x-stainless-*); a key is
+# still required on the request itself
+REQUEST_HEADER = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 def normalize_origin(origin: str, strict: bool = True) -> str:
@@ -232,9 +234,12 @@ def normalize_origin(origin: str, strict: bool = True) -> str:
     return o
 
 
-async def _preflight(send) -> None:
+async def _preflight(send, requested: str) -> None:
     """A CORS preflight from a --cors-origin: 204 with what may follow (send adds the origin headers)."""
-    await send({"type": "http.response.start", "status": 204, "headers": list(PREFLIGHT)})
+    names = [h.strip() for h in requested.split(",") if h.strip()][:32]
+    allowed = ", ".join(["Authorization", "Content-Type"] + [h for h in names if REQUEST_HEADER.fullmatch(h)])
+    await send({"type": "http.response.start", "status": 204,
+                "headers": [*PREFLIGHT, (b"access-control-allow-headers", allowed.encode("latin-1"))]})
     await send({"type": "http.response.body", "body": b""})
 
 
@@ -260,9 +265,11 @@ class GuardMiddleware:
             headers.setdefault(k.lower(), v.decode("latin-1"))
         origin = headers.get(b"origin")
         cors = origin is not None and normalize_origin(origin, strict=False) in self.cors
-        extra = SECURITY_HEADERS + ((b"access-control-allow-origin", origin.encode("latin-1")),
-                                    (b"access-control-expose-headers", EXPOSED), (b"vary", b"Origin")) \
-            if cors else SECURITY_HEADERS
+        # Vary: Origin on every answer when CORS is on: a cache must not serve one origin's answer to another
+        extra = SECURITY_HEADERS + ((b"vary", b"Origin"),) if self.cors else SECURITY_HEADERS
+        if cors:
+            extra += ((b"access-control-allow-origin", origin.encode("latin-1")),
+                      (b"access-control-expose-headers", EXPOSED))
 
         async def guarded_send(msg):
             if msg["type"] == "http.response.start":
@@ -274,7 +281,7 @@ class GuardMiddleware:
 
         try:
             if cors and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
-                return await _preflight(guarded_send)
+                return await _preflight(guarded_send, headers.get(b"access-control-request-headers", ""))
             refusal = self._check_request(scope, headers, cors)
             if refusal is None:
                 app_receive = await self._read_body(headers, receive)

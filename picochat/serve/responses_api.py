@@ -2,7 +2,7 @@
 `openai` SDK's client.responses and agent frameworks call).
 
 A request becomes a chat request (responses_protocol.py) and runs through the same path as
-/v1/chat/completions (openai_api.prepare_chat: template, tools, structured output, sampling, the scheduler).
+/v1/chat/completions (chat_prepare.prepare_chat: template, tools, structured output, sampling, the scheduler).
 Its output is a list of items: one assistant `message` with an `output_text` part, or one `function_call`
 item per tool call. With `store` (the default) the response and the conversation up to its answer are kept
 in the SQLite store (store_responses.py), so `previous_response_id` continues it, also after a restart;
@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from . import store_responses
 from .errors import ApiError, bad_request, not_found
 from .logprobs import chat_content
-from .openai_api import _check_error, _first, _chain, _generate, _new_state, prepare_chat
+from .chat_prepare import prepare_chat
+from .openai_api import _SPLITTERS, _chain, _check_error, _first, _generate, _new_state
 from .responses_protocol import ResponsesRequest, chat_request, input_messages
 from .store_rules import NotFound
 from .tools import ChatDeltas, parse_calls
@@ -83,6 +84,20 @@ def _answer(text: str, finish: str, tool_mode: bool) -> tuple[list[dict], dict]:
     return calls, turn
 
 
+def _responses_name(param):
+    """A chat-completions field's name as the Responses API calls it."""
+    if not param:
+        return param
+    for chat, ours in (("messages", "input"), ("response_format.json_schema.schema", "text.format.schema"),
+                       ("response_format", "text.format"), ("max_completion_tokens", "max_output_tokens"),
+                       ("max_tokens", "max_output_tokens")):
+        if param == chat or param.startswith(chat + "."):
+            return ours if chat == "messages" else ours + param[len(chat):]
+    if param.startswith("tools.") and ".function." in param:
+        return param.replace(".function.", ".", 1)
+    return param
+
+
 @router.post("/v1/responses")
 async def create_response(body: ResponsesRequest, request: Request):
     history = []
@@ -97,23 +112,26 @@ async def create_response(body: ResponsesRequest, request: Request):
     try:
         job = await prepare_chat(chat_request(body, history, new), request)
     except ApiError as e:  # the chat request's names: its messages are instructions + the chain + this input
-        if e.param and e.param.startswith("messages"):
-            e.param = "input"
-        elif e.param and e.param.startswith("response_format"):
-            e.param = "text.format"
+        e.param = _responses_name(e.param)
         raise
     host, rid, created = job.host, f"resp_{uuid.uuid4().hex}", time.time()
     store = request.app.state.store if body.store else None
+    if store is None:
+        body.store = False  # (--no-store: the body says what happened)
     state = _new_state(1)
     lps = (lambda s: chat_content(host.tokenizer, s["logprobs"] or [])) if body.logprobs_wanted() else (lambda s: [])
 
-    def finish(output_text_id: str) -> dict:
+    def finish(output_text_id: str, streamed_ids: tuple = ()) -> dict:
+        """The final body, stored if asked: the calls keep the ids a stream already showed (the client
+        answers them by those); a generation that never finished (the client left) is not stored."""
         s = state[0]
         status = "incomplete" if s["finish_reason"] == "length" else "completed"
         calls, turn = _answer(s["text"], s["finish_reason"], job.tool_mode)
+        for call, cid in zip(calls, streamed_ids):
+            call["id"] = cid
         output = [_call_item(c) for c in calls] or [_message_item(output_text_id, s["text"], status, lps(s))]
         final = _body(rid, body, host, created, status, output, _usage(s, len(job.ids)))
-        if store is not None:
+        if store is not None and s["finish_reason"] is not None:
             store_responses.save(store, final, history + new + [turn], body.previous_response_id)
         return final
     mid = f"msg_{uuid.uuid4().hex}"
@@ -135,7 +153,7 @@ async def _events(body, host, rid, created, mid, tool_mode, first, gen, finish):
     def event(kind: str, **fields) -> str:
         data = {"type": kind, "sequence_number": seq[0], **fields}
         seq[0] += 1
-        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+        return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False).translate(_SPLITTERS)}\n\n"
     deltas, text_open, calls = ChatDeltas(tool_mode), False, []
     try:
         start = _body(rid, body, host, created, "in_progress", [])
@@ -166,11 +184,9 @@ async def _events(body, host, rid, created, mid, tool_mode, first, gen, finish):
                     calls[-1]["function"]["arguments"] += call["function"]["arguments"]
                     yield event("response.function_call_arguments.delta", output_index=len(calls) - 1,
                                 item_id=_call_item(calls[-1])["id"], delta=call["function"]["arguments"])
-        final = await asyncio.to_thread(finish, mid)
+        final = await asyncio.to_thread(finish, mid, tuple(c["id"] for c in calls))
         for k, item in enumerate(final["output"]):
             if item["type"] == "function_call":
-                if k < len(calls):  # (streamed ids are the ones the client saw)
-                    item.update(id=_call_item(calls[k])["id"], call_id=calls[k]["id"])
                 yield event("response.function_call_arguments.done", output_index=k, item_id=item["id"],
                             name=item["name"], arguments=item["arguments"])
             else:

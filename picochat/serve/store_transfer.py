@@ -22,9 +22,10 @@ import time
 import uuid
 
 from . import store_images
-from .store_rules import Invalid, check_turn_order, message_row, settings_json, text
+from .store_rules import Invalid, message_row, settings_json, text
 
 FORMAT, MANY, VERSION = "picochat-conversation", "picochat-conversations", 1
+MAX_MESSAGES = 10_000  # per conversation
 _OWN = ("id", "parent_id", "rating", "created_at", "images")  # the document's keys beyond a stored message's
 
 
@@ -49,6 +50,10 @@ def export_all(store) -> dict:
             "conversations": [export_conversation(store, c["id"]) for c in store.list_conversations(10_000)]}
 
 
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _fail(i: int, msg: str, where: str = "") -> Invalid:
     return Invalid(f"conversation {i}{where}: {msg}", "conversations")
 
@@ -60,15 +65,17 @@ def _plan(doc, i: int) -> dict:
     msgs, ranks = doc.get("messages"), doc.get("rankings", [])
     if not isinstance(msgs, list) or not isinstance(ranks, list):
         raise _fail(i, "messages and rankings must be lists")
+    if len(msgs) > MAX_MESSAGES or len(ranks) > MAX_MESSAGES:
+        raise _fail(i, f"at most {MAX_MESSAGES} messages and rankings per conversation")
     rows, by_id = [], {}
     for k, m in enumerate(msgs):
         where = f", message {k}"
         if not isinstance(m, dict):
             raise _fail(i, "a message is an object", where)
         mid, parent = m.get("id"), m.get("parent_id")
-        if not isinstance(mid, int) or isinstance(mid, bool) or mid in by_id:
+        if not _is_id(mid) or mid in by_id:
             raise _fail(i, "each message needs an integer id of its own", where)
-        if parent is not None and parent not in by_id:
+        if parent is not None and (not _is_id(parent) or parent not in by_id):
             raise _fail(i, f"parent_id {parent!r} is not a message before it (parents come first)", where)
         try:
             row = message_row({x: v for x, v in m.items() if x not in _OWN and v is not None})
@@ -78,15 +85,12 @@ def _plan(doc, i: int) -> dict:
             pics = store_images.image_rows({"role": row[0], "images": pics}, row[1])
         except (Invalid, TypeError, AttributeError, binascii.Error, ValueError) as e:
             raise _fail(i, getattr(e, "message", str(e)), where) from None
-        path = []
-        p = parent
-        while p is not None:
-            path.append(by_id[p]["role"])
-            p = by_id[p]["parent"]
-        try:
-            check_turn_order(path[::-1], [row[0]])
-        except Invalid as e:
-            raise _fail(i, e.message, where) from None
+        # the chat template's order, checked against the parent alone (linear in the messages): a system
+        # message only at the root, an assistant message only under a user message
+        up = by_id[parent]["role"] if parent is not None else None
+        if (row[0] == "system" and up is not None) or (row[0] == "assistant" and up != "user"):
+            raise _fail(i, f"a {row[0]} message under a {up or 'nothing (the root)'} breaks the turn order: a system "
+                           "message only at the root, an assistant message answers a user message", where)
         rating = m.get("rating")
         if rating not in (None, 1, -1) or isinstance(rating, bool) or (rating is not None and row[0] != "assistant"):
             raise _fail(i, "rating is 1, -1 or null, and only on an assistant message", where)
@@ -94,7 +98,7 @@ def _plan(doc, i: int) -> dict:
         rows.append((mid, parent, row, pics, rating))
     for r in ranks:
         a, b = (r.get("chosen_id"), r.get("rejected_id")) if isinstance(r, dict) else (None, None)
-        if a not in by_id or b not in by_id or a == b or by_id[a]["role"] != "assistant" or \
+        if not (_is_id(a) and _is_id(b)) or a not in by_id or b not in by_id or a == b or by_id[a]["role"] != "assistant" or \
                 by_id[b]["role"] != "assistant" or by_id[a]["parent"] != by_id[b]["parent"]:
             raise _fail(i, f"a ranking must name two answers to the same user message, got {str(r)[:80]}")
     try:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..engine.grammar import Grammar
+
 from ..errors import PicochatError
 from .errors import bad_request
 
 
-def response_grammar(host, fmt) -> Optional[str]:
+def response_grammar(host, fmt) -> Optional[Grammar]:
     """The llguidance grammar of a response_format (None for text or no format). Runs in a worker thread:
     compiling a large schema is CPU work."""
     from ..engine.grammar import check_grammar, json_schema_grammar

@@ -9,7 +9,9 @@ use for them):
 The call is written under a grammar (engine/grammar.py): the fixed text around it is forced, the name is one
 of the tools', and the arguments follow that tool's `parameters` JSON schema, so they always parse and
 validate. tool_choice "auto" lets the model answer in text instead (text that does not begin with "<");
-"required" and a named function allow calls only; "none" leaves the tools out of the prompt altogether.
+"required" and a named function allow calls only; "none" leaves the tools out of the prompt altogether. Under "auto" a text answer may not begin with "<" or
+whitespace (so the first character tells a call from text), and numbers are not capped (that would reach
+the prose too).
 """
 from __future__ import annotations
 
@@ -120,6 +122,9 @@ def check_tools(body, host) -> None:
     """Every tool's parameters compile to a grammar (a 400 naming the tool otherwise). Worker thread."""
     from ..engine.grammar import check_grammar, json_schema_grammar
     for i, t in enumerate(body.tools or []):
+        if t.function.parameters is not None and t.function.parameters.get("type") != "object":
+            raise bad_request(f"tool {t.function.name!r}: parameters must be a JSON schema of type object (the "
+                              "arguments are an object)", f"tools.{i}.function.parameters")
         try:
             check_grammar(json_schema_grammar(t.function.parameters or {"type": "object"}), host.tokenizer,
                           host.model.config.vocab_size, host.stop_ids)
@@ -150,10 +155,10 @@ def tool_grammar(body) -> Optional[Grammar]:
              for k, t in enumerate(tools)]
     many = body.parallel_tool_calls is not False and choice in ("auto", "required")
     calls = 'calls: call ("\\n" call)*' if many else "calls: call"
-    start = "start: TEXT | calls\nTEXT: /[^<](.|\\n)*/" if choice == "auto" else "start: calls"
+    start = "start: TEXT | calls\nTEXT: /[^<\\s](.|\\n)*/" if choice == "auto" else "start: calls"
     lark = "\n".join(["%llguidance {}", start, calls, "call: " + " | ".join(f"call_{k}" for k in range(len(tools)))]
                      + rules)
-    return Grammar(lark, json=True)
+    return Grammar(lark, json=choice != "auto")  # (the digit cap would also cut numbers in auto's free text)
 
 
 def parse_calls(text: str, cut: bool = False) -> Optional[list[dict]]:
@@ -186,7 +191,8 @@ def parse_calls(text: str, cut: bool = False) -> Optional[list[dict]]:
 class CallStream:
     """Streamed tool-call deltas in OpenAI's chunk shape from the answer's text as it grows: the first delta
     of a call carries its index, id, type and name (arguments ""), the next ones pieces of the arguments,
-    never the closing text; joined, they are the non-streamed call."""
+    never the closing text; joined, they are the non-streamed call (a call cut by max_tokens: the pieces
+    sent, where the non-streamed answer leaves that call out)."""
 
     def __init__(self):
         self.text, self.sent, self.index, self.in_args = "", 0, -1, False

@@ -197,10 +197,11 @@ def test_cors_origins_may_call_the_api_and_no_one_else(host, store):
     with TestClient(app) as c:
         pre = c.options("/v1/chat/completions", headers={"Origin": "http://localhost:5173",
                                                          "Access-Control-Request-Method": "POST",
-                                                         "Access-Control-Request-Headers": "authorization,content-type"})
+                                                         "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"})
         assert pre.status_code == 204 and pre.headers["access-control-allow-origin"] == "http://localhost:5173"
         assert "POST" in pre.headers["access-control-allow-methods"]
         assert "Authorization" in pre.headers["access-control-allow-headers"]
+        assert "x-stainless-os" in pre.headers["access-control-allow-headers"]  # (openai-node's own headers)
         page = {"Origin": "http://localhost:5173", "Sec-Fetch-Site": "cross-site", "Authorization": "Bearer k"}
         r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, headers=page)
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:5173"
@@ -209,7 +210,7 @@ def test_cors_origins_may_call_the_api_and_no_one_else(host, store):
                       ).status_code == 401  # the key is still needed
         evil = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site", "Authorization": "Bearer k"}
         r = c.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2}, headers=evil)
-        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers
+        assert r.status_code == 403 and "access-control-allow-origin" not in r.headers and r.headers["vary"] == "Origin"
         assert c.options("/v1/chat/completions", headers={"Origin": "http://evil.example",
                                                           "Access-Control-Request-Method": "POST"}
                          ).headers.get("access-control-allow-origin") is None

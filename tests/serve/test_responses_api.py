@@ -105,6 +105,14 @@ def test_tools_and_structured_output(tiny_api):  # noqa: F811
         check("ResponseStreamEvent", e)
     args = "".join(e["delta"] for e in evs if e["type"] == "response.function_call_arguments.delta")
     assert args == evs[-1]["response"]["output"][0]["arguments"]
+    # the agent loop: the streamed call's id (as the client saw it) answered against the stored response
+    seen = next(e["item"]["call_id"] for e in evs if e["type"] == "response.output_item.added")
+    rid = evs[-1]["response"]["id"]
+    assert c.get(f"/v1/responses/{rid}").json()["output"][0]["call_id"] == seen
+    r = c.post("/v1/responses", json={"previous_response_id": rid, "tools": [tool], "tool_choice": "none",
+                                      "max_output_tokens": 4, "input": [
+                                          {"type": "function_call_output", "call_id": seen, "output": "21"}]})
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("body,param", [
@@ -116,7 +124,7 @@ def test_tools_and_structured_output(tiny_api):  # noqa: F811
      "input.0.message.content.0.input_image.type"),
     ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "1"}]}, "input"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
-     "text.format"),
+     "text.format.schema"),
     ({"input": ""}, "input"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools.0.type"),
 ])

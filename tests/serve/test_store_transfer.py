@@ -73,11 +73,14 @@ def broken(doc: dict, how: str) -> dict:
         d["messages"][0]["images"][0]["data"] = "not base64!"
     elif how == "unknown key":
         d["messages"][0]["colour"] = "red"
+    elif how == "list as an id":
+        d["messages"][1]["parent_id"] = [1]
+        d["rankings"] = [{"chosen_id": [1], "rejected_id": {}}]
     return d
 
 
 @pytest.mark.parametrize("how", ["format", "parent order", "rating on a question", "turn order", "ranking",
-                                 "base64", "unknown key"])
+                                 "base64", "unknown key", "list as an id"])
 def test_a_bad_document_stores_nothing(tiny_api, how):
     c, _ = tiny_api
     store = c.app.state.store

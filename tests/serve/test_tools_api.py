@@ -111,6 +111,8 @@ CALL = {"id": "call_9", "type": "function", "function": {"name": "get_time", "ar
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
      "tools.0.function.parameters"),
     ({"tools": TOOLS, "stop": ["x"]}, "stop"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters"),
     ({"tools": TOOLS, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": USER + [{"role": "tool", "tool_call_id": "call_9", "content": "12:00"}]}, "messages.1.tool_call_id"),
     ({"messages": USER + [{"role": "assistant", "content": None, "tool_calls": [CALL]},

@@ -116,10 +116,11 @@ function messageNode(m, { actions = true } = {}) {
 // "42 tokens · first token 0.31 s · 23.5 tokens/s": what the server measured for this answer
 function statsText(m) {
   const parts = [];
-  if (m.completion_tokens != null) parts.push(`${m.completion_tokens} token${m.completion_tokens === 1 ? "" : "s"}`);
+  if (typeof m.completion_tokens === "number") parts.push(`${m.completion_tokens} token${m.completion_tokens === 1 ? "" : "s"}`);
   const t = m.settings && m.settings.timing;
-  if (t && t.ttft_s != null) parts.push(`first token ${t.ttft_s.toFixed(2)} s`);
-  if (t && t.tokens_per_s != null) parts.push(`${t.tokens_per_s.toFixed(1)} tokens/s`);
+  // (settings are JSON anyone may have written, through an import or the store API: numbers only)
+  if (t && typeof t.ttft_s === "number") parts.push(`first token ${t.ttft_s.toFixed(2)} s`);
+  if (t && typeof t.tokens_per_s === "number") parts.push(`${t.tokens_per_s.toFixed(1)} tokens/s`);
   return parts.join(" · ");
 }
 
