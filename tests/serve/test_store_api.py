@@ -129,7 +129,8 @@ def test_openapi_has_the_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {"/api/conversations", "/api/conversations/{conversation_id}",
                           "/api/conversations/{conversation_id}/messages", "/api/messages/{message_id}/rating",
-                          "/api/rankings", "/api/images/{image_id}"}
+                          "/api/rankings", "/api/images/{image_id}", "/api/conversations/{conversation_id}/export",
+                          "/api/export", "/api/import"}
 
 
 def test_fuzz_never_5xx(store):
