@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -32,9 +32,13 @@ _cache: dict = {}
 _lock = threading.Lock()
 
 
+def key_of(tokenizer, n_vocab: int, eos: Sequence[int]) -> tuple:
+    return id(tokenizer), n_vocab, tuple(eos)
+
+
 def _lltokenizer(tokenizer, n_vocab: int, eos: Sequence[int]):
     """llguidance's view of our tokenizer, built once per (tokenizer, vocabulary, end tokens): ~1 s."""
-    key = (id(tokenizer), n_vocab, tuple(eos))
+    key = key_of(tokenizer, n_vocab, eos)
     with _lock:
         if key not in _cache:
             from llguidance.tiktoken import lltokenizer_from_encoding
@@ -44,9 +48,12 @@ def _lltokenizer(tokenizer, n_vocab: int, eos: Sequence[int]):
 
 @dataclass(frozen=True)
 class Grammar:
-    """An llguidance grammar (its JSON or Lark text); json: it is a JSON schema's (numbers are capped)."""
+    """An llguidance grammar (its JSON or Lark text); json: it is a JSON schema's (numbers are capped).
+    compiled: a matcher check_grammar built (in the caller's thread), copied for each row, so the model's
+    thread never compiles a grammar (a large schema takes a noticeable fraction of a second)."""
     source: str
     json: bool = False
+    compiled: object = field(default=None, compare=False, repr=False)
 
 
 # One space after ":" and ",", as Python's json.dumps writes it (the commonest JSON a model has read: SmolLM2
@@ -67,11 +74,13 @@ def json_schema_grammar(schema: Optional[dict]) -> Grammar:
 
 
 def check_grammar(grammar: Grammar, tokenizer, n_vocab: int, eos: Sequence[int]) -> None:
-    """Raise PicochatError with llguidance's reason if the grammar cannot be compiled (before any generation)."""
+    """Raise PicochatError with llguidance's reason if the grammar cannot be compiled (before any generation);
+    else keep the compiled matcher in `grammar`, which each row's Constraint then copies."""
     from llguidance import LLMatcher
-    err = LLMatcher.validate_grammar(grammar.source, _lltokenizer(tokenizer, n_vocab, eos))
-    if err and not err.startswith("WARNING"):
-        raise PicochatError(f"the grammar cannot be compiled: {err}")
+    matcher = LLMatcher(_lltokenizer(tokenizer, n_vocab, eos), grammar.source, log_level=0)
+    if matcher.is_error():
+        raise PicochatError(f"the grammar cannot be compiled: {matcher.get_error()}")
+    object.__setattr__(grammar, "compiled", (key_of(tokenizer, n_vocab, eos), matcher))
 
 
 MAX_DIGITS = 16
@@ -99,7 +108,10 @@ class Constraint:
     def __init__(self, grammar: Grammar, tokenizer, n_vocab: int, eos: Sequence[int]):
         from llguidance import LLMatcher
         self.n_vocab, self.tokenizer = n_vocab, tokenizer
-        self.matcher = LLMatcher(_lltokenizer(tokenizer, n_vocab, eos), grammar.source, log_level=0)
+        if grammar.compiled is not None and grammar.compiled[0] == key_of(tokenizer, n_vocab, eos):
+            self.matcher = grammar.compiled[1].deep_copy()  # (compiled by check_grammar, off this thread)
+        else:
+            self.matcher = LLMatcher(_lltokenizer(tokenizer, n_vocab, eos), grammar.source, log_level=0)
         if self.matcher.is_error():
             raise PicochatError(f"the grammar cannot be compiled: {self.matcher.get_error()}")
         self._bits = torch.arange(32, dtype=torch.int32)

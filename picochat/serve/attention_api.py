@@ -224,8 +224,9 @@ def _token_probs(host, prompt: list[int], answer: list[int], top: int, pixels) -
         from ..checkpoints.vlm import encode_pixels
         from ..engine.engine import PromptEmbeds
         extra = PromptEmbeds.at_markers(prompt, host.image_id, encode_pixels(host.vision, pixels)).window(0, len(ids))
-    with torch.no_grad():
-        logits = host.model(torch.tensor([ids]), **extra)[0][0, len(prompt) - 1:len(ids) - 1].float()  # (A, V)
+    with torch.no_grad():  # the LM head on the answer's positions only: a long prompt's V-wide logits are MBs
+        h = host.model(torch.tensor([ids]), return_hidden=True, **extra)[0, len(prompt) - 1:len(ids) - 1]  # (A, d)
+        logits = host.model.lm_head(h).float()  # (A, V)
     lp = torch.log_softmax(logits, -1)
     chosen = lp.gather(-1, torch.tensor(answer).view(-1, 1)).squeeze(-1).tolist()
     vals, alts = torch.topk(lp, top, -1) if top else (torch.zeros(len(answer), 0), torch.zeros(len(answer), 0))

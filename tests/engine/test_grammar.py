@@ -107,3 +107,19 @@ def test_json_numbers_are_capped_but_string_digits_are_not(setup):
     for _ in range(MAX_DIGITS + 5):  # inside a string, any number of digits
         assert bool(c.allowed()[nine])
         c.advance(nine)
+
+
+def test_a_checked_grammar_is_compiled_once_and_copied_per_row(setup):
+    model, tok = setup
+    V = model.config.vocab_size
+    g = json_schema_grammar(SCHEMA)
+    check_grammar(g, tok, V, (tok.eot_id,))
+    assert g.compiled is not None
+    a, b = Constraint(g, tok, V, (tok.eot_id,)), Constraint(g, tok, V, (tok.eot_id,))
+    assert a.matcher is not g.compiled[1] and a.matcher is not b.matcher
+    for t in tok.encode('{"name": "x'):
+        a.advance(t)
+    assert torch.equal(b.allowed(), Constraint(json_schema_grammar(SCHEMA), tok, V, (tok.eot_id,)).allowed())
+    assert not torch.equal(a.allowed(), b.allowed())  # (rows move on their own)
+    other = Constraint(g, tok, V, (tok.eot_id, 0))  # other end tokens: compiled afresh, not copied
+    assert other.matcher is not g.compiled[1]
