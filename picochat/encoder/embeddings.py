@@ -77,23 +77,28 @@ class Encoder:
                 raise PicochatError(f"{what} {i} is {len(s)} tokens with [CLS] and [SEP]; {self.name} reads at "
                                     f"most {self.max_tokens}: shorten it or split it")
 
+    def batches(self, seqs: Sequence[Sequence[int]], batch_size: int):
+        """(indices into seqs, ids (B, T) padded, mask (B, T) 1 on real tokens) for batches of inputs of similar
+        length (sorted), so a short input never pays for a long one's padding."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        for s in range(0, len(order), batch_size):
+            chunk = order[s:s + batch_size]
+            T = max(len(seqs[i]) for i in chunk)
+            ids = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
+            mask = torch.zeros(len(chunk), T, dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+                mask[r, :len(seqs[i])] = 1
+            yield chunk, ids, mask
+
     @torch.no_grad()
     def embed_ids(self, seqs: Sequence[Sequence[int]], batch_size: int = 32, what: str = "input") -> torch.Tensor:
-        """(N, d) unit-length mean-pooled embeddings; an over-long sequence is refused (naming `what` i).
-        Batches are formed from inputs of similar length (sorted), so a short input never pays for a long
-        one's padding; the order is restored after."""
+        """(N, d) unit-length mean-pooled embeddings, in the order given; an over-long sequence is refused
+        (naming `what` i)."""
         self.check_lengths(seqs, what)
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out = torch.zeros(len(seqs), self.dim)
         with self.lock:
-            for s in range(0, len(order), batch_size):
-                chunk = order[s:s + batch_size]
-                T = max(len(seqs[i]) for i in chunk)
-                ids = torch.full((len(chunk), T), self.pad_id, dtype=torch.long)
-                mask = torch.zeros(len(chunk), T, dtype=torch.long)
-                for r, i in enumerate(chunk):
-                    ids[r, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-                    mask[r, :len(seqs[i])] = 1
+            for chunk, ids, mask in self.batches(seqs, batch_size):
                 out[chunk] = self.model.embed(ids, mask).float()
         return out
 

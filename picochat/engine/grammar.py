@@ -19,7 +19,6 @@ answer never parses. Digits inside strings are not limited.
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -150,8 +149,3 @@ class Constraint:
         """(1, V) or (V,) logits with every disallowed token at -inf."""
         keep = self.allowed().to(logits.device)
         return logits.masked_fill(~keep, float("-inf"))
-
-
-def parse_json(text: str):
-    """The answer of a json_object / json_schema request as a Python value (raises ValueError if cut short)."""
-    return json.loads(text)

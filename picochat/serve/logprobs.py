@@ -42,14 +42,15 @@ def completion_logprobs(tok, lps: Optional[list[TokenLogprob]], offset: int = 0)
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     text = Utf8Stream()
     for t in lps:
-        name = tok.token_bytes(t.token).decode("utf-8", errors="replace")
+        raw = tok.token_bytes(t.token)
+        name = raw.decode("utf-8", errors="replace")
         out["tokens"].append(name)
         out["token_logprobs"].append(t.logprob)
         top = {tok.token_bytes(i).decode("utf-8", errors="replace"): v for i, v in t.top}
         out["top_logprobs"].append(top | {name: t.logprob})
         out["text_offset"].append(offset)
         if t.token not in special:
-            offset += len(text.push(tok.token_bytes(t.token)))
+            offset += len(text.push(raw))
     return out
 
 

@@ -74,9 +74,7 @@ async def _generate(request: Request, host, prompt: list[int], sp: SamplingParam
     state[0]["submitted"] = True  # from here on the request is real: it gets stored
     for s in state:
         s["submitted_at"] = time.monotonic()
-    if sp.logprobs is not None:
-        for s in state:
-            s["logprobs"] = []
+        s["logprobs"] = [] if sp.logprobs is not None else None
     open_, checked = n, time.monotonic()
     try:
         while open_:

@@ -21,7 +21,7 @@ from typing import Optional
 
 from ..engine.grammar import JSON_STYLE, Grammar
 from ..errors import PicochatError
-from .errors import bad_request
+from .errors import ApiError, bad_request
 
 OPEN, CLOSE = "<tool_call>\n", "\n</tool_call>"
 HEAD = '{"name": '
@@ -60,20 +60,20 @@ def fold(messages: list[dict], body, default_system: Optional[str] = None) -> li
     request has none), calls and results into text (module docstring). `messages` are request_messages'
     (same order as body.messages)."""
     out: list[dict] = []
-    for i, (m, sent) in enumerate(zip(messages, body.messages)):
+    previous = None  # the role of the message before, as sent
+    for m, sent in zip(messages, body.messages):
         if sent.role == "tool":
             block = f"<tool_response>\n{m['content']}\n</tool_response>"
-            if out and out[-1].get("tool_results"):
+            if previous == "tool":  # a run of results: one user turn
                 out[-1]["content"] += "\n" + block
             else:
-                out.append({"role": "user", "content": block, "tool_results": True})
+                out.append({"role": "user", "content": block})
         elif sent.role == "assistant" and sent.tool_calls:
             calls = "\n".join(call_text(c.function.name, c.function.arguments) for c in sent.tool_calls)
             out.append({"role": "assistant", "content": (m["content"] + "\n" if m["content"] else "") + calls})
         else:
             out.append(dict(m))
-    for m in out:
-        m.pop("tool_results", None)
+        previous = sent.role
     if body.tools and choice_of(body) != "none":
         sigs = "\n".join(json.dumps(t.model_dump(exclude_none=True, by_alias=True)) for t in body.tools)
         block = PREAMBLE.format(tools=sigs)
@@ -118,30 +118,25 @@ def _schema(parameters: Optional[dict]) -> dict:
     return {**(parameters or {"type": "object", "properties": {}}), "x-guidance": JSON_STYLE}
 
 
-def check_tools(body, host) -> None:
-    """Every tool's parameters compile to a grammar (a 400 naming the tool otherwise). Worker thread."""
-    from ..engine.grammar import check_grammar, json_schema_grammar
+def compiled_grammar(body, host) -> Grammar:
+    """tool_grammar, compiled (structured.checked); when it does not compile, each tool's parameters alone
+    are tried, so that the 400 names the tool at fault (only then: compiling twice is wasted work)."""
+    from ..engine.grammar import json_schema_grammar
+    from .structured import checked
     for i, t in enumerate(body.tools or []):
         if t.function.parameters is not None and t.function.parameters.get("type") != "object":
             raise bad_request(f"tool {t.function.name!r}: parameters must be a JSON schema of type object (the "
                               "arguments are an object)", f"tools.{i}.function.parameters")
-        try:
-            check_grammar(json_schema_grammar(t.function.parameters or {"type": "object"}), host.tokenizer,
-                          host.model.config.vocab_size, host.stop_ids)
-        except PicochatError as e:
-            raise bad_request(f"tool {t.function.name!r}: {e}", f"tools.{i}.function.parameters") from None
-
-
-def compiled_grammar(body, host) -> Grammar:
-    """tool_grammar, checked: each tool's parameters first (a 400 naming the tool), then the whole."""
-    from ..engine.grammar import check_grammar
-    check_tools(body, host)
-    grammar = tool_grammar(body)
     try:
-        check_grammar(grammar, host.tokenizer, host.model.config.vocab_size, host.stop_ids)
-    except PicochatError as e:
-        raise bad_request(str(e), "tools") from None
-    return grammar
+        return checked(host, tool_grammar(body), "tools")
+    except ApiError as whole:
+        for i, t in enumerate(body.tools or []):
+            try:
+                checked(host, json_schema_grammar(t.function.parameters or {"type": "object"}), "")
+            except (ApiError, PicochatError) as e:
+                raise bad_request(f"tool {t.function.name!r}: {getattr(e, 'message', e)}",
+                                  f"tools.{i}.function.parameters") from None
+        raise whole
 
 
 def tool_grammar(body) -> Optional[Grammar]:

@@ -63,31 +63,18 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_labels: int, l2: float, ste
     return W.detach(), b.detach()
 
 
-class LayerFeatures:
-    """Mean-pooled hidden states of every layer of a frozen encoder: (N, n_layer, d)."""
-
-    def __init__(self, enc):
-        self.enc = enc
-
-    @torch.no_grad()
-    def __call__(self, seqs: list[list[int]], batch_size: int = 32, upto=None, bar=None) -> torch.Tensor:
-        enc, model = self.enc, self.enc.model
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
-        n_layer = upto or model.config.n_layer
-        out = torch.zeros(len(seqs), n_layer, model.config.n_embd)
-        for s in range(0, len(order), batch_size):
-            chunk = order[s:s + batch_size]
-            T = max(len(seqs[i]) for i in chunk)
-            ids = torch.full((len(chunk), T), enc.pad_id, dtype=torch.long)
-            for r, i in enumerate(chunk):
-                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-            mask = (torch.arange(T)[None, :] < torch.tensor([len(seqs[i]) for i in chunk])[:, None])
-            m = mask.unsqueeze(-1).float()  # (B, T, 1)
-            hs = model.hidden_states(ids, mask.long(), upto=upto)  # n_layer x (B, T, d)
-            out[chunk] = torch.stack([(h.float() * m).sum(1) / m.sum(1) for h in hs], 1)
-            if bar is not None:
-                bar.update(len(chunk))
-        return out
+@torch.no_grad()
+def layer_features(enc, seqs: list[list[int]], batch_size: int = 32, upto=None, bar=None) -> torch.Tensor:
+    """Mean-pooled hidden states of every layer (or of the first `upto`) of a frozen encoder: (N, n_layer, d)."""
+    model = enc.model
+    out = torch.zeros(len(seqs), upto or model.config.n_layer, model.config.n_embd)
+    for chunk, ids, mask in enc.batches(seqs, batch_size):
+        m = mask.unsqueeze(-1).float()  # (B, T, 1)
+        hs = model.hidden_states(ids, mask, upto=upto)  # n_layer x (B, T, d)
+        out[chunk] = torch.stack([(h.float() * m).sum(1) / m.sum(1) for h in hs], 1)
+        if bar is not None:
+            bar.update(len(chunk))
+    return out
 
 
 def _passages(enc, docs, words: int, groups: tuple[str, ...]):
@@ -112,9 +99,8 @@ def train_probe(cfg: ProbeConfig) -> dict:
     groups = tuple(sorted(set(GENRE_GROUPS.values())))
     splits = split_documents(load_tagged())
     data = [_passages(enc, docs, cfg.passage_words, groups) for docs in splits]
-    feats = LayerFeatures(enc)
     with tqdm(total=sum(len(d[0]) for d in data), desc="passages", unit="psg", disable=not cfg.progress) as bar:
-        X = [feats(d[0], cfg.batch_size, bar=bar) for d in data]  # (N, n_layer, d) per split
+        X = [layer_features(enc, d[0], cfg.batch_size, bar=bar) for d in data]  # (N, n_layer, d) per split
     (Xtr, Xva, Xte), (ytr, yva, yte) = X, [d[1] for d in data]
     mean, std = Xtr.mean(0), Xtr.std(0).clamp(min=1e-6)  # (n_layer, d): standardised per feature
     scores, best = {}, None
@@ -165,7 +151,7 @@ class Probe:
     def __call__(self, text: str, what: str = "text") -> dict[str, float]:
         seqs = self.enc.encode([text])
         self.enc.check_lengths(seqs, what)
-        x = (LayerFeatures(self.enc)(seqs, upto=self.layer)[0, self.layer - 1] - self.mean) / self.std
+        x = (layer_features(self.enc, seqs, upto=self.layer)[0, self.layer - 1] - self.mean) / self.std
         p = torch.softmax(x @ self.W.T + self.b, -1)
         return {self.labels[j]: round(float(p[j]), 4) for j in p.argsort(descending=True).tolist()}
 

@@ -99,6 +99,13 @@ WATCH_STREAM = """() => {
 }"""
 
 
+def set_max_tokens(page, n: int):
+    """Through the settings panel, as a user would: shorter answers keep a browser test quick."""
+    page.click("#settings-toggle")
+    page.fill("#max_tokens", str(n))
+    page.click("#settings-toggle")
+
+
 def send(page, text: str):
     page.fill("#prompt", text)
     page.press("#prompt", "Enter")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.serve.test_web import (answered, artifacts_dir, chromium_browser, last_assistant,  # noqa: F401
-                                  open_page, send, wait_js)
+                                  open_page, send, set_max_tokens, wait_js)
 from tests.inspect.test_html import CANVAS
 
 pytestmark = pytest.mark.slow
@@ -20,9 +20,7 @@ def rendered(page) -> int:
 def test_attention_button_opens_the_viewer(tiny_server, chromium_browser):  # noqa: F811
     ctx, page, errors = open_page(chromium_browser, tiny_server.url, viewport={"width": 1280, "height": 900})
     try:
-        page.click("#settings-toggle")
-        page.fill("#max_tokens", "24")
-        page.click("#settings-toggle")
+        set_max_tokens(page, 24)
         answered(page, lambda: send(page, "The cat sees the garden."))
         answer = last_assistant(page)
         answer_id = answer.get_attribute("data-id")

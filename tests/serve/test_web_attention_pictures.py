@@ -10,7 +10,7 @@ import pytest
 from tests.inspect.test_html import open_file
 from tests.serve.test_attention_pictures import scene
 from tests.serve.test_web import (answered, artifacts_dir, chromium_browser, last_assistant,  # noqa: F401
-                                  open_page, send, wait_js)
+                                  open_page, send, set_max_tokens, wait_js)
 
 pytestmark = pytest.mark.slow
 
@@ -35,9 +35,7 @@ def test_attention_dialog_draws_over_the_picture(vlm_server, chromium_browser):
     ctx, page, errors = open_page(chromium_browser, vlm_server.url, viewport={"width": 1280, "height": 900})
     try:
         page.select_option("#model-select", "tiny-vlm")
-        page.click("#settings-toggle")
-        page.fill("#max_tokens", "8")
-        page.click("#settings-toggle")
+        set_max_tokens(page, 8)
         page.locator("[data-testid=image-input]").set_input_files(
             {"name": "shape.png", "mimeType": "image/png", "buffer": scene()})
         page.wait_for_selector("[data-testid=attachment] img")

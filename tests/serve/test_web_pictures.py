@@ -8,7 +8,8 @@ import pytest
 
 from tests.serve.conftest import png_bytes
 from tests.serve.test_web import (answered, artifacts_dir, chromium_browser, conversation_id,  # noqa: F401
-                                  get_conv, last_assistant, open_page, send, wait_js)
+                                  get_conv, last_assistant, open_page, send, set_max_tokens,
+                                  wait_js)
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +39,7 @@ def test_attach_send_reload_regenerate(vlm_server, chromium_browser, tmp_path): 
         page.select_option("#model-select", "tiny-chat")
         assert not page.is_visible("[data-testid=attach]")  # a text-only model is offered no picture
         page.select_option("#model-select", "tiny-vlm")
-        page.click("#settings-toggle")
-        page.fill("#max_tokens", "8")
-        page.click("#settings-toggle")
+        set_max_tokens(page, 8)
 
         # refused in the page, before any upload: not PNG/JPEG, over 20 MB
         picker = page.locator("[data-testid=image-input]")

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serve.test_web import (answered, chromium_browser, conversation_id, last_assistant, open_page,  # noqa: F401
-                                  send, wait_js)
+from tests.serve.test_web import (answered, chromium_browser, conversation_id, last_assistant,  # noqa: F401
+                                  open_page, send, set_max_tokens, wait_js)
 
 pytestmark = pytest.mark.slow
 
@@ -20,9 +20,7 @@ def test_search_rename_stats_shortcuts_and_token_hover(tiny_server, chromium_bro
     url = tiny_server.url
     ctx, page, errors = open_page(chromium_browser, url, viewport={"width": 1280, "height": 820})
     try:
-        page.click("#settings-toggle")
-        page.fill("#max_tokens", "12")
-        page.click("#settings-toggle")
+        set_max_tokens(page, 12)
         answered(page, lambda: send(page, "Tell me about the harbour of Lisbon"))
         first = conversation_id(page)
 
