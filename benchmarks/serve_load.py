@@ -9,9 +9,12 @@ stream ended with [DONE]; anything else (HTTP error, broken stream, missing [DON
 Reported per level: requests, errors, TTFT (time to the first content delta) p50/p95, aggregate
 tokens/s (completion tokens from the final usage chunk / wall time of the level) and, the figure
 continuous batching is for, the ratio of each level's tokens/s to one client's, measured in this run.
+The whole thing runs once per decode path in --fast (a server each: `--fast plain`, the eager step, and
+`--fast compile`, the compiled one, which the server compiles before it answers), and each level's
+compiled/plain tokens/s ratio is reported.
 
-    python benchmarks/serve_load.py                        # 1, 4, 16 clients x 30 s (~2 min + load)
-    python benchmarks/serve_load.py --clients 16 --duration 10
+    python benchmarks/serve_load.py                        # 1, 4, 16 clients x 30 s, both paths (~6 min)
+    python benchmarks/serve_load.py --clients 16 --duration 10 --fast compile
 """
 from __future__ import annotations
 
@@ -111,17 +114,31 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--serve-args", default="", help="extra arguments for picochat serve, e.g. '--dtype fp32'")
+    ap.add_argument("--fast", nargs="+", default=["plain", "compile"], choices=["plain", "compile", "auto"],
+                    help="decode paths, one server each (picochat serve --fast)")
     args = ap.parse_args()
+    paths = {fast: run_server(args, fast) for fast in args.fast}
+    result = {"benchmark": "serve_load", "model": args.model, "duration_s": args.duration,
+              "max_tokens": args.max_tokens, "serve_args": args.serve_args, "paths": paths,
+              "total_errors": sum(lv["errors"] for levels in paths.values() for lv in levels)}
+    if "plain" in paths and "compile" in paths:
+        result["compiled_over_plain"] = {str(a["clients"]): round(b["tokens_per_s"] / a["tokens_per_s"], 2)
+                                         for a, b in zip(paths["plain"], paths["compile"]) if a["tokens_per_s"]}
+    emit(result | {"loadavg": loadavg(), **machine()})
+
+
+def run_server(args, fast: str) -> list[dict]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "picochat.cli", "serve", args.model, "--port", str(port),
+        cmd = [sys.executable, "-m", "picochat.cli", "serve", args.model, "--port", str(port), "--fast", fast,
                "--db", str(Path(tmp) / "bench.db"), "--max-batch", str(max(args.clients)), *args.serve_args.split()]
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         log("starting:", " ".join(cmd))
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            for _ in range(600):
+            t_start = time.monotonic()
+            for _ in range(1200):  # (--fast compile: the server compiles before it answers, 1-4 min)
                 if proc.poll() is not None:
                     sys.exit("server exited:\n" + proc.stdout.read().decode(errors="replace"))
                 try:
@@ -129,11 +146,12 @@ def main() -> None:
                         break
                 except httpx.HTTPError:
                     time.sleep(0.5)
+            log(f"[{fast}] server ready after {time.monotonic() - t_start:.0f} s")
             asyncio.run(level(url, 1, 3.0, 8))  # warm-up
             levels = []
             for c in args.clients:
                 r = asyncio.run(level(url, c, args.duration, args.max_tokens))
-                log(json.dumps(r))
+                log(f"[{fast}] {json.dumps(r)}")
                 levels.append(r)
         finally:
             proc.terminate()
@@ -141,9 +159,7 @@ def main() -> None:
     base = next((lv["tokens_per_s"] for lv in levels if lv["clients"] == 1), None)
     for lv in levels:
         lv["speedup_vs_1_client"] = round(lv["tokens_per_s"] / base, 2) if base else None
-    emit({"benchmark": "serve_load", "model": args.model, "duration_s": args.duration,
-          "max_tokens": args.max_tokens, "serve_args": args.serve_args, "levels": levels,
-          "total_errors": sum(lv["errors"] for lv in levels), "loadavg": loadavg(), **machine()})
+    return levels
 
 
 if __name__ == "__main__":

@@ -8,6 +8,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Engines and schedulers take the plain decode step in tests (and in the CLIs the tests start): the
+# compiled one costs ~20-60 s of compiling per model. tests/engine/test_fast_path.py asks for it by name.
+os.environ.setdefault("PICOCHAT_FAST", "plain")
+
 
 def make_corpus(n_docs: int = 60, seed: int = 0) -> list[str]:
     """Documents of simple, learnable English-like sentences (subject verb object, with a pattern)."""

@@ -40,6 +40,16 @@ def test_generate_quantized_int8_follows_the_pattern_too(tiny_run, capsys):
     assert out.startswith("The cat") and out.split()[2] in VERBS
 
 
+@pytest.mark.parametrize("quantize", [[], ["--quantize", "int4"]])
+def test_generate_compiled_decode_step_gives_the_plain_text(tiny_run, capsys, quantize):
+    """--fast compile (engine/compiled.py, with int4 weights too) prints what --fast plain prints."""
+    args = ["generate", str(tiny_run), "--prompt", "The cat", "--max-tokens", "24", "--temperature", "0", *quantize]
+    assert main(args + ["--fast", "plain"]) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--fast", "compile"]) == 0
+    assert capsys.readouterr().out == plain and plain.split()[2] in VERBS
+
+
 def test_generate_cli_streams_text(tiny_run, capsys):
     assert main(["generate", str(tiny_run), "--prompt", "The river", "--max-tokens", "10", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("The river")

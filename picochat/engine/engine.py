@@ -23,6 +23,7 @@ from typing import Hashable, Iterator, Optional
 import torch
 
 from ..errors import PicochatError
+from .compiled import decoder_for
 from .grammar import Constraint, Grammar
 from .kv_cache import KVCache
 from .sampling import Penalties, TokenLogprob, Utf8Stream, check_sampling, draw, next_distribution, token_logprobs
@@ -221,9 +222,13 @@ class _Row:
 
 
 class Engine:
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, fast: str = "auto"):
+        """fast: the decode step's path (compiled.py): "auto" compiles it (in the background from now on;
+        the first decode step waits for it) where the model and the machine allow; "compile" insists and
+        waits now; "plain" never compiles."""
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
+        self.decoder = decoder_for(model, fast)
         self._cache: Optional[KVCache] = None  # batch-of-one cache, kept across calls
         self._ids: list[Hashable] = []         # the keys (PromptEmbeds.keys) of the tokens whose K/V self._cache holds
         self.last_prefill_tokens = 0           # tokens the last call actually ran through prefill
@@ -382,6 +387,16 @@ class Engine:
 
     def _step(self, idx: torch.Tensor, cache: KVCache, pad: Optional[torch.Tensor]) -> torch.Tensor:
         """One decode step: idx (B, 1) -> logits (B, 1, V)."""
+        if self.decoder is not None and self.decoder.usable():  # the compiled step, on tensors only
+            B, pos = idx.size(0), cache.pos
+            cache.reserve(pos + 1)
+            cols = torch.full((B,), pos, dtype=torch.long, device=self.device)
+            mask = torch.ones(B, 1, 1, pos + 1, dtype=torch.bool, device=self.device)
+            if pad is not None:  # (B, 1, 1, T_k): a row's padding stays hidden
+                mask = (torch.arange(pos + 1, device=self.device)[None, :] >= pad[:, None]).view(B, 1, 1, -1)
+            logits = self.decoder(idx, (cols if pad is None else cols - pad).view(B, 1), mask, cache.k, cache.v, cols)
+            cache.advance(1)
+            return logits
         if pad is None:
             return self.model(idx, start_pos=cache.pos, kv_cache=cache)[0]
         positions = (cache.pos - pad).view(-1, 1)  # (B, 1)

@@ -78,6 +78,12 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def advance(self, n: int) -> None:
+        """n columns were written outside update() (the compiled decode step writes them itself)."""
+        if self.pos + n > self.capacity:
+            raise PicochatError(f"advancing the KV cache to {self.pos + n} positions past its capacity {self.capacity}")
+        self.pos += n
+
     def truncate(self, n: int) -> None:
         """Forget everything after the first n positions (keep a shared prefix, recompute the rest)."""
         if not 0 <= n <= self.pos:

@@ -39,6 +39,7 @@ from typing import Callable, Hashable, Optional
 import torch
 
 from ..errors import PicochatError
+from .compiled import decoder_for
 from .engine import PromptEmbeds, SamplingParams, _Row, _Text, new_constraint
 from .model_thread import ModelThread
 from .sampling import Penalties, TokenLogprob, draw, next_distribution, token_logprobs
@@ -96,10 +97,12 @@ class _Running:
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_queue: int = 64,
                  max_context: Optional[int] = None, prefill_chunk: int = 512,
-                 worker: Optional[ModelThread] = None, retain_prefixes: bool = True):
+                 worker: Optional[ModelThread] = None, retain_prefixes: bool = True, fast: str = "auto"):
         """retain_prefixes=False: a finished sequence's K/V are forgotten at once (nothing of a request
-        outlives it; `picochat serve --no-store`)."""
+        outlives it; `picochat serve --no-store`). fast: the decode step's path, as Engine's
+        (compiled.py; `picochat serve` compiles before it answers: load_host)."""
         self.model, self.tokenizer = model, tokenizer
+        self.decoder = decoder_for(model, fast)
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size  # (grammars mask this many logits)
         if model.config.pos == "alibi":  # its bias is built from one shared query position
@@ -218,7 +221,9 @@ class Scheduler:
             span = min(10.0, max(1.0, now - self._first_sample)) if self._first_sample else 10.0
             return {"queue_depth": len(self.waiting) + (self.admitting is not None),
                     "active_sequences": len(self.running), "generated_tokens_total": self.generated_total,
-                    "requests_total": self.requests_total, "tokens_per_second": recent / span}
+                    "requests_total": self.requests_total, "tokens_per_second": recent / span,
+                    "compiled_decode": int(self.decoder is not None and self.decoder.done.is_set()
+                                           and self.decoder.error is None)}
 
     # -- the model thread ----------------------------------------------------------------------------
 
@@ -320,7 +325,10 @@ class Scheduler:
         idx = torch.tensor([[r.last_token] for r in self.running], dtype=torch.long, device=self.device)
         for r in self.running:
             r.fed.append(r.last_token)
-        if len(self.running) == 1:  # alone: the plain single-query path (no mask, one start position)
+        if self.decoder is not None and self.decoder.usable():  # compiled: each row at its own column
+            logits = self.decoder(idx, positions, mask, self.cache.k, self.cache.v, positions.view(-1))
+            self.cache.advance()
+        elif len(self.running) == 1:  # alone: the plain single-query path (no mask, one start position)
             logits, _ = self.model(idx, start_pos=self.cache.lengths[0], kv_cache=self.cache)
         else:
             logits, _ = self.model(idx, start_pos=int(positions.min()), kv_cache=self.cache,

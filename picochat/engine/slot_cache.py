@@ -193,6 +193,12 @@ class SlotCache:
         return self.k[layer][:n, :, :T_k], self.v[layer][:n, :, :T_k]
 
 
+    def advance(self) -> None:
+        """Every running row gained one column outside update() (the compiled decode step wrote it)."""
+        for i in range(self.n):
+            self.lengths[i] += 1
+
+
 class _PrefillView:
     """Duck-types KVCache.update for a prompt written into one slot (batch of one, columns 0..T-1)."""
 

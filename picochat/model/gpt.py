@@ -113,10 +113,11 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         n = sum(p.numel() for p in self.parameters())
-        # an int8-quantized model (model/quant.py) keeps its linear weights as buffers; a tied LM head's is a copy
+        # a quantized model (model/quant.py) keeps its linear weights as buffers (int4: two per byte);
+        # a tied LM head's is a copy
         tied = self.config.tie_embeddings
-        return n + sum(b.numel() for name, b in self.named_buffers()
-                       if name.endswith("weight_int8") and not (tied and name.startswith("lm_head.")))
+        return n + sum(b.numel() * (2 if name.endswith("weight_int4") else 1) for name, b in self.named_buffers()
+                       if name.endswith(("weight_int8", "weight_int4")) and not (tied and name.startswith("lm_head.")))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, start_pos: int = 0,
                 kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean",
@@ -140,7 +141,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if positions is not None:
-            if int(positions.max()) >= self.config.block_size:
+            # (a compiled decode step skips this host sync: its caller, engine/compiled.py, checks positions)
+            if not torch.compiler.is_compiling() and int(positions.max()) >= self.config.block_size:
                 raise PicochatError(f"position {int(positions.max())} is beyond the model's context "
                                     f"block_size={self.config.block_size}; shorten the input")
         elif start_pos + T > self.config.block_size:

@@ -186,5 +186,7 @@ def _prometheus(app, counters: dict) -> str:
            [({"model": m}, s["queue_depth"]) for m, s in stats.items()])
     metric("picochat_active_sequences", "gauge", "sequences in the running batch",
            [({"model": m}, s["active_sequences"]) for m, s in stats.items()])
+    metric("picochat_compiled_decode", "gauge", "1 once decode steps run compiled (picochat serve --fast), else 0",
+           [({"model": m}, s["compiled_decode"]) for m, s in stats.items()])
     return "\n".join(lines) + "\n"
 

@@ -64,7 +64,7 @@ def model_id(spec: str) -> str:
 def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue: int = 64,
               max_context: Optional[int] = 4096, quantize: Optional[str] = None,
               name: Optional[str] = None, retain_prefixes: bool = True,
-              max_request_tokens: int = 8192) -> ModelHost:
+              max_request_tokens: int = 8192, fast: str = "auto") -> ModelHost:
     """Load `spec` (smollm2, a .gguf file or a picochat checkpoint, with its image encoder if it has one); the
     app's lifespan starts its scheduler. retain_prefixes=False: no request's K/V outlive it (prompt caching
     across requests off)."""
@@ -95,6 +95,6 @@ def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue:
     default_system = default_system_prompt(tokenizer, from_gguf=gguf_source(spec) is not None)
     sched = worker.call(lambda: Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                                           max_context=max_context, worker=worker,
-                                          retain_prefixes=retain_prefixes))  # its cache: same thread
+                                          retain_prefixes=retain_prefixes, fast=fast))  # its cache: same thread
     return ModelHost(name or model_id(spec), model, tokenizer, sched, template, default_system, stops,
                      int(time.time()), max_request_tokens, vision, image_id)

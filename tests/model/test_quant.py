@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization (picochat/model/quant.py): close to the float model, inference only."""
+"""Weight-only int8 and int4 quantization (picochat/model/quant.py): close to the float model, inference only."""
 import copy
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 from picochat.errors import PicochatError
 from picochat.model.config import ModelConfig
 from picochat.model.gpt import GPT
-from picochat.model.quant import Int8Linear, is_quantized, quantize_int8, quantize_model, quantize_rows_int8
+from picochat.model.quant import (Int4Linear, Int8Linear, is_quantized, quantize_groups_int4, quantize_int4,
+                                  quantize_int8, quantize_model, quantize_rows_int8)
 
 
 def tiny(**kw):
@@ -106,11 +107,74 @@ def test_quantize_model_choices_and_load_model(tmp_path):
     torch.manual_seed(0)
     model = GPT(tiny()).eval()
     assert quantize_model(model, None) is model
-    with pytest.raises(PicochatError, match="unknown quantization"):
-        quantize_model(model, "int4")
+    with pytest.raises(PicochatError, match="unknown quantization 'int2'; use one of: int8, int4"):
+        quantize_model(model, "int2")
     save_model(model, tmp_path / "ckpt")
     loaded, _, _ = load_model(tmp_path / "ckpt", quantize="int8")
     assert is_quantized(loaded) and not loaded.training
+
+
+def test_int4_groups_round_trip_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(16, 96)
+    w[2] = 0.5  # a constant group: zero range must not divide by zero
+    q, s, lo = quantize_groups_int4(w, 32)
+    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) == 15 and s.shape == lo.shape == (16, 3)
+    deq = q.view(16, 3, 32).float() * s.float()[..., None] + lo.float()[..., None]
+    err = (deq - w.view(16, 3, 32)).abs()
+    assert (err <= s.float()[..., None] * 0.5 + 0.01 * w.abs().max()).all()  # half a step, plus bf16 scales
+
+
+def test_int4_linear_matches_its_dequantized_weight_and_the_float_linear():
+    """The kernel's product equals x times the dequantised weight, which is close to the float weight;
+    a prompt (>= PREFILL_ROWS rows: dequantise + GEMM) equals the kernel row by row."""
+    from picochat.model.quant import PREFILL_ROWS
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(128, 48, bias=True)
+    q = Int4Linear(lin.weight, lin.bias).eval()
+    assert q.weight_int4.dtype == torch.uint8 and q.weight_int4.numel() == 48 * 128 // 2
+    x = torch.randn(3, 5, 128)
+    with torch.no_grad():
+        y = q(x).float()
+        exact = x.to(torch.bfloat16).float() @ q.dequantized_weight().float().t() + lin.bias
+        ref = lin(x)
+        xp = torch.randn(2, PREFILL_ROWS, 128)
+        whole = q(xp)                                                              # one GEMM
+        rows = torch.cat([q(xp[:, i:i + 8]) for i in range(0, PREFILL_ROWS, 8)], dim=1)  # the kernel
+    assert (y - exact).abs().max() < 0.02 * exact.abs().max()
+    step = 2 * lin.weight.abs().max() / 15  # the widest a group's step can be
+    assert (q.dequantized_weight().float() - lin.weight).abs().max() < 0.55 * step  # half a step, + bf16 scales
+    assert (y - ref).abs().max() < 0.15 * ref.abs().max()
+    assert (whole - rows).abs().max() < 0.02 * rows.abs().max()
+
+
+@pytest.mark.parametrize("n", [192, 48])  # 48 rows: not the 64-row blocks unpack_int4 reads
+def test_int4_dequantized_weight_is_what_the_kernel_multiplies_by(n):
+    from picochat.model.quant import unpack_int4
+    torch.manual_seed(0)
+    q = Int4Linear(torch.randn(n, 96), None)
+    assert (unpack_int4(q.weight_int4, n, 96) is None) == (n % 64 != 0)
+    torch.testing.assert_close(q.dequantized_weight().float(), q.kernel_weight().float(), rtol=0.01, atol=1e-3)
+
+
+@pytest.mark.parametrize("cfg", [tiny(), tiny(n_embd=40, n_head=4, n_kv_head=4, tie_embeddings=False)])
+def test_tiny_model_int4_is_close_and_refuses_to_train(cfg):
+    """Layers the CPU kernel cannot take (K not a multiple of 32, N not a multiple of 16: the n_embd 40
+    model's, the 97-token LM head) fall back to int8."""
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    q = quantize_int4(copy.deepcopy(model))
+    kinds = {name: type(m).__name__ for name, m in q.named_modules() if isinstance(m, (Int4Linear, Int8Linear))}
+    assert kinds.pop("lm_head") == "Int8Linear"
+    assert set(kinds.values()) == ({"Int4Linear"} if cfg.n_embd % 32 == 0 else {"Int8Linear"}), kinds
+    idx = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        ref, out = model(idx)[0], q(idx)[0]
+    assert (out - ref).abs().max() < 0.25 * ref.abs().max()
+    assert q.num_params() == model.num_params()  # int4 weights count two per byte
+    q.train()
+    with pytest.raises(PicochatError, match="quantized to int"):
+        q(idx)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 (real weights)

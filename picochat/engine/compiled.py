@@ -1,0 +1,195 @@
+"""The decode step, compiled: one new token per running row through the whole model as one program.
+
+Eager PyTorch runs a SmolLM2-135M decode step as ~5-7k small ops (benchmarks/README.md's profile): the
+matmuls that stream the weights take about half of a step, launching and looping over tiny tensors the
+rest. TorchInductor traces `GPT.forward` for T = 1 and fuses everything between two matmuls (norms,
+RoPE, the softmax, SiLU, the residual adds) into generated C++ loops, so the step is the matmuls plus
+little else. The model's code is unchanged: this module only feeds it a cache whose writes are tensor
+indexing, so nothing in the step depends on Python integers that change from step to step.
+
+    decode_step(idx (B, 1), positions (B, 1), mask (B, 1, 1, T_k), K, V, cols (B,)) -> logits (B, 1, V)
+
+Row b writes its new K/V at column cols[b] of every layer's store (B', nkv, capacity, hs) and attends to
+columns 0..T_k-1 where mask[b] is True. Both caches fit this: the engine's KVCache (every row at one
+column, padding masked) and the scheduler's SlotCache (each row at its own length). Batch size, T_k and
+the capacity are symbolic (marked in `_warm_up`), so one graph serves every step; dynamo keeps sizes of
+1 apart, so batch 1 has a graph of its own. Heads and head size stay constants. The plain eager model
+stays the reference: tests/engine/test_fast_path*.py check both give the same greedy tokens.
+
+Where the time goes after compiling (SmolLM2, int4, batch 1, ~9 ms a step; benchmarks/README.md): the
+int4 matmuls ~4.5 ms, the ~120 fused kernels between them ~2.8 ms, dynamo's guard checks ~1.1 ms
+(they look at ~330 input tensors: weights and 60 cache tensors).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+import weakref
+from typing import Optional
+
+import torch
+
+from ..errors import PicochatError
+
+FAST_CHOICES = ("auto", "compile", "plain")
+# a one-off job shorter than this decodes faster plain: compiling costs 20-60 s, and saves ~10-20 ms a
+# token on SmolLM2-135M (picochat generate's auto)
+COMPILE_WORTH_TOKENS = 2000
+WARM_BATCHES = (1, 2)  # the graphs compiled ahead: batch 1, and every batch > 1 (dynamo specialises size 1)
+
+
+class _StepCache:
+    """KVCache.update for one decode step, on tensors only (see the module docstring)."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor, t_k: int):
+        self.k, self.v, self.cols, self.t_k = k, v, cols, t_k
+        self.rows = torch.arange(cols.size(0), device=cols.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """k, v (B, nkv, 1, hs) -> this layer's (B, nkv, T_k, hs) K and V, the new column included."""
+        B = k.size(0)
+        self.k[layer][self.rows, :, self.cols] = k[:, :, 0]  # advanced indices first: (B, nkv, hs)
+        self.v[layer][self.rows, :, self.cols] = v[:, :, 0]
+        return self.k[layer][:B, :, :self.t_k], self.v[layer][:B, :, :self.t_k]
+
+
+def decode_step(model, idx, positions, mask, k, v, cols):
+    """One token per row through `model` (the function that is compiled; eager, it is the plain step)."""
+    cache = _StepCache(k, v, cols, mask.size(-1))
+    return model(idx, kv_cache=cache, positions=positions, attn_mask=mask)[0]
+
+
+def unsupported(model) -> Optional[str]:
+    """Why `model` cannot take the compiled step, or None if it can."""
+    c = getattr(model, "config", None)
+    if c is None or not hasattr(model, "blocks"):
+        return "not a picochat GPT"
+    if c.pos == "alibi":
+        return "ALiBi biases are built from Python positions"
+    if getattr(c, "moe_experts", 0):
+        return "mixture-of-experts routing is data-dependent"
+    if next(model.parameters()).device.type != "cpu":
+        return "the compiled step is for CPUs (on GPUs the plain step is already kernel-bound)"
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        return "TorchInductor needs a C++ compiler (g++), none found"
+    return None
+
+
+def slower_compiled(model) -> bool:
+    """fp32 matmuls: SmolLM2 fp32 decodes at 19.8 tokens/s compiled against 22.7 plain (benchmarks/README.md).
+    The plain step runs them on oneDNN (model/layers.py), which TorchInductor cannot lower with symbolic
+    sizes, and its own fp32 GEMM is slower; bf16, int8 and int4 models gain 1.4-1.6x. `auto` leaves fp32
+    models plain; "compile" still compiles them (tested: the same greedy tokens)."""
+    return any(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 for m in model.modules())
+
+
+class DecodeStep:
+    """`decode_step` compiled for one model, or None of it: see `decoder_for`.
+
+    Compiling takes 20-120 s on 2 cores (TorchInductor's disk cache makes later processes faster). It
+    runs in a background thread, started when an engine or scheduler is made, so it overlaps with
+    whatever comes before the first answer (loading, a person typing); the first decode step then
+    waits for it (`usable`). It does not decode on the plain path meanwhile: tracing holds Python's
+    GIL for seconds at a time, and an eager step, which gives the GIL up at each of its thousands of
+    small ops, crawled 40x slower beside it (measured: 10 tokens in 17 s instead of 0.5 s).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.done = threading.Event()  # compiling ended, well (error None) or not
+        self.error: Optional[str] = None
+        # emulate_precision_casts: round bf16 intermediates inside fused kernels as eager rounds them
+        # (by default TorchInductor keeps them in fp32), so a bf16 model's greedy tokens stay the plain path's
+        self._fn = torch.compile(self._eager, fullgraph=True,  # (sizes made symbolic in _warm_up)
+                                 options={"emulate_precision_casts": True})
+        self._thread: Optional[threading.Thread] = None
+
+    def _eager(self, idx, positions, mask, k, v, cols):
+        return decode_step(self.model, idx, positions, mask, k, v, cols)
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                 k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
+        return self._fn(idx, positions, mask, k, v, cols)
+
+    def usable(self) -> bool:
+        """Wait until compiling has ended; True if it worked (else the caller takes the plain step)."""
+        self.done.wait()
+        return self.error is None
+
+    def start(self, wait: bool = False) -> "DecodeStep":
+        """Compile in the background (once); wait=True blocks until done and raises if it failed."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._warm_up, name="picochat-compile", daemon=True)
+            self._thread.start()
+        if wait:
+            self._thread.join()
+            if self.error:
+                raise PicochatError(f"compiling the decode step failed: {self.error}")
+        return self
+
+    @torch.no_grad()
+    def _warm_up(self) -> None:
+        """Compile both graphs on a scratch cache (never a caller's): batch 1, and any batch > 1."""
+        c, p = self.model.config, next(self.model.parameters())
+        try:
+            for B in WARM_BATCHES:
+                for t_k in (8, 9):  # a second length: one graph covers every T_k
+                    shape = (B, c.n_kv_head, 16, c.head_dim)
+                    k = [torch.zeros(shape, dtype=p.dtype) for _ in range(c.n_layer)]
+                    v = [torch.zeros(shape, dtype=p.dtype) for _ in range(c.n_layer)]
+                    cols = torch.full((B,), t_k - 1, dtype=torch.long)
+                    idx, mask = torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, 1, t_k, dtype=torch.bool)
+                    positions = cols.view(B, 1)
+                    # symbolic: the batch (B > 1 only: dynamo keeps sizes of 1 apart), T_k, the capacity;
+                    # the heads and head size stay constants, which the generated loops unroll and vectorise
+                    for t in k + v:
+                        torch._dynamo.mark_dynamic(t, [0, 2] if B > 1 else [2])
+                    torch._dynamo.mark_dynamic(mask, [0, 3] if B > 1 else [3])
+                    if B > 1:
+                        for t in (idx, positions, cols):
+                            torch._dynamo.mark_dynamic(t, 0)
+                    self(idx, positions, mask, k, v, cols)
+        except Exception as e:  # a compiler problem must never take the plain path down with it
+            self.error = f"{type(e).__name__}: {e}"[:500]
+            warnings.warn(f"picochat: compiling the decode step failed, decoding on the plain path: {self.error}")
+        finally:
+            self.done.set()
+
+
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DECODERS_LOCK = threading.Lock()
+
+
+def decoder_for(model, fast: str = "auto") -> Optional[DecodeStep]:
+    """The model's compiled decode step (one per model, shared by every engine on it: a new one per
+    engine would compile again), started in the background; None for the plain step.
+
+    fast: "auto" compiles in the background when `unsupported(model)` finds nothing in the way, compiling
+    pays (`slower_compiled`: not for fp32 models) and PICOCHAT_FAST (auto, compile or plain) does not say
+    otherwise; "compile" insists (an error says why
+    it cannot) and waits until the compiled step is ready; "plain" never compiles.
+    """
+    if fast not in FAST_CHOICES:
+        raise PicochatError(f"unknown decode path {fast!r}; use one of: {', '.join(FAST_CHOICES)}")
+    if fast == "auto":
+        env = os.environ.get("PICOCHAT_FAST", "auto")
+        if env not in FAST_CHOICES:
+            raise PicochatError(f"PICOCHAT_FAST={env!r}: use one of {', '.join(FAST_CHOICES)}")
+        fast = env
+    if fast == "plain":
+        return None
+    reason = unsupported(model)
+    if fast == "auto" and reason is None and slower_compiled(model):
+        return None
+    if reason:
+        if fast == "compile":
+            raise PicochatError(f"cannot compile this model's decode step: {reason}; use the plain path")
+        return None
+    with _DECODERS_LOCK:
+        step = _DECODERS.get(model)
+        if step is None:
+            step = _DECODERS[model] = DecodeStep(model)
+    return step.start(wait=fast == "compile")

@@ -1,0 +1,125 @@
+"""The compiled decode step (picochat/engine/compiled.py) against the plain eager step it replaces.
+
+Tiny models here (seconds to compile); tests/engine/test_fast_path_smollm2.py holds SmolLM2's token
+agreement in every dtype and quantization.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from picochat.engine import compiled
+from picochat.engine.compiled import decoder_for, slower_compiled, unsupported
+from picochat.engine.engine import Engine, SamplingParams
+from picochat.engine.scheduler import Request, Scheduler
+from picochat.errors import PicochatError
+from picochat.model.config import ModelConfig
+from picochat.model.gpt import GPT
+from picochat.model.quant import quantize_int4
+
+
+def tiny(pos="rope", seed=0, **kw):
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, block_size=256,
+                           pos=pos, **kw)).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny()
+
+
+def test_compiled_engine_gives_the_plain_tokens(model):
+    fast = Engine(model, fast="compile")
+    assert fast.decoder is not None and fast.decoder.done.is_set() and fast.decoder.error is None
+    plain = Engine(model, fast="plain")
+    assert plain.decoder is None
+    prompts = [[(5 * i + j) % 300 for j in range(4 + 9 * i)] for i in range(4)]
+    for p in prompts:  # batch 1, then the next turn extends the kept cache
+        assert fast.generate([p], max_tokens=30, temperature=0)[0].token_ids == \
+            plain.generate([p], max_tokens=30, temperature=0)[0].token_ids
+    longer = prompts[-1] + [1, 2, 3]
+    assert fast.generate([longer], max_tokens=20, temperature=0)[0].token_ids == \
+        plain.generate([longer], max_tokens=20, temperature=0)[0].token_ids
+    # a ragged batch: left padding hidden by the mask; rows finish at different steps and leave
+    sp = SamplingParams(max_tokens=25, temperature=0, stop_token_ids=(7,))
+    assert [r.token_ids for r in fast.generate(prompts, sp)] == [r.token_ids for r in plain.generate(prompts, sp)]
+    # sampled, with a seed: the same draws from the same logits
+    sp = SamplingParams(max_tokens=25, temperature=0.9, top_k=20, seed=3)
+    assert [r.token_ids for r in fast.generate(prompts[:2], sp)] == [r.token_ids for r in plain.generate(prompts[:2], sp)]
+
+
+def test_the_decode_step_is_one_graph_per_batch_kind(model):
+    """Every length and batch size after warm-up runs without recompiling (2 graphs: batch 1, batch > 1)."""
+    step = decoder_for(model, "compile")
+    c = model.config
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for B, t_k, cap in ((1, 40, 64), (3, 17, 32), (5, 100, 128), (1, 3, 8)):
+        k = [torch.randn(B, c.n_kv_head, cap, c.head_dim) for _ in range(c.n_layer)]
+        v = [torch.randn(B, c.n_kv_head, cap, c.head_dim) for _ in range(c.n_layer)]
+        k2, v2 = [t.clone() for t in k], [t.clone() for t in v]
+        cols = torch.full((B,), t_k - 1)
+        mask = torch.rand(B, 1, 1, t_k) > 0.3
+        mask[..., -1] = True
+        idx = torch.randint(0, 300, (B, 1))
+        out = step(idx, cols.view(B, 1), mask, k, v, cols)
+        ref = compiled.decode_step(model, idx, cols.view(B, 1), mask, k2, v2, cols)  # the same, eager
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(k[1], k2[1])  # the new column written in place, nothing else
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_compiled_scheduler_gives_the_plain_tokens(model):
+    prompts = [[(7 * i + j) % 300 for j in range(5 + 13 * i)] for i in range(5)]
+    lengths = [30, 12, 41, 8, 25]
+
+    def run(fast):
+        s = Scheduler(model, None, max_batch=3, prefill_chunk=16, fast=fast).start()
+        out, done = {}, threading.Event()
+
+        def cb(i):
+            def f(ev):
+                out.setdefault(i, []).extend(ev.token_ids)
+                if ev.finish_reason:
+                    finished.add(i)
+                    if len(finished) == len(prompts):
+                        done.set()
+            return f
+        finished: set = set()
+        try:
+            for i, (p, n) in enumerate(zip(prompts, lengths)):
+                s.submit(Request(p, SamplingParams(max_tokens=n, temperature=0), cb(i)))
+            assert done.wait(120)
+        finally:
+            s.stop()
+        return [out.get(i, []) for i in range(len(prompts))], s
+
+    fast, s = run("compile")
+    assert s.decoder is not None and s.decoder.usable() and s.stats()["compiled_decode"] == 1
+    plain, s = run("plain")
+    assert s.decoder is None and s.stats()["compiled_decode"] == 0  # (the /metrics gauge picochat_compiled_decode)
+    assert fast == plain and [len(t) for t in fast] == lengths
+
+
+def test_choices_and_what_cannot_be_compiled(model, monkeypatch):
+    with pytest.raises(PicochatError, match="unknown decode path 'fastest'"):
+        Engine(model, fast="fastest")
+    monkeypatch.setenv("PICOCHAT_FAST", "plain")
+    assert Engine(model).decoder is None  # auto follows the environment
+    monkeypatch.setenv("PICOCHAT_FAST", "turbo")
+    with pytest.raises(PicochatError, match="PICOCHAT_FAST='turbo'"):
+        Engine(model)
+    monkeypatch.setenv("PICOCHAT_FAST", "auto")
+    alibi = tiny("alibi")
+    assert "ALiBi" in unsupported(alibi)
+    assert Engine(alibi).decoder is None  # auto: the plain step, quietly
+    with pytest.raises(PicochatError, match="cannot compile.*ALiBi"):
+        Engine(alibi, fast="compile")
+    moe = tiny(moe_experts=4, moe_top_k=2)
+    assert "mixture-of-experts" in unsupported(moe)
+    assert decoder_for(model, "compile") is decoder_for(model, "compile")  # one per model, shared
+    assert slower_compiled(model) and decoder_for(model, "auto") is None  # fp32: plain is faster
+    assert not slower_compiled(quantize_int4(copy.deepcopy(model))) and not slower_compiled(tiny().to(torch.bfloat16))
