@@ -14,17 +14,19 @@ columns 0..T_k-1 where mask[b] is True. Both caches fit this: the engine's KVCac
 column, padding masked) and the scheduler's SlotCache (each row at its own length). Batch size, T_k and
 the capacity are symbolic (marked in `_warm_up`), so one graph serves every step; dynamo keeps sizes of
 1 apart, so batch 1 has a graph of its own. Heads and head size stay constants. The plain eager model
-stays the reference: tests/engine/test_fast_path*.py check both give the same greedy tokens.
+stays the reference: tests/engine/test_fast_path*.py check that fp32 (and the tiny test models) give
+exactly its greedy tokens, and that bf16 and int4 stay as close to fp32 as their eager paths do.
 
-Where the time goes after compiling (SmolLM2, int4, batch 1, ~9 ms a step; benchmarks/README.md): the
-int4 matmuls ~4.5 ms, the ~120 fused kernels between them ~2.8 ms, dynamo's guard checks ~1.1 ms
-(they look at ~330 input tensors: weights and 60 cache tensors).
+Where the time goes after compiling (SmolLM2 int4, batch 1: benchmarks/README.md's profile): the
+matmuls about half, the ~120 fused kernels between them a quarter, dynamo's guard checks ~1 ms (they
+look at ~330 input tensors: the weights and 60 cache tensors).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import threading
+import types
 import warnings
 import weakref
 from typing import Optional
@@ -78,7 +80,7 @@ def unsupported(model) -> Optional[str]:
 
 
 def slower_compiled(model) -> bool:
-    """fp32 matmuls: SmolLM2 fp32 decodes at 19.8 tokens/s compiled against 22.7 plain (benchmarks/README.md).
+    """fp32 matmuls: SmolLM2 fp32 decodes at 17.8-19.8 tokens/s compiled, 22.3-22.7 plain (benchmarks/decode.py).
     The plain step runs them on oneDNN (model/layers.py), which TorchInductor cannot lower with symbolic
     sizes, and its own fp32 GEMM is slower; bf16, int8 and int4 models gain 1.4-1.6x. `auto` leaves fp32
     models plain; "compile" still compiles them (tested: the same greedy tokens)."""
@@ -100,19 +102,21 @@ class DecodeStep:
         self.model = model
         self.done = threading.Event()  # compiling ended, well (error None) or not
         self.error: Optional[str] = None
-        # emulate_precision_casts: round bf16 intermediates inside fused kernels as eager rounds them
-        # (by default TorchInductor keeps them in fp32), so a bf16 model's greedy tokens stay the plain path's
-        self._fn = torch.compile(self._eager, fullgraph=True,  # (sizes made symbolic in _warm_up)
-                                 options={"emulate_precision_casts": True})
+        # emulate_precision_casts: round bf16 intermediates inside fused kernels where eager rounds them (by
+        # default TorchInductor keeps them in fp32); sums still run in another order, so a bf16 model's
+        # greedy tokens can part from eager's at a near-tie (tests/engine/test_fast_path_smollm2.py)
+        # a code object of its own: dynamo keeps compiled graphs, and counts them against its recompile
+        # limit (8), per code object; shared, a process with a few models (tests; RL's policy and
+        # reference) would hit the limit and, fullgraph, fail
+        fn = decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}")
+        self._fn = torch.compile(types.FunctionType(fn, decode_step.__globals__), fullgraph=True,
+                                 options={"emulate_precision_casts": True})  # (sizes made symbolic in _warm_up)
         self._thread: Optional[threading.Thread] = None
-
-    def _eager(self, idx, positions, mask, k, v, cols):
-        return decode_step(self.model, idx, positions, mask, k, v, cols)
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
-        return self._fn(idx, positions, mask, k, v, cols)
+        return self._fn(self.model, idx, positions, mask, k, v, cols)
 
     def usable(self) -> bool:
         """Wait until compiling has ended; True if it worked (else the caller takes the plain step)."""
@@ -169,8 +173,8 @@ def decoder_for(model, fast: str = "auto") -> Optional[DecodeStep]:
 
     fast: "auto" compiles in the background when `unsupported(model)` finds nothing in the way, compiling
     pays (`slower_compiled`: not for fp32 models) and PICOCHAT_FAST (auto, compile or plain) does not say
-    otherwise; "compile" insists (an error says why
-    it cannot) and waits until the compiled step is ready; "plain" never compiles.
+    otherwise; "compile" insists (an error says why it cannot) and waits until the compiled step is
+    ready; "plain" never compiles.
     """
     if fast not in FAST_CHOICES:
         raise PicochatError(f"unknown decode path {fast!r}; use one of: {', '.join(FAST_CHOICES)}")

@@ -192,7 +192,6 @@ class SlotCache:
                 self.lengths[i] += 1
         return self.k[layer][:n, :, :T_k], self.v[layer][:n, :, :T_k]
 
-
     def advance(self) -> None:
         """Every running row gained one column outside update() (the compiled decode step wrote it)."""
         for i in range(self.n):

@@ -34,8 +34,12 @@ def smollm2():
 
 
 @pytest.fixture(autouse=True)
-def batch_one_graph(monkeypatch):
+def batch_one_graph_two_threads(monkeypatch):
     monkeypatch.setattr(compiled, "WARM_BATCHES", (1,))  # these tests decode one row: one graph to compile
+    n = torch.get_num_threads()
+    torch.set_num_threads(2)  # (tests/engine/conftest.py pins 1 thread for the tiny models)
+    yield
+    torch.set_num_threads(n)
 
 
 def variant(model, kind):
@@ -73,22 +77,16 @@ def test_compiled_fp32_step_gives_the_plain_greedy_tokens(smollm2):
 def test_reduced_precision_compiled_steps_stay_close_to_fp32(smollm2, kind):
     """bf16 and quantized paths, compiled: next-token agreement with the fp32 model at >= 95% of a
     paragraph's positions and KL <= 0.01 nats. (Not bit-identical to their own eager path: fused
-    kernels sum in another order, and a near-tie can flip; how often is printed.)"""
+    kernels sum in another order, and a near-tie can flip: in one measurement bf16's greedy tokens on
+    PROMPTS ran 212 of 320 before the first difference, int8's 261; benchmarks/decode.py counts them.)"""
     model, tok = smollm2
-    m = variant(model, kind)
-    fast, plain = Engine(m, tok, fast="compile"), Engine(m, tok, fast="plain")
+    fast = Engine(variant(model, kind), tok, fast="compile")
     ids = tok.encode(PARAGRAPH)
     ref = paragraph_logits(Engine(model, tok, fast="plain"), ids)
     out = paragraph_logits(fast, ids)
     agree = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
     kl = float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                           reduction="none").sum(-1).mean())
-    same = 0
-    for p in PROMPTS:
-        a = fast.generate([tok.encode(p)], max_tokens=64, temperature=0)[0].token_ids
-        b = plain.generate([tok.encode(p)], max_tokens=64, temperature=0)[0].token_ids
-        same += next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    print(f"{kind} compiled: next-token agreement with fp32 {agree:.3f} over {len(ids)} positions, "
-          f"KL {kl:.4f} nats; greedy tokens before the first difference from its eager path: {same}/{64 * len(PROMPTS)}")
+    print(f"{kind} compiled: next-token agreement with fp32 {agree:.3f} over {len(ids)} positions, KL {kl:.4f} nats")
     # int8's per-row grid re-rounds SmolLM2's 4-bit groups: 0.93-0.95 agreement (README); int4 keeps the grid
     assert agree >= (0.92 if kind == "int8" else 0.95) and kl <= 0.01, (agree, kl)
