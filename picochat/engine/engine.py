@@ -391,8 +391,9 @@ class Engine:
             B, pos = idx.size(0), cache.pos
             cache.reserve(pos + 1)
             cols = torch.full((B,), pos, dtype=torch.long, device=self.device)
-            mask = torch.ones(B, 1, 1, pos + 1, dtype=torch.bool, device=self.device)
-            if pad is not None:  # (B, 1, 1, T_k): a row's padding stays hidden
+            if pad is None:  # (B, 1, 1, T_k): every key so far; with padding, a row's padding hidden
+                mask = torch.ones(B, 1, 1, pos + 1, dtype=torch.bool, device=self.device)
+            else:
                 mask = (torch.arange(pos + 1, device=self.device)[None, :] >= pad[:, None]).view(B, 1, 1, -1)
             logits = self.decoder(idx, (cols if pad is None else cols - pad).view(B, 1), mask, cache.k, cache.v, cols)
             cache.advance(1)
