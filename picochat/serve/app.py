@@ -24,7 +24,7 @@ from .guard import GuardMiddleware, as_keys, normalize_allowed, normalize_origin
 STATIC = Path(__file__).parent / "static"
 
 WEB_DEFAULTS = {"temperature": 0.7, "top_p": 0.9, "top_k": None, "min_p": None, "repetition_penalty": 1.1,
-                "max_tokens": 512}
+                "max_tokens": 512, "seed": None}
 
 
 def _error(status: int, message: str, param=None, type="invalid_request_error", code=None, headers=None):

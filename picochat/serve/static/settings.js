@@ -5,8 +5,8 @@ import { api, showError } from "./api.js";
 import { state } from "./store.js";
 
 const SETTINGS_STORAGE = "picochat.settings";
-export const SAMPLING = ["temperature", "top_p", "top_k", "max_tokens", "repetition_penalty"];
-const INTS = new Set(["top_k", "max_tokens"]);
+export const SAMPLING = ["temperature", "top_p", "top_k", "max_tokens", "repetition_penalty", "seed"];
+const INTS = new Set(["top_k", "max_tokens", "seed"]);
 
 function defaults() { return (state.config && state.config.defaults) || {}; }
 
