@@ -24,7 +24,7 @@ CHILD = """
 import sys, time, torch
 from picochat.checkpoints.io import load_model
 t = time.perf_counter()
-kind = sys.argv[2]  # fp32, bf16, or int8/int4 (quantized from the fp32 weights)
+kind = sys.argv[2]  # fp32, bf16, or int8/int4 (quantized from fp32 at first, then their own cache)
 quantized = kind in ("int8", "int4")
 load_model(sys.argv[1], dtype=None if quantized else {"fp32": torch.float32, "bf16": torch.bfloat16}[kind],
            quantize=kind if quantized else None)

@@ -122,7 +122,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
     from .gguf import gguf_source
     gguf_file = gguf_source(path)
     if gguf_file is not None:  # converted once, then read back from picochat's own format (gguf_cache.py)
-        from .gguf_cache import load_cached
+        from .gguf_cache import load_cached, load_cached_quantized
+        if quantize and torch.device(device).type == "cpu":  # (int8/int4 weights cached as they are made)
+            model, tokenizer = load_cached_quantized(gguf_file, quantize, dtype)
+            return model, tokenizer, gguf_file
         model, tokenizer = load_cached(gguf_file, torch.float32 if quantize else dtype)  # (int8: from fp32)
         return place_model(model, device, dtype, quantize), tokenizer, gguf_file
     ckpt = resolve_checkpoint(path)

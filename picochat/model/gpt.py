@@ -90,18 +90,21 @@ class GPT(nn.Module):
             self.register_buffer("alibi_slopes", alibi_slopes(config.n_head), persistent=False)
 
     @classmethod
-    def from_state(cls, config: ModelConfig, state: dict[str, torch.Tensor]) -> "GPT":
+    def from_state(cls, config: ModelConfig, state: dict[str, torch.Tensor], frame=None) -> "GPT":
         """A GPT holding exactly `state`'s tensors (their dtype and memory: no second copy). Its own weights
         are never initialised: allocated untouched (so never resident), then replaced by the state's.
-        (The meta device would do the same, but its first use imports ~2 s of torch's decompositions.)"""
+        (The meta device would do the same, but its first use imports ~2 s of torch's decompositions.)
+        frame(model), if given, reshapes the fresh model first (a quantized one's modules: model/quant.py)."""
         with _skip_init():
             model = cls(config)
+        if frame is not None:
+            frame(model)
         result = model.load_state_dict(state, strict=False, assign=True)
         missing = set(result.missing_keys) - ({"lm_head.weight"} if config.tie_embeddings else set())
         if missing or result.unexpected_keys:  # (a weight left out would stay uninitialised memory)
             raise PicochatError(f"the weights do not fit the model: missing {sorted(missing)[:3]}, "
                                 f"unexpected {sorted(result.unexpected_keys)[:3]}")
-        if config.tie_embeddings:
+        if config.tie_embeddings and isinstance(model.lm_head, nn.Linear):  # (a quantized head is a copy)
             model.lm_head.weight = model.tok_emb.weight
         return model
 

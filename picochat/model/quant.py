@@ -71,6 +71,17 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
+    @classmethod
+    def empty(cls, n: int, k: int, bias: bool) -> "Int8Linear":
+        """Buffers of the right shapes, unfilled: for a saved state to be assigned into (`quantized_skeleton`)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.out_features, m.in_features = n, k
+        m.register_buffer("weight_int8", torch.empty(n, k, dtype=torch.int8))
+        m.register_buffer("scale", torch.empty(n, dtype=KERNEL_DTYPE))
+        m.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
+        return m
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
 
@@ -123,6 +134,17 @@ class Int4Linear(nn.Module):
         zero = (lo.float() + 8 * scale.float()).to(KERNEL_DTYPE)
         self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def empty(cls, n: int, k: int, bias: bool, group: int = INT4_GROUP) -> "Int4Linear":
+        """Buffers of the right shapes, unfilled: for a saved state to be assigned into (`quantized_skeleton`)."""
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.out_features, m.in_features, m.group = n, k, group
+        m.register_buffer("weight_int4", torch.empty(n, k // 2, dtype=torch.uint8))
+        m.register_buffer("scale_zero", torch.empty(k // group, n, 2, dtype=KERNEL_DTYPE))
+        m.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
+        return m
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -212,7 +234,36 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.float32, group: i
     if next(model.parameters()).device.type != "cpu":
         raise PicochatError("int4 weights run on PyTorch's CPU kernel; on a GPU use int8 or bf16")
     return _quantize(model, dtype, lambda name, m: Int4Linear(m.weight, m.bias, group)
-                     if int4_fits(m, group) and name != "lm_head" else Int8Linear(m.weight, m.bias))
+                     if _takes_int4(name, m, group) else Int8Linear(m.weight, m.bias))
+
+
+def _takes_int4(name: str, m: nn.Linear, group: int = INT4_GROUP) -> bool:
+    return int4_fits(m, group) and name != "lm_head"
+
+
+def _swap_linears(model: nn.Module, make) -> None:
+    """Each nn.Linear of `model` (not a MoE router) replaced by make(name, linear)."""
+    # a mixture-of-experts router (model/moe.py) stays in floating point: it is tiny (d x N), and rounding
+    # its logits would flip near-tied top-k choices, a discrete change of which experts run
+    from .moe import MoEFeedForward
+    routers = {id(m.router) for m in model.modules() if isinstance(m, MoEFeedForward)}
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in routers]
+    for name, m in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make(name, m))
+
+
+def quantized_skeleton(model: nn.Module, method: str, group: int = INT4_GROUP) -> nn.Module:
+    """`model` with the modules quantize_model(model, method) puts in, left empty (their buffers allocated,
+    not filled): the frame a saved quantized state is assigned into (checkpoints/gguf_cache.py), so a
+    cached int8/int4 model loads without the fp32 weights it was made from."""
+    if method not in QUANTIZE_CHOICES:
+        raise PicochatError(f"unknown quantization {method!r}; use one of: {', '.join(QUANTIZE_CHOICES)}")
+    four = method == "int4"
+    _swap_linears(model, lambda name, m: (Int4Linear.empty if four and _takes_int4(name, m, group) else Int8Linear.empty)(
+        m.out_features, m.in_features, m.bias is not None))
+    return model.eval()
 
 
 def _quantize(model: nn.Module, dtype: torch.dtype, make) -> nn.Module:
@@ -220,23 +271,20 @@ def _quantize(model: nn.Module, dtype: torch.dtype, make) -> nn.Module:
         raise PicochatError("this model is already quantized")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise PicochatError(f"quantize: activations dtype must be bf16, fp16 or fp32, not {dtype}")
-    # a mixture-of-experts router (model/moe.py) stays in floating point: it is tiny (d x N), and rounding
-    # its logits would flip near-tied top-k choices, a discrete change of which experts run
-    from .moe import MoEFeedForward
-    routers = {id(m.router) for m in model.modules() if isinstance(m, MoEFeedForward)}
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and id(m) not in routers]
-    for name, m in targets:  # quantized from the weights as they are (fp32 from a checkpoint or GGUF)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(name, m))
+    _swap_linears(model, make)  # quantized from the weights as they are (fp32 from a checkpoint or GGUF)
+    return finish_quantized(model, dtype)
+
+
+def finish_quantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """The rest of a quantized model (embeddings, norms, tables) cast to the activations' `dtype`; the
+    scales stay in the kernels' dtype. In eval mode."""
     model.to(dtype)  # floats only: integer buffers stay; the scales go back to the kernel's dtype below
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.scale = m.scale.to(KERNEL_DTYPE)
         elif isinstance(m, Int4Linear):
             m.scale_zero = m.scale_zero.to(KERNEL_DTYPE)
-    model.eval()
-    return model
+    return model.eval()
 
 
 def quantize_model(model: nn.Module, method: Optional[str], dtype: Optional[torch.dtype] = None) -> nn.Module:

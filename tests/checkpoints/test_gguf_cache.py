@@ -1,6 +1,6 @@
 """Converted GGUF weights cached in picochat's format: the cached model equals the freshly converted one exactly,
 the cache is keyed by the file's content, a damaged cache is converted again, and a cached SmolLM2 loads in
-bf16 within a few hundred MB."""
+bf16 within a few hundred MB. Quantized loads (int8, int4) have a cache of their own, with the same promises."""
 from __future__ import annotations
 
 import json
@@ -59,19 +59,62 @@ def test_the_cache_follows_the_file_and_survives_damage(home, tmp_path):
     assert torch.equal(logits(again), logits(b))
 
 
+@pytest.mark.parametrize("method,dtype", [("int8", torch.float32), ("int4", torch.float32), ("int4", torch.bfloat16)])
+def test_the_cached_quantized_model_is_the_quantized_one(home, tmp_path, monkeypatch, method, dtype):
+    from picochat.model.quant import Int4Linear, Int8Linear
+    f = tmp_path / "tiny.gguf"
+    write_tiny_gguf(f)
+    monkeypatch.setenv("PICOCHAT_NO_CACHE", "1")
+    fresh, tok, _ = load_model(f, dtype=dtype, quantize=method)  # quantized from the conversion, nothing written
+    assert not (home / "converted").exists()
+    monkeypatch.delenv("PICOCHAT_NO_CACHE")
+    first, _, _ = load_model(f, dtype=dtype, quantize=method)      # converts, quantizes, caches both
+    names = sorted(p.name.split("-", 1)[1] for p in (home / "converted").iterdir() if p.is_dir())
+    assert names[0] == "fp32" and names[1].startswith(f"{method}-{'bf16' if dtype == torch.bfloat16 else 'fp32'}-torch")
+    cached, _, _ = load_model(f, dtype=dtype, quantize=method)     # reads the quantized weights
+    kinds = {type(m) for m in cached.modules() if isinstance(m, (Int8Linear, Int4Linear))}
+    assert kinds == ({Int8Linear} if method == "int8" else {Int8Linear, Int4Linear})  # (int4's head is int8)
+    want = fresh.state_dict()
+    assert all(torch.equal(v, want[k]) and v.dtype == want[k].dtype for k, v in cached.state_dict().items())
+    assert {n: b.dtype for n, b in cached.named_buffers()} == {n: b.dtype for n, b in fresh.named_buffers()}
+    assert torch.equal(logits(fresh), logits(first)) and torch.equal(logits(fresh), logits(cached))
+    with pytest.raises(Exception, match="inference only"):  # still refuses to train
+        cached.train()(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_damaged_or_foreign_quantized_cache_is_made_again(home, tmp_path):
+    f = tmp_path / "tiny.gguf"
+    write_tiny_gguf(f)
+    want, _, _ = load_model(f, quantize="int4")
+    folder = next(p for p in (home / "converted").iterdir() if "-int4-" in p.name)
+    (folder / "model.pt").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="unreadable"):
+        again, _, _ = load_model(f, quantize="int4")
+    assert torch.equal(logits(again), logits(want))
+    # the right names and shapes, but a float where the packed int4 weights belong: refused, not run
+    state = torch.load(folder / "model.pt", weights_only=True)
+    key = next(k for k in state if k.endswith("weight_int4"))
+    state[key] = state[key].float()
+    torch.save(state, folder / "model.pt")
+    with pytest.warns(UserWarning, match="unreadable.*weight_int4"):
+        again, _, _ = load_model(f, quantize="int4")
+    assert torch.equal(logits(again), logits(want))
+
+
 @pytest.mark.slow
 def test_a_cached_smollm2_loads_within_700_mb(home):
     """The acceptance: after the first run, `picochat chat smollm2` loads in bf16 (what auto picks here)
     or fp32 with its peak RSS under 700 MB (the fp32 GGUF conversion peaks near 1.7 GB)."""
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over execve from the forking parent (this test process)
     code = ("import torch, sys\nfrom picochat.checkpoints.io import load_model\n"
-            "m, t, _ = load_model('smollm2', dtype=getattr(torch, sys.argv[1]))\n"
+            "q = sys.argv[1] if sys.argv[1].startswith('int') else None\n"
+            "m, t, _ = load_model('smollm2', dtype=None if q else getattr(torch, sys.argv[1]), quantize=q)\n"
             "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
             "print(int(hwm.split()[1]) // 1024)")
     peaks = {}
-    for dtype in ("bfloat16", "float32"):
+    for dtype in ("bfloat16", "float32", "int4"):  # (int4: quantized from fp32 at first, ~1.3 GB then)
         for run in ("first", "cached"):
             out = subprocess.run([sys.executable, "-c", code, dtype], capture_output=True, text=True, check=True)
             peaks[dtype, run] = int(out.stdout.split()[-1])
-    assert peaks["bfloat16", "cached"] < 700 and peaks["float32", "cached"] < 700, peaks
-    assert peaks["bfloat16", "first"] > peaks["bfloat16", "cached"], peaks
+    assert all(peaks[d, "cached"] < 700 for d in ("bfloat16", "float32", "int4")), peaks
+    assert peaks["bfloat16", "first"] > peaks["bfloat16", "cached"] and peaks["int4", "first"] > peaks["int4", "cached"], peaks
