@@ -131,18 +131,39 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
         kth = torch.topk(logits, k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[..., 0] = False  # even when top_p rounds to 0 in float32 (1e-300 did, dropping every token)
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        logits = _top_p(logits, top_p)
     if min_p:
         # p_i >= min_p * p_max  <=>  z_i >= z_max + log(min_p): no softmax needed
         z_max = logits.amax(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < z_max + math.log(min_p), float("-inf"))
     return logits
+
+
+# top-p looks at the most likely TOP_P_CANDIDATES tokens first: sorting a whole 49k vocabulary costs ~1.8 ms a
+# row on the project's CPU, topk(128) ~0.07 ms, and a nucleus is nearly always smaller than that; a row
+# whose nucleus is larger (a flat distribution) is sorted whole
+TOP_P_CANDIDATES = 128
+
+
+def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """logits (B, V) with every token outside each row's nucleus set to -inf."""
+    k = min(TOP_P_CANDIDATES, logits.size(-1))
+    top, order = torch.topk(logits, k, dim=-1)  # (B, k), most likely first
+    probs = torch.softmax(logits, dim=-1).gather(-1, order)
+    # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
+    before = probs.cumsum(dim=-1) - probs
+    drop = before >= top_p
+    drop[..., 0] = False  # even when top_p rounds to 0 in float32 (1e-300 did, dropping every token)
+    out = torch.full_like(logits, float("-inf")).scatter(-1, order, top.masked_fill(drop, float("-inf")))
+    short = (before[:, -1] + probs[:, -1] < top_p).nonzero().flatten()  # nucleus not within the k: sort
+    if short.numel():
+        sorted_logits, order = torch.sort(logits[short], descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[..., 0] = False
+        out[short] = torch.full_like(sorted_logits, float("-inf")).scatter(
+            -1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return out
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -167,7 +188,18 @@ def draw(z: torch.Tensor, temperature: float, generator: Optional[torch.Generato
     """Next ids (B,) from next_distribution's logits: argmax if greedy, else a sample of softmax(z)."""
     if temperature < GREEDY_BELOW:
         return z.argmax(dim=-1)
-    return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator).squeeze(-1)
+    # inverse transform sampling: the first token whose cumulative probability passes u ~ U[0, total).
+    # torch.multinomial draws from the same distribution ~40x slower at a 49k vocabulary (19 ms against
+    # 0.5 for 16 rows on the project's CPU), a third of a 16-row serving step
+    probs = torch.softmax(z, dim=-1)
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    u = torch.rand(z.size(0), 1, generator=generator, device=z.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # right=True: c > u, so a token of probability 0 (its c equals the one before) is never the first
+    picks = torch.searchsorted(cdf, u, right=True).clamp_(max=z.size(-1) - 1)  # (B, 1)
+    bad = probs.gather(-1, picks).squeeze(-1) <= 0  # u rounded up to the total (one in ~2^24 draws)
+    if bool(bad.any()):
+        picks[bad] = torch.multinomial(probs[bad], 1, generator=generator)
+    return picks.squeeze(-1)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from picochat.engine.sampling import Utf8Stream, check_sampling, filter_logits, sample_next
+from picochat.engine import sampling
+from picochat.engine.sampling import Utf8Stream, check_sampling, draw, filter_logits, sample_next
 from picochat.errors import PicochatError
 
 
@@ -25,6 +26,53 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
     shuffled = logits[:, [2, 0, 3, 1]]  # order of the vocabulary must not matter
     assert torch.isfinite(filter_logits(shuffled, top_p=0.79)).tolist() == [[False, True, False, True]]
+
+
+def nucleus_by_sorting(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The textbook nucleus (sort the whole vocabulary, keep until the mass reaches p): the oracle."""
+    keep = torch.zeros_like(logits, dtype=torch.bool)
+    for b, row in enumerate(logits.double()):
+        order = torch.argsort(row, descending=True)
+        mass = 0.0
+        for i in order.tolist():
+            keep[b, i] = True
+            mass += float(torch.softmax(row, 0)[i])
+            if mass >= top_p:
+                break
+    return keep
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_top_p_over_a_large_vocabulary_matches_sorting_it(top_p):
+    """filter_logits looks at the 128 most likely tokens first and sorts a row whole only when its nucleus
+    is larger: peaked rows (the fast path), flat rows (the fallback) and a mixed batch keep what sorting
+    keeps."""
+    g = torch.Generator().manual_seed(0)
+    V = 3000
+    peaked = torch.randn(4, V, generator=g) * 4   # nucleus of a few tokens
+    flat = torch.randn(3, V, generator=g) * 0.2   # nucleus of hundreds: more than the 128 candidates
+    for logits in (peaked, flat, torch.cat([flat[:1], peaked, flat[1:]])):
+        kept = torch.isfinite(filter_logits(logits, top_p=top_p))
+        want = nucleus_by_sorting(logits, top_p)
+        assert torch.equal(kept, want), (kept.sum(-1), want.sum(-1))
+        kept_logits = filter_logits(logits, top_p=top_p)
+        assert torch.equal(kept_logits[kept], logits[kept])  # the kept logits are untouched
+    assert nucleus_by_sorting(flat, 0.9).sum(-1).min() > sampling.TOP_P_CANDIDATES  # (the fallback ran)
+
+
+def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
+    """Inverse transform sampling (draw) against the probabilities, on a 20,000-row batch: every frequency
+    within 4 standard errors, and a -inf logit (filtered out) or zero-probability token never drawn."""
+    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
+    z = p.log().repeat(20000, 1)
+    z[:, 2] = float("-inf")  # filtered, e.g. by top-k: the rest renormalised
+    want = torch.tensor([0.5, 0.25, 0.0, 0.1, 0.0]) / 0.85
+    ids = draw(z, 1.0, torch.Generator().manual_seed(1))
+    freq = torch.bincount(ids, minlength=5).double() / len(ids)
+    se = (want * (1 - want) / len(ids)).sqrt()
+    assert (freq - want).abs().le(4 * se + 1e-12).all(), (freq, want)
+    assert freq[2] == 0 and freq[4] == 0
+    assert torch.equal(ids, draw(z, 1.0, torch.Generator().manual_seed(1)))  # seeded: the same draws
 
 
 def test_sampling_follows_the_distribution_and_seed():
