@@ -123,7 +123,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
     gguf_file = gguf_source(path)
     if gguf_file is not None:  # converted once, then read back from picochat's own format (gguf_cache.py)
         from .gguf_cache import load_cached, load_cached_quantized
-        if quantize and torch.device(device).type == "cpu":  # (int8/int4 weights cached as they are made)
+        if quantize not in (None, "", "none") and torch.device(device).type == "cpu":  # (cached as made)
             model, tokenizer = load_cached_quantized(gguf_file, quantize, dtype)
             return model, tokenizer, gguf_file
         model, tokenizer = load_cached(gguf_file, torch.float32 if quantize else dtype)  # (int8: from fp32)

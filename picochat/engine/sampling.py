@@ -139,6 +139,10 @@ def filter_logits(logits: torch.Tensor, top_k: Optional[int] = None, top_p: Opti
     return logits
 
 
+# how a seed becomes tokens: 2 = inverse transform draws (1 was torch.multinomial); the server's
+# system_fingerprint names it, so a client can tell a seed may give another answer than before
+SAMPLER_VERSION = 2
+
 # top-p looks at the most likely TOP_P_CANDIDATES tokens first: sorting a whole 49k vocabulary costs ~1.8 ms a
 # row on the project's CPU, topk(128) ~0.07 ms, and a nucleus is nearly always smaller than that; a row
 # whose nucleus is larger (a flat distribution) is sorted whole
@@ -146,7 +150,9 @@ TOP_P_CANDIDATES = 128
 
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """logits (B, V) with every token outside each row's nucleus set to -inf."""
+    """logits (..., V) with every token outside each row's nucleus set to -inf."""
+    if logits.dim() != 2:
+        return _top_p(logits.reshape(-1, logits.size(-1)), top_p).view(logits.shape)
     k = min(TOP_P_CANDIDATES, logits.size(-1))
     top, order = torch.topk(logits, k, dim=-1)  # (B, k), most likely first
     probs = torch.softmax(logits, dim=-1).gather(-1, order)
@@ -190,13 +196,15 @@ def draw(z: torch.Tensor, temperature: float, generator: Optional[torch.Generato
         return z.argmax(dim=-1)
     # inverse transform sampling: the first token whose cumulative probability passes u ~ U[0, total).
     # torch.multinomial draws from the same distribution ~40x slower at a 49k vocabulary (19 ms against
-    # 0.5 for 16 rows on the project's CPU), a third of a 16-row serving step
-    probs = torch.softmax(z, dim=-1)
+    # 0.5 for 16 rows on the project's CPU, where a 16-row serving step takes ~100 ms)
+    probs = torch.softmax(z.float(), dim=-1)
     cdf = probs.cumsum(dim=-1)  # (B, V)
     u = torch.rand(z.size(0), 1, generator=generator, device=z.device, dtype=cdf.dtype) * cdf[:, -1:]
     # right=True: c > u, so a token of probability 0 (its c equals the one before) is never the first
     picks = torch.searchsorted(cdf, u, right=True).clamp_(max=z.size(-1) - 1)  # (B, 1)
-    bad = probs.gather(-1, picks).squeeze(-1) <= 0  # u rounded up to the total (one in ~2^24 draws)
+    # u rounded up to the total (one in ~2^24 draws), or a NaN row, which multinomial refuses (Unsampleable's
+    # callers sanitize first; a row that still gets here must fail, not yield a token)
+    bad = ~(probs.gather(-1, picks).squeeze(-1) > 0)
     if bool(bad.any()):
         picks[bad] = torch.multinomial(probs[bad], 1, generator=generator)
     return picks.squeeze(-1)

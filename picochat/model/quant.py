@@ -42,6 +42,9 @@ import torch.nn.functional as F
 from ..errors import PicochatError
 
 QUANTIZE_CHOICES = ("int8", "int4")
+# raise it whenever quantize_rows_int8 / quantize_groups_int4 round differently: cached quantized weights
+# (checkpoints/gguf_cache.py) are keyed by it
+QUANT_VERSION = 1
 INT4_GROUP = 32  # weights per scale/minimum: llama.cpp's Q4 block size
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 64  # from this many rows on, dequantize + GEMM beats the int8 matrix-vector kernel (measured)
@@ -261,8 +264,10 @@ def quantized_skeleton(model: nn.Module, method: str, group: int = INT4_GROUP) -
     if method not in QUANTIZE_CHOICES:
         raise PicochatError(f"unknown quantization {method!r}; use one of: {', '.join(QUANTIZE_CHOICES)}")
     four = method == "int4"
-    _swap_linears(model, lambda name, m: (Int4Linear.empty if four and _takes_int4(name, m, group) else Int8Linear.empty)(
-        m.out_features, m.in_features, m.bias is not None))
+    def make(name, m):
+        empty = Int4Linear.empty if four and _takes_int4(name, m, group) else Int8Linear.empty
+        return empty(m.out_features, m.in_features, m.bias is not None)
+    _swap_linears(model, make)
     return model.eval()
 
 

@@ -4,8 +4,10 @@ bf16 within a few hundred MB. Quantized loads (int8, int4) have a cache of their
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -69,9 +71,14 @@ def test_the_cached_quantized_model_is_the_quantized_one(home, tmp_path, monkeyp
     assert not (home / "converted").exists()
     monkeypatch.delenv("PICOCHAT_NO_CACHE")
     first, _, _ = load_model(f, dtype=dtype, quantize=method)      # converts, quantizes, caches both
+    from picochat.model import quant
     names = sorted(p.name.split("-", 1)[1] for p in (home / "converted").iterdir() if p.is_dir())
-    assert names[0] == "fp32" and names[1].startswith(f"{method}-{'bf16' if dtype == torch.bfloat16 else 'fp32'}-torch")
-    cached, _, _ = load_model(f, dtype=dtype, quantize=method)     # reads the quantized weights
+    assert names[0] == "fp32" and names[1].startswith(f"{method}-{'bf16' if dtype == torch.bfloat16 else 'fp32'}-q{quant.QUANT_VERSION}-torch")
+    with monkeypatch.context() as m:  # reads the quantized weights: quantizing again would be a cache miss
+        m.setattr(quant, "quantize_model", lambda *a, **k: pytest.fail("quantized again instead of read"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            cached, _, _ = load_model(f, dtype=dtype, quantize=method)
     kinds = {type(m) for m in cached.modules() if isinstance(m, (Int8Linear, Int4Linear))}
     assert kinds == ({Int8Linear} if method == "int8" else {Int8Linear, Int4Linear})  # (int4's head is int8)
     want = fresh.state_dict()
@@ -80,6 +87,23 @@ def test_the_cached_quantized_model_is_the_quantized_one(home, tmp_path, monkeyp
     assert torch.equal(logits(fresh), logits(first)) and torch.equal(logits(fresh), logits(cached))
     with pytest.raises(Exception, match="inference only"):  # still refuses to train
         cached.train()(torch.tensor([[1, 2, 3]]))
+
+
+def test_a_quantized_cache_that_cannot_be_written_is_skipped_with_a_warning(home, tmp_path, monkeypatch):
+    f = tmp_path / "tiny.gguf"
+    write_tiny_gguf(f)
+    want, _, _ = load_model(f, quantize="int4")
+    for folder in (home / "converted").iterdir():  # quantized only: the fp32 conversion stays cached
+        if "-int4-" in folder.name:
+            shutil.rmtree(folder)
+
+    def full_disk(*a, **k):  # what torch.save raises on a full disk (not an OSError)
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.warns(UserWarning, match="could not cache the quantized weights"):
+        got, _, _ = load_model(f, quantize="int4")
+    assert torch.equal(logits(got), logits(want))
+    assert not any("-int4-" in p.name for p in (home / "converted").iterdir())  # (no half-written folder)
 
 
 def test_a_damaged_or_foreign_quantized_cache_is_made_again(home, tmp_path):

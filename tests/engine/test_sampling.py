@@ -60,19 +60,48 @@ def test_top_p_over_a_large_vocabulary_matches_sorting_it(top_p):
     assert nucleus_by_sorting(flat, 0.9).sum(-1).min() > sampling.TOP_P_CANDIDATES  # (the fallback ran)
 
 
+def test_top_p_sorts_only_rows_whose_nucleus_is_past_the_candidates(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    peaked, flat = torch.randn(4, 3000, generator=g) * 4, torch.randn(2, 3000, generator=g) * 0.2
+    sorted_rows = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda x, *a, **k: sorted_rows.append(x.size(0)) or real_sort(x, *a, **k))
+    filter_logits(peaked, top_p=0.5)
+    assert sorted_rows == []  # the fast path alone
+    want = nucleus_by_sorting(torch.cat([peaked, flat]), 0.9)
+    assert torch.equal(torch.isfinite(filter_logits(torch.cat([peaked, flat]), top_p=0.9)), want)
+    assert sorted_rows == [2]  # the two flat rows, and only they
+    # any shape (..., V), as before: a (2, 3, V) batch keeps what its rows keep
+    x = torch.cat([peaked, flat]).view(2, 3, 3000)
+    assert torch.equal(torch.isfinite(filter_logits(x, top_p=0.9)).view(6, 3000), want)
+
+
 def test_draw_follows_the_distribution_and_never_picks_an_impossible_token():
-    """Inverse transform sampling (draw) against the probabilities, on a 20,000-row batch: every frequency
-    within 4 standard errors, and a -inf logit (filtered out) or zero-probability token never drawn."""
-    p = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0])
-    z = p.log().repeat(20000, 1)
-    z[:, 2] = float("-inf")  # filtered, e.g. by top-k: the rest renormalised
-    want = torch.tensor([0.5, 0.25, 0.0, 0.1, 0.0]) / 0.85
+    """Inverse transform sampling (draw) against the probabilities, on a 40,000-row batch whose rows
+    alternate between two distributions: every frequency within 4 standard errors of its own row's
+    distribution, and a -inf logit (filtered out) or zero-probability token never drawn."""
+    a = torch.tensor([0.5, 0.25, 0.15, 0.1, 0.0]).log()
+    a[2] = float("-inf")  # filtered, e.g. by top-k: the rest renormalised
+    b = torch.tensor([0.05, 0.0, 0.15, 0.3, 0.5]).log()
+    z = torch.stack([a, b]).repeat(20000, 1)  # rows a, b, a, b, ...
     ids = draw(z, 1.0, torch.Generator().manual_seed(1))
-    freq = torch.bincount(ids, minlength=5).double() / len(ids)
-    se = (want * (1 - want) / len(ids)).sqrt()
-    assert (freq - want).abs().le(4 * se + 1e-12).all(), (freq, want)
-    assert freq[2] == 0 and freq[4] == 0
+    for row, want in ((0, torch.tensor([0.5, 0.25, 0.0, 0.1, 0.0]) / 0.85),
+                      (1, torch.tensor([0.05, 0.0, 0.15, 0.3, 0.5]))):
+        picks = ids[row::2]
+        freq = torch.bincount(picks, minlength=5).double() / len(picks)
+        se = (want.double() * (1 - want.double()) / len(picks)).sqrt()
+        assert (freq - want).abs().le(4 * se + 1e-12).all(), (row, freq, want)
+        assert freq[want == 0].eq(0).all()
     assert torch.equal(ids, draw(z, 1.0, torch.Generator().manual_seed(1)))  # seeded: the same draws
+
+
+def test_draw_refuses_a_nan_row_and_falls_back_when_u_reaches_the_total(monkeypatch):
+    with pytest.raises(RuntimeError):  # (multinomial's refusal: callers sanitize first, a NaN row must fail)
+        draw(torch.tensor([[0.0, float("nan"), 1.0]]), 1.0)
+    # u = the total (a rounding that inverse transform sampling can meet): the pick is still a real token
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(*a[:2], dtype=k.get("dtype")))
+    z = torch.tensor([[1.0, 2.0, float("-inf"), float("-inf")]])
+    assert draw(z, 1.0).item() in (0, 1)
 
 
 def test_sampling_follows_the_distribution_and_seed():
