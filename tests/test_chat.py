@@ -94,3 +94,20 @@ def test_smollm2_answers_paris_in_the_terminal_chat():
     out = io.StringIO()
     chat(ChatConfig(temperature=0, max_tokens=24), input_fn=lambda prompt: next(lines), out=out)
     assert "Paris" in out.getvalue()
+
+
+@pytest.mark.parametrize("dtype,quantize,shown", [("fp32", None, "fp32"), ("bf16", None, "bf16"), ("auto", None, None),
+                                                  ("auto", "int8", "int8 weights, fp32 activations")])
+def test_chat_runs_in_the_dtype_asked_and_says_so(tmp_path, dtype, quantize, shown):
+    """--dtype: auto is what `picochat serve` picks (bf16 on a CPU with fast bf16, else fp32); with --quantize,
+    auto keeps fp32 activations. The banner names what runs."""
+    from picochat.checkpoints.io import save_model
+    from picochat.device import pick_dtype
+    tok = Tokenizer.train(["the cat sat on the mat " * 30], 300)
+    torch.manual_seed(0)
+    save_model(GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)), tmp_path, tok)
+    shown = shown or {torch.float32: "fp32", torch.bfloat16: "bf16"}[pick_dtype("auto", torch.device("cpu"))]
+    lines, out = iter(["the cat", "/quit"]), io.StringIO()
+    chat(ChatConfig(model=str(tmp_path), dtype=dtype, quantize=quantize, temperature=0, max_tokens=3),
+         input_fn=lambda prompt: next(lines), out=out)
+    assert f"parameters, {shown}, " in out.getvalue(), out.getvalue()[:300]

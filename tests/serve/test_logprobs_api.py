@@ -74,7 +74,9 @@ def test_completion_logprobs(served):
     assert text == choice["text"] or "\ufffd" in text  # (a character split over two tokens shows as U+FFFD)
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][-1] <= len(choice["text"])
     for tok, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
-        assert top[tok] == v and 2 <= len(top) <= 3  # the two likeliest and the chosen one
+        # the two likeliest and the chosen one; keyed by text, two byte-fragment tokens (each shown as U+FFFD)
+        # are one key
+        assert top[tok] == v and (2 <= len(top) <= 3 or (len(top) == 1 and "\ufffd" in next(iter(top))))
     # the same request to the engine (same seed, so the same draws) gives the ids behind the strings
     from picochat.engine.engine import Engine
     ref = Engine(host.scheduler.model, host.tokenizer).generate(
