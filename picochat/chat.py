@@ -48,9 +48,10 @@ class ChatConfig:
     """Random seed, for reproducible answers."""
     quantize: Optional[Literal["int8", "int4"]] = None
     """int8 or int4 weights (quantized on load): about 2x / 3x faster answers on CPUs; outputs differ slightly from the full-precision model."""
-    dtype: str = "auto"
-    """auto (bf16 where the CPU runs it fast, as `picochat serve` picks: compiled, SmolLM2 then answers ~1.5x faster
-    than in fp32), fp32, bf16 or fp16. With --quantize, the activations' dtype (auto: fp32, their measured best)."""
+    dtype: str = "fp32"
+    """fp32 (answers at once), bf16 (on CPUs with fast bf16: SmolLM2 answers ~1.5x faster once its decode step is
+    compiled, which the first answer waits for: ~15-20 s after start, 1-2 min the very first time), fp16, or auto
+    (bf16 where the CPU runs it fast, as `picochat serve` picks). With --quantize: the activations' dtype."""
     fast: Literal["auto", "compile", "plain"] = "auto"
     """Decode step: auto = compiled by TorchInductor on CPUs (~2x faster tokens), in the background while you
     type the first message (1-2 min the first time, ~30 s once cached); compile = before the prompt shows, an error if
@@ -176,8 +177,8 @@ def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> N
 
     from .device import pick_dtype
     out = out or sys.stdout
-    dtype = None if cfg.quantize and cfg.dtype == "auto" else pick_dtype(cfg.dtype, torch.device("cpu"))
-    model, tokenizer, where = load_model(cfg.model, dtype=dtype, quantize=cfg.quantize)
+    model, tokenizer, where = load_model(cfg.model, dtype=pick_dtype(cfg.dtype, torch.device("cpu")),
+                                         quantize=cfg.quantize)
     if tokenizer is None:
         raise PicochatError(f"{cfg.model} has no tokenizer; it cannot chat")
     session = ChatSession(model, tokenizer, cfg,

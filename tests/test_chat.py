@@ -97,10 +97,11 @@ def test_smollm2_answers_paris_in_the_terminal_chat():
 
 
 @pytest.mark.parametrize("dtype,quantize,shown", [("fp32", None, "fp32"), ("bf16", None, "bf16"), ("auto", None, None),
-                                                  ("auto", "int8", "int8 weights, fp32 activations")])
+                                                  ("fp32", "int8", "int8 weights, fp32 activations"),
+                                                  ("bf16", "int4", "int4 weights, bf16 activations")])
 def test_chat_runs_in_the_dtype_asked_and_says_so(tmp_path, dtype, quantize, shown):
-    """--dtype: auto is what `picochat serve` picks (bf16 on a CPU with fast bf16, else fp32); with --quantize,
-    auto keeps fp32 activations. The banner names what runs."""
+    """--dtype (fp32 by default): auto is what `picochat serve` picks (bf16 on a CPU with fast bf16, else
+    fp32); with --quantize it is the activations' dtype. The banner names what runs."""
     from picochat.checkpoints.io import save_model
     from picochat.device import pick_dtype
     tok = Tokenizer.train(["the cat sat on the mat " * 30], 300)

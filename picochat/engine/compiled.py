@@ -108,10 +108,14 @@ class DecodeStep:
         # a code object of its own: dynamo keeps compiled graphs, and counts them against its recompile
         # limit (8), per code object; shared, a process with a few models (tests; RL's policy and
         # reference) would hit the limit and, fullgraph, fail
-        fn = decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}")
-        self._fn = torch.compile(types.FunctionType(fn, decode_step.__globals__), fullgraph=True,
-                                 options={"emulate_precision_casts": True})  # (sizes made symbolic in _warm_up)
+        self._fn = None  # made in the background thread (_warm_up): torch.compile's first use imports ~1 s of
+        # dynamo and Inductor, which `picochat chat` would otherwise pay before its prompt shows
         self._thread: Optional[threading.Thread] = None
+
+    def _compiled(self):
+        fn = decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}")
+        return torch.compile(types.FunctionType(fn, decode_step.__globals__), fullgraph=True,
+                             options={"emulate_precision_casts": True})  # (sizes made symbolic in _warm_up)
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -139,6 +143,7 @@ class DecodeStep:
         """Compile both graphs on a scratch cache (never a caller's): batch 1, and any batch > 1."""
         c, p = self.model.config, next(self.model.parameters())
         try:
+            self._fn = self._compiled()
             for B in WARM_BATCHES:
                 for t_k in (8, 9):  # a second length: one graph covers every T_k
                     shape = (B, c.n_kv_head, 16, c.head_dim)
