@@ -171,6 +171,7 @@ def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> N
     """The terminal loop; `input_fn` and `out` are swappable for tests."""
     from .chat_template import default_system_prompt
     from .checkpoints.gguf import gguf_source
+    from .checkpoints.gguf_cache import DTYPE_NAMES
     from .checkpoints.io import load_model
     from .checkpoints.vlm import load_image_encoder
     import torch
@@ -192,7 +193,7 @@ def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> N
         out.flush()
 
     sees = f", sees {session.encoder.n_tokens}-token images" if session.encoder is not None else ""
-    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
+    dtype = DTYPE_NAMES[next(model.parameters()).dtype]
     weights = f"{cfg.quantize} weights, {dtype} activations" if cfg.quantize else dtype
     write(f"picochat chat: {where} ({model.num_params() / 1e6:.0f}M parameters, {weights}, {session.template} template{sees}). "
           + (f"{cfg.image} is attached to your first message. " if cfg.image else "")

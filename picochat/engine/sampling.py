@@ -156,20 +156,22 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     k = min(TOP_P_CANDIDATES, logits.size(-1))
     top, order = torch.topk(logits, k, dim=-1)  # (B, k), most likely first
     probs = torch.softmax(logits, dim=-1).gather(-1, order)
-    # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
-    before = probs.cumsum(dim=-1) - probs
-    drop = before >= top_p
-    drop[..., 0] = False  # even when top_p rounds to 0 in float32 (1e-300 did, dropping every token)
-    out = torch.full_like(logits, float("-inf")).scatter(-1, order, top.masked_fill(drop, float("-inf")))
-    short = (before[:, -1] + probs[:, -1] < top_p).nonzero().flatten()  # nucleus not within the k: sort
+    out, mass = _keep_nucleus(logits, top, order, probs, top_p)
+    short = (mass < top_p).nonzero().flatten()  # the nucleus is not within the k candidates: sort the row whole
     if short.numel():
-        sorted_logits, order = torch.sort(logits[short], descending=True, dim=-1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        drop[..., 0] = False
-        out[short] = torch.full_like(sorted_logits, float("-inf")).scatter(
-            -1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        ranked, order = torch.sort(logits[short], descending=True, dim=-1)
+        out[short] = _keep_nucleus(logits[short], ranked, order, torch.softmax(ranked, dim=-1), top_p)[0]
     return out
+
+
+def _keep_nucleus(logits, ranked, order, probs, top_p: float):
+    """ranked: logits in descending order (all, or the first k), order: their ids, probs: their probabilities
+    -> (logits with only the nucleus among them kept, the probability mass the ranked ones hold)."""
+    before = probs.cumsum(dim=-1) - probs
+    drop = before >= top_p  # the tokens ranked above it already reach top_p (the top one always stays)
+    drop[..., 0] = False  # even when top_p rounds to 0 in float32 (1e-300 did, dropping every token)
+    kept = torch.full_like(logits, float("-inf")).scatter(-1, order, ranked.masked_fill(drop, float("-inf")))
+    return kept, before[:, -1] + probs[:, -1]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -144,7 +144,8 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         if positions is not None:
-            # (a compiled decode step skips this host sync: its caller, engine/compiled.py, checks positions)
+            # (a compiled decode step skips this host sync: its callers stop first, KVCache.reserve refusing
+            # positions past the context, the scheduler ending a row at its context)
             if not torch.compiler.is_compiling() and int(positions.max()) >= self.config.block_size:
                 raise PicochatError(f"position {int(positions.max())} is beyond the model's context "
                                     f"block_size={self.config.block_size}; shorten the input")

@@ -41,7 +41,8 @@ class ModelHost:
     @property
     def fingerprint(self) -> str:
         """OpenAI's system_fingerprint: names the backend configuration (model, weights' dtype, width of the
-        batch, context, how seeds become tokens), so a client can tell when the same seed may no longer give the same answer."""
+        batch, context, how seeds become tokens), so a client can tell when the same seed may no longer give
+        the same answer."""
         from ..engine.sampling import SAMPLER_VERSION
         p = next(self.model.parameters())
         cfg = f"{self.id}|{p.dtype}|{type(self.model).__name__}|{self.scheduler.max_batch}|{self.context}"
