@@ -168,7 +168,8 @@ def _read_quantized(folder: Path, method: str, dtype: torch.dtype):
         raise PicochatError(f"is not {method} weights")
     config = read_config(folder)
     state = torch.load(folder / "model.pt", map_location="cpu", mmap=True, weights_only=True)
-    if not isinstance(state, dict) or any(not isinstance(v, torch.Tensor) or v.data_ptr() % 64 for v in state.values()):
+    if not isinstance(state, dict) or any(not isinstance(v, torch.Tensor) or v.data_ptr() % 64
+                                          for v in state.values()):
         raise PicochatError("holds something other than 64-byte aligned tensors")
     frame = {}
 

@@ -102,17 +102,17 @@ class DecodeStep:
         self.model = model
         self.done = threading.Event()  # compiling ended, well (error None) or not
         self.error: Optional[str] = None
-        # emulate_precision_casts: round bf16 intermediates inside fused kernels where eager rounds them (by
-        # default TorchInductor keeps them in fp32); sums still run in another order, so a bf16 model's
-        # greedy tokens can part from eager's at a near-tie (tests/engine/test_fast_path_smollm2.py)
-        # a code object of its own: dynamo keeps compiled graphs, and counts them against its recompile
-        # limit (8), per code object; shared, a process with a few models (tests; RL's policy and
-        # reference) would hit the limit and, fullgraph, fail
         self._fn = None  # made in the background thread (_warm_up): torch.compile's first use imports ~1 s of
         # dynamo and Inductor, which `picochat chat` would otherwise pay before its prompt shows
         self._thread: Optional[threading.Thread] = None
 
     def _compiled(self):
+        # a code object of its own: dynamo keeps compiled graphs, and counts them against its recompile
+        # limit (8), per code object; shared, a process with a few models (tests; RL's policy and
+        # reference) would hit the limit and, fullgraph, fail.
+        # emulate_precision_casts: round bf16 intermediates inside fused kernels where eager rounds them (by
+        # default TorchInductor keeps them in fp32); sums still run in another order, so a bf16 model's
+        # greedy tokens can part from eager's at a near-tie (tests/engine/test_fast_path_smollm2.py)
         fn = decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}")
         return torch.compile(types.FunctionType(fn, decode_step.__globals__), fullgraph=True,
                              options={"emulate_precision_casts": True})  # (sizes made symbolic in _warm_up)
