@@ -123,3 +123,39 @@ def test_choices_and_what_cannot_be_compiled(model, monkeypatch):
     assert decoder_for(model, "compile") is decoder_for(model, "compile")  # one per model, shared
     assert slower_compiled(model) and decoder_for(model, "auto") is None  # fp32: plain is faster
     assert not slower_compiled(quantize_int4(copy.deepcopy(model))) and not slower_compiled(tiny().to(torch.bfloat16))
+
+
+def test_the_step_skips_the_models_guards_and_follows_its_changes():
+    """The compiled step keeps no guards on the model (compiled._outside_the_model): new weight values
+    still reach it (weights are read at each call), and a model changed in its layout gets a new step."""
+    m = tiny(seed=5)
+    step = decoder_for(m, "compile")
+    c, B, t_k = m.config, 2, 9
+
+    def call(s):
+        torch.manual_seed(0)
+        k = [torch.randn(B, c.n_kv_head, 16, c.head_dim) for _ in range(c.n_layer)]
+        v = [torch.randn(B, c.n_kv_head, 16, c.head_dim) for _ in range(c.n_layer)]
+        cols, idx = torch.full((B,), t_k - 1), torch.tensor([[3], [9]])
+        mask = torch.ones(B, 1, 1, t_k, dtype=torch.bool)
+        args = (idx, cols.view(B, 1), mask, k, v, cols)
+        return s(*args), compiled.decode_step(m, *[a if not isinstance(a, list) else [t.clone() for t in a]
+                                                   for a in args])
+    with torch.no_grad():
+        m.blocks[0].ffn.down_proj.weight.mul_(3.0)  # new values, same tensor
+        out, ref = call(step)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert decoder_for(m, "compile") is step  # unchanged layout: the same step
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    m.train()  # with every guard, dynamo would trace again here (it guards each module's `training`)
+    with torch.no_grad():
+        out, ref = call(step)  # the old step does not look at the model: nothing is traced again...
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert decoder_for(m, "compile") is not step  # ...so decoder_for makes a new step for the changed model
+    m.eval()
+    quantize_int4(m)  # in place: Linears become Int4Linears
+    new = decoder_for(m, "compile")
+    assert new.layout == compiled.layout(m) and new is not step
+    with torch.no_grad():
+        out, ref = call(new)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
