@@ -117,7 +117,7 @@ def load_cached_quantized(src: Path, method: str, dtype: Optional[torch.dtype]):
         raise PicochatError(f"cannot cache weights in {dtype}; use fp32, bf16 or fp16")
     if os.environ.get("PICOCHAT_NO_CACHE"):
         model, tokenizer = load_cached(src, torch.float32)
-        return quantize_model(model, method, dtype), tokenizer
+        return quantize_model(model, method, dtype, tokenizer), tokenizer
     folder = cache_root() / f"{file_key(src)}-{method}-{DTYPE_NAMES[dtype]}-{kernel_tag()}"
     if (folder / "config.json").is_file():
         try:
@@ -125,7 +125,7 @@ def load_cached_quantized(src: Path, method: str, dtype: Optional[torch.dtype]):
         except Exception as e:
             warnings.warn(f"the quantized weights in {folder} are unreadable ({e}); quantizing {src} again")
     model, tokenizer = load_cached(src, torch.float32)
-    model = quantize_model(model, method, dtype)
+    model = quantize_model(model, method, dtype, tokenizer)
     try:
         _write_quantized(model, folder, tokenizer, method)
     except (OSError, RuntimeError) as e:  # (torch.save reports a full disk as a RuntimeError)

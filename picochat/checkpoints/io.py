@@ -127,19 +127,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: Opti
             model, tokenizer = load_cached_quantized(gguf_file, quantize, dtype)
             return model, tokenizer, gguf_file
         model, tokenizer = load_cached(gguf_file, torch.float32 if quantize else dtype)  # (int8: from fp32)
-        return place_model(model, device, dtype, quantize), tokenizer, gguf_file
+        return place_model(model, device, dtype, quantize, tokenizer), tokenizer, gguf_file
     ckpt = resolve_checkpoint(path)
     config = read_config(ckpt)
     model = GPT(config)
     load_weights_into(model, load_state(ckpt / "model.safetensors"), str(ckpt))
-    return place_model(model, device, dtype, quantize), read_tokenizer(ckpt), ckpt
+    tokenizer = read_tokenizer(ckpt)
+    return place_model(model, device, dtype, quantize, tokenizer), tokenizer, ckpt
 
 
-def place_model(model, device, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None):
-    """Loaded fp32 weights -> the model to run: quantized (from fp32, not a bf16 copy) or cast, in eval mode."""
+def place_model(model, device, dtype: Optional[torch.dtype] = None, quantize: Optional[str] = None, tokenizer=None):
+    """Loaded fp32 weights -> the model to run: quantized (from fp32, not a bf16 copy; calibrated on a text
+    when the `tokenizer` is given, model/quant.py) or cast, in eval mode."""
     from ..model.quant import quantize_model
     if quantize:
-        model = quantize_model(model.to(device), quantize, dtype)
+        model = quantize_model(model.to(device), quantize, dtype, tokenizer)
     else:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.eval()

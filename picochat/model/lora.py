@@ -318,7 +318,8 @@ def load_adapter_model(path, device="cpu", dtype=None, quantize=None):
     add_lora(model, cfg)
     load_lora_state(model, load_state(adir / ADAPTER_WEIGHTS))
     merge_lora(model)
-    return place_model(model, device, dtype, quantize), read_tokenizer(adir, base_tok), adir
+    tokenizer = read_tokenizer(adir, base_tok)
+    return place_model(model, device, dtype, quantize, tokenizer), tokenizer, adir
 
 
 def save_trained(model, lora: Optional[LoraConfig], out_dir, *, base: str, tokenizer, extra_files: dict) -> None:

@@ -42,11 +42,11 @@ def batch_one_graph_two_threads(monkeypatch):
     torch.set_num_threads(n)
 
 
-def variant(model, kind):
+def variant(model, kind, tok):
     from picochat.model.quant import quantize_model
     m = copy.deepcopy(model)
     if kind in ("int8", "int4"):
-        return quantize_model(m, kind)
+        return quantize_model(m, kind, tokenizer=tok)  # calibrated, as load_model quantizes
     return m.to({"fp32": torch.float32, "bf16": torch.bfloat16}[kind])
 
 
@@ -80,7 +80,7 @@ def test_reduced_precision_compiled_steps_stay_close_to_fp32(smollm2, kind):
     kernels sum in another order, and a near-tie can flip: in one measurement bf16's greedy tokens on
     PROMPTS ran 212 of 320 before the first difference, int8's 261; benchmarks/decode.py counts them.)"""
     model, tok = smollm2
-    fast = Engine(variant(model, kind), tok, fast="compile")
+    fast = Engine(variant(model, kind, tok), tok, fast="compile")
     ids = tok.encode(PARAGRAPH)
     ref = paragraph_logits(Engine(model, tok, fast="plain"), ids)
     out = paragraph_logits(fast, ids)
@@ -88,5 +88,7 @@ def test_reduced_precision_compiled_steps_stay_close_to_fp32(smollm2, kind):
     kl = float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
                                           reduction="none").sum(-1).mean())
     print(f"{kind} compiled: next-token agreement with fp32 {agree:.3f} over {len(ids)} positions, KL {kl:.4f} nats")
-    # int8's per-row grid re-rounds SmolLM2's 4-bit groups: 0.93-0.95 agreement (README); int4 keeps the grid
+    # int8 moves most from paragraph to paragraph: 0.93 on this one (4 flips in 57), 0.95-0.97 on others, 0.963
+    # over 2,035 positions of eight texts (benchmarks/quant_agreement.py; tests/model/test_quant.py checks 0.95
+    # over 1,839); int4 keeps SmolLM2's 4-bit grid, 0.965-0.97
     assert agree >= (0.92 if kind == "int8" else 0.95) and kl <= 0.01, (agree, kl)

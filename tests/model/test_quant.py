@@ -42,11 +42,33 @@ def test_int8_linear_matches_float_linear(k):
     assert (y - ref).abs().max() < 0.03 * ref.abs().max()
 
 
+@pytest.mark.parametrize("k", [64, 40])  # the kernel and the dequantizing fallback
+def test_activation_aware_rows_cut_the_error_where_the_inputs_are_large(k):
+    """AWQ: a layer whose inputs are large on a few channels. Rows rounded from W diag(s), s from the
+    inputs' mean |x|, and the input scaled by 1/s, give a smaller output error than plain rows on such
+    inputs, and still undo to W (dequantized_weight)."""
+    torch.manual_seed(0)
+    w = torch.randn(48, k) * 0.05
+    big = torch.ones(k)
+    big[:4] = 30.0  # four salient input channels, as LLM activations have
+    x = torch.randn(256, k) * big
+    plain, aware = Int8Linear(w, None).eval(), Int8Linear(w, None, act_mean=x.abs().mean(0)).eval()
+    assert torch.equal(plain.in_scale, torch.ones(k))
+    s = 1 / aware.in_scale
+    assert s[:4].min() > 2 * s[4:].max()  # the salient channels get the finer grid
+    with torch.no_grad():
+        ref = x @ w.t()
+        err_plain, err_aware = ((plain(x) - ref) ** 2).mean(), ((aware(x) - ref) ** 2).mean()
+    assert err_aware < 0.6 * err_plain, (float(err_aware), float(err_plain))  # (measured 0.47)
+    step = w.abs().amax(1, keepdim=True) * s.max() / 127  # the coarsest a weight could be rounded
+    assert ((aware.dequantized_weight().float() - w).abs() <= step).all()
+
+
 def test_many_rows_take_the_gemm_path_with_the_same_result():
     """A prompt (>= PREFILL_ROWS rows) runs dequantize + GEMM; it must equal the int8 kernel row by row."""
     from picochat.model.quant import PREFILL_ROWS
     torch.manual_seed(0)
-    lin = Int8Linear(torch.randn(96, 64), torch.randn(96)).eval()
+    lin = Int8Linear(torch.randn(96, 64), torch.randn(96), act_mean=torch.rand(64) + 0.1).eval()
     x = torch.randn(2, PREFILL_ROWS, 64)
     with torch.no_grad():
         whole = lin(x)                                                  # one GEMM over 128 rows
@@ -190,24 +212,38 @@ def _smollm2():
 
 @pytest.mark.slow
 def test_smollm2_int8_close_to_fp32():
+    """Plain int8 rows and activation-aware ones (calibrated on Brown excerpts) against fp32, both in this
+    run, on a paragraph and six Brown documents the calibration never read (benchmarks/quant_agreement.py
+    measures the same through the decoding kernels)."""
+    from picochat.data.corpus import brown_documents
+    from picochat.model.quant import calibration_ids
     model, tok, _ = _smollm2()
-    q = quantize_int8(copy.deepcopy(model))
+    plain = quantize_int8(copy.deepcopy(model))
+    q = quantize_int8(copy.deepcopy(model), calibration=calibration_ids(tok))
     text = ("The history of the river valley is long and uneven. Farmers arrived first, clearing the lower "
             "terraces and planting barley, beans and flax; later came traders who followed the water down to "
             "the coast.")
-    idx = torch.tensor([tok.encode(text)])
-    with torch.no_grad():
-        ref = model(idx)[0].float()
-        out = q(idx)[0].float()
-    # measured (39 positions): top-1 agreement 0.974 (one position flips), max |diff| 2.16 (logit std 5.9),
-    # mean |diff| 0.21, KL(fp32 || int8) 0.0050 nats; a bf16 model gives 1.0 / 0.63 / 0.10 / 0.0010
-    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean()
-    kl = torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
-                                    reduction="none").sum(-1).mean()
-    assert agree >= 0.9, float(agree)
-    assert (out - ref).abs().max() < 4.0
-    assert (out - ref).abs().mean() < 0.4
-    assert kl < 0.03, float(kl)
+    docs = brown_documents()
+    texts = [tok.encode(text)] + [tok.encode(docs[i]["text"][:2500])[:300] for i in (20, 150, 250, 330, 420, 480)]
+
+    def against_fp32(m):
+        agree, kl, worst, n = 0.0, 0.0, 0.0, 0
+        for ids in texts:
+            with torch.no_grad():
+                ref, out = model(torch.tensor([ids]))[0][0].float(), m(torch.tensor([ids]))[0][0].float()
+            agree += float((out.argmax(-1) == ref.argmax(-1)).float().sum())
+            kl += float(torch.nn.functional.kl_div(out.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                                   reduction="none").sum())
+            worst, n = max(worst, float((out - ref).abs().max())), n + len(ids)
+        return agree / n, kl / n, worst
+    # measured (1,839 positions): plain rows agree 0.956, KL 0.0049 nats; activation-aware 0.965, KL 0.0032
+    # (a bf16 model: 1.0 / 0.0010 on the paragraph); max |diff| ~2-3 (logit std 5.9)
+    a_plain, kl_plain, _ = against_fp32(plain)
+    agree, kl, worst = against_fp32(q)
+    print(f"int8 rows against fp32: plain agree {a_plain:.3f} KL {kl_plain:.4f}; activation-aware agree {agree:.3f} "
+          f"KL {kl:.4f}")
+    assert agree >= 0.95 and kl < 0.8 * kl_plain and kl < 0.01, (agree, kl, a_plain, kl_plain)
+    assert worst < 5.0
 
     from picochat.engine.engine import Engine
     ids = Engine(q, tok).generate([tok.encode("The capital of France is")], max_tokens=3, temperature=0)[0]
