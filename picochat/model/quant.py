@@ -258,11 +258,13 @@ def calibration_ids(tokenizer, tokens: int = CALIBRATION_TOKENS) -> torch.Tensor
 @torch.no_grad()
 def activation_means(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """{name: (K,) mean_t |x_tk|} for the input of every nn.Linear of `model`, reading `ids` (1, T)."""
-    means, hooks = {}, []
+    sums, counts, hooks = {}, {}, []
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            def keep(mod, inp, out, name=name):
-                means[name] = inp[0].detach().float().abs().reshape(-1, inp[0].size(-1)).mean(0)
+            def keep(mod, inp, out, name=name):  # summed over calls: a MoE expert may see a few rows, or none
+                x = inp[0].detach().float().abs().reshape(-1, inp[0].size(-1))
+                sums[name] = sums.get(name, 0) + x.sum(0)
+                counts[name] = counts.get(name, 0) + x.size(0)
             hooks.append(m.register_forward_hook(keep))
     try:
         block = getattr(getattr(model, "config", None), "block_size", ids.size(1))
@@ -270,7 +272,7 @@ def activation_means(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Ten
     finally:
         for h in hooks:
             h.remove()
-    return means
+    return {name: sums[name] / counts[name] for name in sums if counts[name]}
 
 
 @torch.no_grad()
@@ -301,7 +303,8 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.float32, group: i
     token agreement with fp32 0.978, KL 0.002 nats; with an int4 head 0.82 and 0.062."""
     if next(model.parameters()).device.type != "cpu":
         raise PicochatError("int4 weights run on PyTorch's CPU kernel; on a GPU use int8 or bf16")
-    means = _block_means(model, calibration)
+    misfits = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not _takes_int4(n, m, group)]
+    means = _block_means(model, calibration if set(misfits) - {"lm_head"} else None)  # (none: no need to read)
     return _quantize(model, dtype, lambda name, m: Int4Linear(m.weight, m.bias, group)
                      if _takes_int4(name, m, group) else Int8Linear(m.weight, m.bias, means.get(name)))
 

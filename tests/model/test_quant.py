@@ -94,6 +94,28 @@ def test_tiny_model_quantized_is_close(cfg):
     assert err < 0.15, float(err)
 
 
+@pytest.mark.parametrize("cfg", [tiny(), tiny(moe_experts=4, moe_top_k=1)])
+def test_calibrated_tiny_model_is_close(cfg):
+    """quantize_int8 with calibration ids: every block's Linear gets its input scales (a MoE expert that the
+    calibration never routed to keeps plain rows, never NaN), the LM head none; the model stays close."""
+    from picochat.model.quant import activation_means
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 24))
+    means = activation_means(model, ids)
+    assert all(torch.isfinite(m).all() and (m > 0).all() for m in means.values())
+    q = quantize_int8(copy.deepcopy(model), calibration=ids)
+    scaled = {n for n, m in q.named_modules() if isinstance(m, Int8Linear) and not torch.all(m.in_scale == 1)}
+    assert scaled and "lm_head" not in scaled and scaled <= set(means)
+    assert all(torch.isfinite(b).all() for b in q.buffers() if b.is_floating_point())
+    x = torch.randint(0, cfg.vocab_size, (2, 20))
+    with torch.no_grad():
+        ref, _ = model(x)
+        out, _ = q(x)
+    err = (out.float() - ref).abs().max() / ref.std()
+    assert err < 0.15, float(err)
+
+
 def test_quantized_model_decodes_with_the_engine():
     from picochat.engine.engine import Engine
     torch.manual_seed(0)
