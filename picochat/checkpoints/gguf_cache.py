@@ -14,8 +14,9 @@ that cannot be read is converted again (with a warning), never trusted.
 Quantized loads (`quantize="int8"/"int4"`) are cached too, in <sha256>-<int8|int4>-<activations dtype>-
 <kernel tag>/ (model.pt: see _write_quantized). Quantizing reads the fp32 weights and makes fp32
 temporaries (SmolLM2 int4: ~0.85 s and ~1.25 GB peak at every load); the cached int4 model is 201 MB on
-disk and loads in 0.45 s within 314 MB. The tag names picochat's quantizer version (QUANT_VERSION), the
-PyTorch version and the int4 kernel's packed layout: a change to any of them makes another folder.
+disk and loads in 0.46 s within 321 MB. The tag names picochat's quantizer version (QUANT_VERSION), the
+PyTorch version and the int4 kernel's packed layout: a change to any of them makes another folder, and
+the folders of other tags for the same file, method and dtype are removed once it is written.
 """
 from __future__ import annotations
 
@@ -130,7 +131,21 @@ def load_cached_quantized(src: Path, method: str, dtype: Optional[torch.dtype]):
         _write_quantized(model, folder, tokenizer, method)
     except (OSError, RuntimeError) as e:  # (torch.save reports a full disk as a RuntimeError)
         warnings.warn(f"could not cache the quantized weights in {folder} ({e}); the next load quantizes again")
+    else:
+        _drop_stale(folder)
     return model, tokenizer
+
+
+def _drop_stale(folder: Path) -> None:
+    """Remove the quantized copies of the same file, method and dtype made under another tag (an older
+    quantizer or PyTorch: ~200-300 MB each, which this version never reads again), and what a kill
+    left of their writing (.tmp folders). The current tag's own .tmp may be another process's write."""
+    import shutil
+    prefix = folder.name[:folder.name.index(f"-{kernel_tag()}")] + "-"
+    for p in folder.parent.iterdir():
+        name = p.name[1:] if p.name.startswith(".") else p.name
+        if p.is_dir() and name.startswith(prefix) and not name.startswith(folder.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 @functools.cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -141,6 +142,9 @@ def place_model(model, device, dtype: Optional[torch.dtype] = None, quantize: Op
     when the `tokenizer` is given, model/quant.py) or cast, in eval mode."""
     from ..model.quant import quantize_model
     if quantize:
+        if tokenizer is None and quantize == "int8":
+            warnings.warn("this checkpoint has no tokenizer.json, so its int8 rows are rounded without the "
+                          "activation-aware calibration (model/quant.py), a little further from the float model")
         model = quantize_model(model.to(device), quantize, dtype, tokenizer)
     else:
         model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -21,8 +21,9 @@ Where the time goes after compiling (SmolLM2 int4, batch 1: benchmarks/README.md
 matmuls about half, the ~120 fused kernels between them a quarter. Dynamo checks ~2,900 guards before
 every call, all but ~130 of them on the model (its ~300 weights' metadata, every module's type, hooks
 and integers): ~0.9 ms of an 11 ms step. A model does not change under its compiled step, so the step keeps
-only the guards on its inputs and on global state (`_outside_the_model`), and `decoder_for` compiles
-again for a model whose `layout` has changed since (quantized in place, cast, hooked, retied).
+only the guards on its inputs and on global state (`_outside_the_model`); a model whose `layout` has
+changed since (quantized in place, cast, hooked, retied) gets a new step, which Engine and Scheduler ask
+`decoder_for` for before each request. Changing a model in the middle of a request is not supported.
 """
 from __future__ import annotations
 
@@ -54,15 +55,16 @@ def _outside_the_model(entries) -> list[bool]:
 
 
 def layout(model) -> tuple:
-    """What the compiled step was traced for, beyond its inputs: every module's name, type, mode and
-    hooks; every weight's name, dtype, shape and device, and which weights are one tensor (tied)."""
+    """What the compiled step was traced for, beyond its inputs: the config; every module's name, type,
+    mode and hooks; every weight's name, dtype, shape, strides and device, and which weights are one
+    tensor (tied). Not covered: a module's other Python attributes changed by hand (a norm's eps)."""
     first: dict[int, str] = {}
-    mods = tuple((n, type(m), m.training, len(m._forward_hooks) + len(m._forward_pre_hooks))
+    mods = tuple((n, type(m), m.training, tuple(m._forward_hooks), tuple(m._forward_pre_hooks))
                  for n, m in model.named_modules())
-    tensors = tuple((n, t.dtype, tuple(t.shape), t.device, first.setdefault(id(t), n))
+    tensors = tuple((n, t.dtype, tuple(t.shape), t.stride(), t.storage_offset(), t.device, first.setdefault(id(t), n))
                     for n, t in [*model.named_parameters(remove_duplicate=False),
                                  *model.named_buffers(remove_duplicate=False)])
-    return mods + tensors
+    return (repr(getattr(model, "config", None)),) + mods + tensors
 
 
 class _StepCache:
@@ -123,7 +125,7 @@ class DecodeStep:
 
     def __init__(self, model):
         self.model = model
-        self.layout = layout(model)  # decoder_for compiles again if it changes (the guards on it are off)
+        self.layout = layout(model)  # a new step is made if it changes (the guards on the model are off): fits()
         self.done = threading.Event()  # compiling ended, well (error None) or not
         self.error: Optional[str] = None
         self._fn = None  # made in the background thread (_warm_up): torch.compile's first use imports ~1 s of
@@ -146,6 +148,11 @@ class DecodeStep:
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
         return self._fn(self.model, idx, positions, mask, k, v, cols)
+
+    def fits(self, model) -> bool:
+        """Is `model` (still) what this step was traced for? Engine and Scheduler ask before each request
+        (~2 ms on SmolLM2), decoder_for before handing the step out."""
+        return model is self.model and layout(model) == self.layout
 
     def usable(self) -> bool:
         """Wait until compiling has ended; True if it worked (else the caller takes the plain step)."""
@@ -200,7 +207,7 @@ _DECODERS_LOCK = threading.Lock()
 def decoder_for(model, fast: str = "auto") -> Optional[DecodeStep]:
     """The model's compiled decode step (one per model, shared by every engine on it: a new one per
     engine would compile again; a model changed since its step was made gets a new one), started in the
-    background; None for the plain step. Changing a model while an engine runs it is not supported.
+    background; None for the plain step.
 
     fast: "auto" compiles in the background when `unsupported(model)` finds nothing in the way, compiling
     pays (`slower_compiled`: not for fp32 models) and PICOCHAT_FAST (auto, compile or plain) does not say
@@ -225,6 +232,6 @@ def decoder_for(model, fast: str = "auto") -> Optional[DecodeStep]:
         return None
     with _DECODERS_LOCK:
         step = _DECODERS.get(model)
-        if step is None or step.layout != layout(model):  # changed since: its graph no longer fits
+        if step is None or not step.fits(model):  # changed since: its graph no longer fits
             step = _DECODERS[model] = DecodeStep(model)
     return step.start(wait=fast == "compile")

@@ -226,7 +226,7 @@ class Engine:
         """fast: the decode step's path (compiled.py): "auto" compiles it (in the background from now on;
         the first decode step waits for it) where the model and the machine allow; "compile" insists and
         waits now; "plain" never compiles."""
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.fast = model, tokenizer, fast
         self.device = next(model.parameters()).device
         self.decoder = decoder_for(model, fast)
         self._cache: Optional[KVCache] = None  # batch-of-one cache, kept across calls
@@ -274,6 +274,8 @@ class Engine:
         """Yields (rows, events) once per decode step; events: (row index, token or None, text delta)
         for every row still running at that step."""
         sp.check()
+        if self.decoder is not None and not self.decoder.fits(self.model):  # changed since: its guards do not look
+            self.decoder = decoder_for(self.model, self.fast)
         block = self.model.config.block_size
         if not prompts:
             return

@@ -51,7 +51,7 @@ class Scheduler:
         """retain_prefixes=False: a finished sequence's K/V are forgotten at once (nothing of a request
         outlives it; `picochat serve --no-store`). fast: the decode step's path, as Engine's
         (compiled.py; `picochat serve` compiles before it answers: load_host)."""
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.fast = model, tokenizer, fast
         self.decoder = decoder_for(model, fast)
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size  # (grammars mask this many logits)
@@ -247,6 +247,8 @@ class Scheduler:
         return req
 
     def _prefill_chunk(self) -> None:
+        if self.decoder is not None and not self.decoder.fits(self.model):  # (~2 ms: per prompt chunk, not step)
+            self.decoder = decoder_for(self.model, self.fast)
         r, slot = self.admitting, len(self.running)  # the admitted row always takes the next free slot
         p = r.req.prompt
         if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind

@@ -109,6 +109,29 @@ def test_a_quantized_cache_that_cannot_be_written_is_skipped_with_a_warning(home
     assert not any("-int4-" in p.name for p in (home / "converted").iterdir())  # (no half-written folder)
 
 
+def test_copies_under_an_older_tag_are_removed_once_the_new_one_is_written(home, tmp_path):
+    """A new quantizer or PyTorch version makes a new folder; the old ones of the same file, method and
+    dtype (and .tmp leftovers of their writing) go, everything else stays."""
+    f = tmp_path / "tiny.gguf"
+    write_tiny_gguf(f)
+    load_model(f, quantize="int4")  # the fp32 conversion and the int4 copy
+    root = home / "converted"
+    made = {p.name for p in root.iterdir()}
+    new = next(n for n in made if "-int4-" in n)
+    key = new.split("-")[0]
+    stale = [root / f"{key}-int8-fp32-q1-torch2.9.0-abcd1234", root / f".{key}-int8-fp32-q1-torch2.9.0-abcd1234.x1.tmp",
+             root / f"{key}-int8-bf16-q1-torch2.9.0-abcd1234"]  # (bf16 activations: not this load's, kept)
+    other = root / f"{'0' * 64}-int8-fp32-q1-torch2.9.0-abcd1234"  # another file's: kept
+    for d in stale + [other]:
+        d.mkdir()
+        (d / "model.pt").write_bytes(b"old")
+    load_model(f, quantize="int8")
+    left = {p.name for p in root.iterdir()}
+    assert not stale[0].exists() and not stale[1].exists()
+    assert stale[2].exists() and other.exists() and made <= left
+    assert any("-int8-fp32-q" in n and "q1-" not in n for n in left)  # the new int8 copy
+
+
 def test_a_damaged_or_foreign_quantized_cache_is_made_again(home, tmp_path):
     f = tmp_path / "tiny.gguf"
     write_tiny_gguf(f)

@@ -129,7 +129,10 @@ def test_the_step_skips_the_models_guards_and_follows_its_changes():
     """The compiled step keeps no guards on the model (compiled._outside_the_model): new weight values
     still reach it (weights are read at each call), and a model changed in its layout gets a new step."""
     m = tiny(seed=5)
-    step = decoder_for(m, "compile")
+    engine = Engine(m, fast="compile")
+    sched = Scheduler(m, None, max_batch=2, fast="compile")
+    step = engine.decoder
+    assert sched.decoder is step
     c, B, t_k = m.config, 2, 9
 
     def call(s):
@@ -154,8 +157,19 @@ def test_the_step_skips_the_models_guards_and_follows_its_changes():
     assert decoder_for(m, "compile") is not step  # ...so decoder_for makes a new step for the changed model
     m.eval()
     quantize_int4(m)  # in place: Linears become Int4Linears
-    new = decoder_for(m, "compile")
-    assert new.layout == compiled.layout(m) and new is not step
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
+    got = engine.generate(prompt, max_tokens=12, temperature=0)[0].token_ids  # the engine asks for a new step
+    assert engine.decoder is not step and engine.decoder.fits(m)
+    assert got == Engine(m, fast="plain").generate(prompt, max_tokens=12, temperature=0)[0].token_ids
     with torch.no_grad():
-        out, ref = call(new)
+        out, ref = call(engine.decoder)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    done, toks = threading.Event(), []
+    sched.start()
+    try:  # the scheduler asks too, before it reads a prompt
+        sched.submit(Request(prompt[0], SamplingParams(max_tokens=12, temperature=0),
+                             lambda ev: (toks.extend(ev.token_ids), ev.finish_reason and done.set())))
+        assert done.wait(60)
+    finally:
+        sched.stop()
+    assert sched.decoder.fits(m) and toks == got
