@@ -49,8 +49,9 @@ WARM_BATCHES = (1, 2)  # the graphs compiled ahead: batch 1, and every batch > 1
 
 def _outside_the_model(entries) -> list[bool]:
     """torch.compile's guard_filter_fn: keep a guard unless it is on the `model` argument (the rest:
-    the cache tensors' shapes and dtypes, grad mode, globals). Measured in one process, SmolLM2 int4 at
-    batch 1 and 512-640 keys: 10.0 ms a step against 10.9 with every guard."""
+    the cache tensors' shapes and dtypes, grad mode, globals). SmolLM2 int4 at batch 1 and 513-640 keys,
+    against the same step with every guard in one process (`python benchmarks/guards.py`): 10.1-10.6 ms a
+    step against 10.9-11.3, the same tokens."""
     return [re.match(r"model\b", e.name) is None for e in entries]
 
 
@@ -151,7 +152,7 @@ class DecodeStep:
 
     def fits(self, model) -> bool:
         """Is `model` (still) what this step was traced for? Engine and Scheduler ask before each request
-        (~2 ms on SmolLM2), decoder_for before handing the step out."""
+        (~1 ms on SmolLM2), decoder_for before handing the step out."""
         return model is self.model and layout(model) == self.layout
 
     def usable(self) -> bool:

@@ -247,11 +247,11 @@ class Scheduler:
         return req
 
     def _prefill_chunk(self) -> None:
-        if self.decoder is not None and not self.decoder.fits(self.model):  # (~2 ms: per prompt chunk, not step)
-            self.decoder = decoder_for(self.model, self.fast)
         r, slot = self.admitting, len(self.running)  # the admitted row always takes the next free slot
         p = r.req.prompt
         if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind
+            if self.decoder is not None and not self.decoder.fits(self.model):  # (~1 ms, once a request)
+                self.decoder = decoder_for(self.model, self.fast)
             r.prefilled = r.cached = self.cache.claim(slot, r.keys, r.req.cache_scope)
         elif r.slot != slot:  # a row left between two chunks: move what is written so far
             self.cache.move_partial(r.slot, slot, r.prefilled)
