@@ -340,9 +340,7 @@ def _linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
 
 
 def _swap_linears(model: nn.Module, make) -> None:
-    """Each nn.Linear of `model` (not a MoE router) replaced by make(name, linear)."""
-    # a mixture-of-experts router (model/moe.py) stays in floating point: it is tiny (d x N), and rounding
-    # its logits would flip near-tied top-k choices, a discrete change of which experts run
+    """Each nn.Linear of `model` (not a MoE router: `_linears`) replaced by make(name, linear)."""
     for name, m in _linears(model):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
