@@ -12,7 +12,6 @@ python and torch imports are left out) and the median over --reps; the modes alt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import PicochatError
 from ..model.multimodal import VLM, ImageEncoder, VisionConfig
-from .io import load_state, load_weights_into, read_tokenizer, resolve_checkpoint, save_model
+from .io import load_state, load_weights_into, resolve_checkpoint, save_model
 
 VISION_FILE = "vision.safetensors"
 

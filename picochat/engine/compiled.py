@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from ..errors import PicochatError
+from .kv_cache import cache_dtype
 
 FAST_CHOICES = ("auto", "compile", "plain")
 # a one-off job shorter than this decodes faster plain: compiling costs 20-60 s, and saves ~10-20 ms a
@@ -78,8 +79,8 @@ class _StepCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, nkv, 1, hs) -> this layer's (B, nkv, T_k, hs) K and V, the new column included."""
         B = k.size(0)
-        self.k[layer][self.rows, :, self.cols] = k[:, :, 0]  # advanced indices first: (B, nkv, hs)
-        self.v[layer][self.rows, :, self.cols] = v[:, :, 0]
+        self.k[layer][self.rows, :, self.cols] = k[:, :, 0].to(self.k[layer].dtype)  # (B, nkv, hs): advanced
+        self.v[layer][self.rows, :, self.cols] = v[:, :, 0].to(self.v[layer].dtype)  # indices first
         return self.k[layer][:B, :, :self.t_k], self.v[layer][:B, :, :self.t_k]
 
 
@@ -174,14 +175,14 @@ class DecodeStep:
     @torch.no_grad()
     def _warm_up(self) -> None:
         """Compile both graphs on a scratch cache (never a caller's): batch 1, and any batch > 1."""
-        c, p = self.model.config, next(self.model.parameters())
+        c, dtype = self.model.config, cache_dtype(self.model, compiled=True)
         try:
             self._fn = self._compiled()
             for B in WARM_BATCHES:
                 for t_k in (8, 9):  # a second length: one graph covers every T_k
                     shape = (B, c.n_kv_head, 16, c.head_dim)
-                    k = [torch.zeros(shape, dtype=p.dtype) for _ in range(c.n_layer)]
-                    v = [torch.zeros(shape, dtype=p.dtype) for _ in range(c.n_layer)]
+                    k = [torch.zeros(shape, dtype=dtype) for _ in range(c.n_layer)]
+                    v = [torch.zeros(shape, dtype=dtype) for _ in range(c.n_layer)]
                     cols = torch.full((B,), t_k - 1, dtype=torch.long)
                     idx, mask = torch.zeros(B, 1, dtype=torch.long), torch.ones(B, 1, 1, t_k, dtype=torch.bool)
                     positions = cols.view(B, 1)

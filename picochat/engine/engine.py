@@ -25,7 +25,7 @@ import torch
 from ..errors import PicochatError
 from .compiled import decoder_for
 from .grammar import Constraint, Grammar
-from .kv_cache import KVCache
+from .kv_cache import KVCache, cache_dtype
 from .sampling import Penalties, TokenLogprob, Utf8Stream, check_sampling, draw, next_distribution, token_logprobs
 
 
@@ -335,7 +335,7 @@ class Engine:
         block = self.model.config.block_size
         need = min(block, len(prompt) + max_tokens)
         if self._cache is None:
-            self._cache, self._ids = KVCache.for_model(self.model, 1, capacity=need), []
+            self._cache, self._ids = KVCache.for_model(self.model, 1, need, compiled=self.decoder is not None), []
         keys = prompt if embeds is None else embeds.keys(prompt)
         n = 0
         for a, b in zip(self._ids, keys):
@@ -359,7 +359,7 @@ class Engine:
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         B, L = len(prompts), int(lens.max())
         steps = max(min(max_tokens, block - len(p)) for p in prompts)
-        c, dtype = self.model.config, next(self.model.parameters()).dtype
+        c, dtype = self.model.config, cache_dtype(self.model, compiled=self.decoder is not None)
         # columns = pad + position, so a padded row may need columns past block_size: size by L + steps
         cache = KVCache(c.n_layer, B, c.n_kv_head, c.head_dim, L + steps, dtype=dtype, device=self.device)
         pad = L - lens  # (B,)

@@ -3,8 +3,8 @@
 Without it, token t re-runs attention projections for all t previous tokens (O(T^2) work per sequence);
 with it, a step costs one token's projections plus one attention read over the cached K/V.
 
-Layout per layer: K and V of shape (B, n_kv_head, capacity, head_dim), preallocated in the model's dtype
-and device and written in place. `pos` counts the filled columns; it advances once per forward pass
+Layout per layer: K and V of shape (B, n_kv_head, capacity, head_dim), preallocated in `cache_dtype`
+(the activations' dtype but for quantized models when compiled) on the model's device and written in place. `pos` counts the filled columns; it advances once per forward pass
 (when the last layer writes), not once per layer. All rows share `pos`: ragged batches are left-padded
 by the engine, which hides the padding with an attention mask.
 """
@@ -15,6 +15,22 @@ from typing import Optional
 import torch
 
 from ..errors import PicochatError
+from ..model.quant import is_quantized
+
+
+def cache_dtype(model, compiled: bool = False) -> torch.dtype:
+    """The dtype K/V are stored in: the activations' dtype, except bf16 under the compiled decode step
+    (engine/compiled.py) for a model with int8/int4 weights and fp32 activations. Its K and V come out of
+    the kernels in bf16 already (V exactly; K after RoPE, which fp32 keeps to 8 more bits), and attention
+    reads them back as fp32. Half the bytes to keep and to read at every step (at 512 keys ~25 MB a row
+    for SmolLM2, the size of its int8 LM head): `python benchmarks/kv_cache_dtype.py`, SmolLM2 int4 in one
+    process, 9.8 against 10.5 ms a step at batch 1 and 32.3 against 34.6 at batch 8, the same next token at
+    127/128 and 1003/1024 steps of Brown text. The compiled loops cast as they read; the eager step would
+    copy every layer's cache to fp32 first (int8 plain: 31.7 against 27.1 ms a step), so it keeps fp32."""
+    p = next(model.parameters())
+    if compiled and p.dtype == torch.float32 and p.device.type == "cpu" and is_quantized(model):
+        return torch.bfloat16
+    return p.dtype
 
 
 def grow_columns(stores, new: int, keep: int) -> None:
@@ -39,12 +55,12 @@ class KVCache:
         self.pos = 0
 
     @classmethod
-    def for_model(cls, model, batch: int, capacity: Optional[int] = None) -> "KVCache":
-        """A cache shaped for `model` (a GPT); capacity defaults to its whole context, and can grow up to it."""
+    def for_model(cls, model, batch: int, capacity: Optional[int] = None, compiled: bool = False) -> "KVCache":
+        """A cache shaped for `model` (a GPT); capacity defaults to its whole context, and can grow up to it.
+        compiled: for the compiled decode step (its dtype: `cache_dtype`)."""
         c = model.config
-        p = next(model.parameters())
-        return cls(c.n_layer, batch, c.n_kv_head, c.head_dim, capacity or c.block_size,
-                   max_len=c.block_size, dtype=p.dtype, device=p.device)
+        return cls(c.n_layer, batch, c.n_kv_head, c.head_dim, capacity or c.block_size, max_len=c.block_size,
+                   dtype=cache_dtype(model, compiled), device=next(model.parameters()).device)
 
     @property
     def batch(self) -> int:

@@ -62,7 +62,7 @@ class Scheduler:
         self._admitted: dict = {}  # client -> when it last got a slot (an admission counter)
         self._admissions = 0
         self.context = min(max_context or model.config.block_size, model.config.block_size)
-        self.cache = SlotCache.for_model(model, max_batch, self.context)
+        self.cache = SlotCache.for_model(model, max_batch, self.context, compiled=self.decoder is not None)
         self.waiting: collections.deque[Request] = collections.deque()
         self.admitting: Optional[_Running] = None
         self.running: list[_Running] = []  # index = cache row

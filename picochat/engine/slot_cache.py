@@ -25,7 +25,7 @@ from typing import Hashable, Optional
 import torch
 
 from ..errors import PicochatError
-from .kv_cache import grow_columns
+from .kv_cache import cache_dtype, grow_columns
 
 
 class SlotCache:
@@ -48,10 +48,11 @@ class SlotCache:
         self._used: dict[int, int] = {}           # slot -> when it was last retained or reused (LRU)
 
     @classmethod
-    def for_model(cls, model, slots: int, max_len: int | None = None) -> "SlotCache":
+    def for_model(cls, model, slots: int, max_len: int | None = None, compiled: bool = False) -> "SlotCache":
+        """compiled: for the compiled decode step (kv_cache.cache_dtype)."""
         c, p = model.config, next(model.parameters())
         return cls(c.n_layer, slots, c.n_kv_head, c.head_dim, min(max_len or c.block_size, c.block_size),
-                   dtype=p.dtype, device=p.device)
+                   dtype=cache_dtype(model, compiled), device=p.device)
 
     @property
     def capacity(self) -> int:
@@ -185,8 +186,8 @@ class SlotCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v: (n, nkv, 1, hs), written at each row's own column; returns (n, nkv, T_k, hs) views."""
         n, T_k = k.size(0), self._T_k
-        self.k[layer][self._rows, :, self._len_t] = k[:, :, 0]  # advanced indices first: (n, nkv, hs)
-        self.v[layer][self._rows, :, self._len_t] = v[:, :, 0]
+        self.k[layer][self._rows, :, self._len_t] = k[:, :, 0].to(self.k[layer].dtype)  # (n, nkv, hs): advanced
+        self.v[layer][self._rows, :, self._len_t] = v[:, :, 0].to(self.v[layer].dtype)  # indices first
         if layer == self.n_layer - 1:
             for i in range(n):
                 self.lengths[i] += 1

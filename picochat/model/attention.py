@@ -170,6 +170,8 @@ class Attention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:  # the engine keeps past K/V; we get back everything up to now
             k, v = kv_cache.update(self.layer_idx, k, v)
+            if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (engine/kv_cache.py's cache_dtype);
+                k, v = k.to(q.dtype), v.to(q.dtype)  # compiled, the casts fuse into attention's loops
         T_k = k.size(2)
         gqa = self.n_kv_head != self.n_head
         if gqa and return_weights:  # the textbook path wants one K/V head per query head

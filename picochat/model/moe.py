@@ -98,7 +98,7 @@ class MoEFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, d): every token of the batch, routed independently
-        T, k = x.size(0), self.top_k
+        k = self.top_k
         logits, expert_idx, gates = self.route(x)
         self._record(logits, expert_idx)
         # sort the T*k slots (slot j = token j // k, choice j % k) so each expert's slots are contiguous

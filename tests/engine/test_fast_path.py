@@ -160,7 +160,11 @@ def test_the_step_skips_the_models_guards_and_follows_its_changes():
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]
     got = engine.generate(prompt, max_tokens=12, temperature=0)[0].token_ids  # the engine asks for a new step
     assert engine.decoder is not step and engine.decoder.fits(m)
-    assert got == Engine(m, fast="plain").generate(prompt, max_tokens=12, temperature=0)[0].token_ids
+    plain = Engine(m, fast="plain")
+    assert got == plain.generate(prompt, max_tokens=12, temperature=0)[0].token_ids
+    # the compiled step keeps a quantized model's K/V in bf16 (kv_cache.cache_dtype), the plain one in fp32
+    assert engine._cache.k[0].dtype == torch.bfloat16 and plain._cache.k[0].dtype == torch.float32
+    assert Scheduler(m, None, max_batch=2, fast="compile").cache.k[0].dtype == torch.bfloat16
     with torch.no_grad():
         out, ref = call(engine.decoder)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)

@@ -54,7 +54,7 @@ def paragraph_logits(engine, ids):
     """Next-token logits at every position of `ids`, teacher-forced through the engine's decode steps
     (a one-token prefill, then one step per token): the path a chat answer takes."""
     from picochat.engine.kv_cache import KVCache
-    cache = KVCache.for_model(engine.model, 1, capacity=len(ids))
+    cache = KVCache.for_model(engine.model, 1, capacity=len(ids), compiled=engine.decoder is not None)
     with torch.no_grad():
         out = [engine.model(torch.tensor([ids[:1]]), kv_cache=cache)[0][0, -1]]
         for t in ids[1:]:
