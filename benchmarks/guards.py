@@ -16,6 +16,7 @@ from _common import emit, loadavg, log, machine
 
 from picochat.checkpoints.io import load_model
 from picochat.engine import compiled
+from picochat.engine.kv_cache import cache_dtype
 
 
 def step_with(guard_filter) -> object:
@@ -35,7 +36,7 @@ def main() -> None:
     load0 = loadavg()
     q = None if args.quantize == "none" else args.quantize
     model, _, _ = load_model("smollm2", dtype=None if q else torch.bfloat16, quantize=q)
-    c, dt = model.config, next(model.parameters()).dtype
+    c, dt = model.config, cache_dtype(model, compiled=True)  # (bf16 for int8/int4 since the fifth session)
     cap = args.keys + 130
     variants = {"filtered": step_with(compiled._outside_the_model), "all_guards": step_with(None)}
 

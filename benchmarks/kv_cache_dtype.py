@@ -3,7 +3,8 @@ the same compiled step (engine/compiled.py's DecodeStep) on a bf16 cache and on 
 cache these models kept before), in one process, called alternately, SmolLM2 int4 at batch 1 and batch 8.
 Each row is a window of Brown corpus text: its first --keys tokens are prefilled into an fp32 cache (the
 bf16 one is that cache rounded), then both caches decode the window's next tokens teacher-forced, and
-`same_argmax` counts the steps where the two picked the same next token.
+`same_argmax` counts the steps where the two picked the same next token (the prompt was read once, with
+fp32 K/V; in the engine the bf16 path's prefill reads rounded ones).
 
     python benchmarks/kv_cache_dtype.py            # ~1-3 min (TorchInductor's disk cache helps), one JSON line
 """
@@ -25,7 +26,7 @@ from picochat.engine.kv_cache import KVCache, cache_dtype
 @torch.no_grad()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quantize", default="int4", help="int4 or int8 (fp32 activations)")
+    p.add_argument("--quantize", default="int4", choices=("int4", "int8"), help="fp32 activations")
     p.add_argument("--keys", type=int, default=512, help="cached keys at the first timed step")
     p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
     p.add_argument("--steps", type=int, default=128, help="timed steps per cache dtype and batch")
@@ -35,7 +36,7 @@ def main() -> None:
     c = model.config
     text = " ".join(d["text"] for d in brown_documents()[:60])
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
-    assert cache_dtype(model) == torch.bfloat16
+    assert cache_dtype(model, compiled=True) == torch.bfloat16
     t0 = time.perf_counter()
     step = DecodeStep(model).start(wait=True)  # warms batch 1 and batch > 1 on bf16 caches
     log(f"compiled in {time.perf_counter() - t0:.1f} s")
@@ -49,14 +50,22 @@ def main() -> None:
         model(rows[:, :args.keys], kv_cache=prompt)  # eager prefill, K/V kept in fp32
         caches = {"bf16": ([t.to(torch.bfloat16) for t in prompt.k], [t.to(torch.bfloat16) for t in prompt.v]),
                   "fp32": (prompt.k, prompt.v)}
+        for t in caches["fp32"][0] + caches["fp32"][1]:  # symbolic as in DecodeStep._warm_up, so the fp32
+            torch._dynamo.mark_dynamic(t, [0, 2] if B > 1 else [2])  # graph is the same program as the bf16 one
 
         def call(kv, s):  # step s: token keys + s of each row, written at column keys + s
             cols = torch.full((B,), args.keys + s, dtype=torch.long)
             mask = torch.ones(B, 1, 1, args.keys + s + 1, dtype=torch.bool)
-            return step(rows[:, args.keys + s:args.keys + s + 1], cols.view(B, 1), mask, *kv, cols)
+            torch._dynamo.mark_dynamic(mask, [0, 3] if B > 1 else [3])
+            idx = rows[:, args.keys + s:args.keys + s + 1].clone()
+            if B > 1:
+                for t in (idx, cols):
+                    torch._dynamo.mark_dynamic(t, 0)
+            return step(idx, cols.view(B, 1), mask, *kv, cols)
 
         for name, kv in caches.items():  # the fp32 cache's graphs compile here (dtype is guarded)
             call(kv, 0)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         times = {name: [] for name in caches}
         outs = {name: [] for name in caches}
         for s in range(args.steps):
@@ -66,6 +75,8 @@ def main() -> None:
                 out = call(kv, s)
                 times[name].append(time.perf_counter() - t0)
                 outs[name].append(out[:, -1].argmax(-1))
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+            raise SystemExit("the step compiled again while timed: the figures would include a compile")
         ms = {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
         same = sum(int((a == b).sum()) for a, b in zip(outs["bf16"], outs["fp32"]))
         result[f"batch_{B}"] = {"median_ms_per_step": ms, "fp32_over_bf16": round(ms["fp32"] / ms["bf16"], 3),

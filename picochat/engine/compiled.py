@@ -79,8 +79,9 @@ class _StepCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v (B, nkv, 1, hs) -> this layer's (B, nkv, T_k, hs) K and V, the new column included."""
         B = k.size(0)
-        self.k[layer][self.rows, :, self.cols] = k[:, :, 0].to(self.k[layer].dtype)  # (B, nkv, hs): advanced
-        self.v[layer][self.rows, :, self.cols] = v[:, :, 0].to(self.v[layer].dtype)  # indices first
+        # (B, nkv, hs): advanced indices first; cast, as index_put takes no other dtype (a bf16 cache)
+        self.k[layer][self.rows, :, self.cols] = k[:, :, 0].to(self.k[layer].dtype)
+        self.v[layer][self.rows, :, self.cols] = v[:, :, 0].to(self.v[layer].dtype)
         return self.k[layer][:B, :, :self.t_k], self.v[layer][:B, :, :self.t_k]
 
 

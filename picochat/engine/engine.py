@@ -334,8 +334,9 @@ class Engine:
         """Batch of one: reuse the longest prefix of keys the kept cache shares with the prompt."""
         block = self.model.config.block_size
         need = min(block, len(prompt) + max_tokens)
-        if self._cache is None:
-            self._cache, self._ids = KVCache.for_model(self.model, 1, need, compiled=self.decoder is not None), []
+        compiled = self.decoder is not None
+        if self._cache is None or self._cache.k[0].dtype != cache_dtype(self.model, compiled):  # (a new step, or none)
+            self._cache, self._ids = KVCache.for_model(self.model, 1, need, compiled=compiled), []
         keys = prompt if embeds is None else embeds.keys(prompt)
         n = 0
         for a, b in zip(self._ids, keys):
@@ -389,7 +390,9 @@ class Engine:
 
     def _step(self, idx: torch.Tensor, cache: KVCache, pad: Optional[torch.Tensor]) -> torch.Tensor:
         """One decode step: idx (B, 1) -> logits (B, 1, V)."""
-        if self.decoder is not None and self.decoder.usable():  # the compiled step, on tensors only
+        if self.decoder is not None and not self.decoder.usable():
+            self.decoder = None  # compiling failed (it warned): plain from now on, caches in the activations' dtype
+        if self.decoder is not None:  # the compiled step, on tensors only
             B, pos = idx.size(0), cache.pos
             cache.reserve(pos + 1)
             cols = torch.full((B,), pos, dtype=torch.long, device=self.device)

@@ -4,9 +4,10 @@ Without it, token t re-runs attention projections for all t previous tokens (O(T
 with it, a step costs one token's projections plus one attention read over the cached K/V.
 
 Layout per layer: K and V of shape (B, n_kv_head, capacity, head_dim), preallocated in `cache_dtype`
-(the activations' dtype but for quantized models when compiled) on the model's device and written in place. `pos` counts the filled columns; it advances once per forward pass
-(when the last layer writes), not once per layer. All rows share `pos`: ragged batches are left-padded
-by the engine, which hides the padding with an attention mask.
+(the activations' dtype but for quantized models when compiled) on the model's device and written in
+place. `pos` counts the filled columns; it advances once per forward pass (when the last layer writes),
+not once per layer. All rows share `pos`: ragged batches are left-padded by the engine, which hides the
+padding with an attention mask.
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from ..model.quant import is_quantized
 def cache_dtype(model, compiled: bool = False) -> torch.dtype:
     """The dtype K/V are stored in: the activations' dtype, except bf16 under the compiled decode step
     (engine/compiled.py) for a model with int8/int4 weights and fp32 activations. Its K and V come out of
-    the kernels in bf16 already (V exactly; K after RoPE, which fp32 keeps to 8 more bits), and attention
+    the kernels in bf16 already (V exactly, from a quantized qkv_proj without bias; K rounded after RoPE,
+which fp32 would keep to 16 more bits), and attention
     reads them back as fp32. Half the bytes to keep and to read at every step (at 512 keys ~25 MB a row
     for SmolLM2, the size of its int8 LM head): `python benchmarks/kv_cache_dtype.py`, SmolLM2 int4 in one
-    process, 9.8 against 10.5 ms a step at batch 1 and 32.3 against 34.6 at batch 8, the same next token at
+    process, 10.0 against 10.7 ms a step at batch 1 and 34.9 against 38.2 at batch 8, the same next token at
     127/128 and 1003/1024 steps of Brown text. The compiled loops cast as they read; the eager step would
     copy every layer's cache to fp32 first (int8 plain: 31.7 against 27.1 ms a step), so it keeps fp32."""
     p = next(model.parameters())

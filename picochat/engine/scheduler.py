@@ -38,6 +38,7 @@ import torch
 
 from ..errors import PicochatError
 from .compiled import decoder_for
+from .kv_cache import cache_dtype
 from .model_thread import ModelThread
 from .requests import Event, QueueFull, Request, _notify, _Running  # noqa: F401 (QueueFull: importers' name)
 from .sampling import Penalties, TokenLogprob, draw, next_distribution, token_logprobs
@@ -252,6 +253,7 @@ class Scheduler:
         if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind
             if self.decoder is not None and not self.decoder.fits(self.model):  # (~1 ms, once a request)
                 self.decoder = decoder_for(self.model, self.fast)
+                self.cache.set_dtype(cache_dtype(self.model, compiled=self.decoder is not None))
             r.prefilled = r.cached = self.cache.claim(slot, r.keys, r.req.cache_scope)
         elif r.slot != slot:  # a row left between two chunks: move what is written so far
             self.cache.move_partial(r.slot, slot, r.prefilled)
@@ -277,7 +279,10 @@ class Scheduler:
         idx = torch.tensor([[r.last_token] for r in self.running], dtype=torch.long, device=self.device)
         for r in self.running:
             r.fed.append(r.last_token)
-        if self.decoder is not None and self.decoder.usable():  # compiled: each row at its own column
+        if self.decoder is not None and not self.decoder.usable():  # compiling failed (it warned): plain from
+            self.decoder = None                                       # now on, on a cache of the activations' dtype
+            self.cache.set_dtype(cache_dtype(self.model))
+        if self.decoder is not None:  # compiled: each row at its own column
             logits = self.decoder(idx, positions, mask, self.cache.k, self.cache.v, positions.view(-1))
             self.cache.advance()
         elif len(self.running) == 1:  # alone: the plain single-query path (no mask, one start position)

@@ -58,6 +58,11 @@ class SlotCache:
     def capacity(self) -> int:
         return self.k[0].size(2)
 
+    def set_dtype(self, dtype: torch.dtype) -> None:
+        """Store K/V in `dtype` from now on (the decode step changed: kv_cache.cache_dtype); kept rows stay."""
+        if self.k[0].dtype != dtype:
+            self.k, self.v = [t.to(dtype) for t in self.k], [t.to(dtype) for t in self.v]
+
     def reserve(self, n: int) -> None:
         """Room for n columns in every slot; grows geometrically, never past max_len."""
         if n <= self.capacity:
@@ -186,8 +191,9 @@ class SlotCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v: (n, nkv, 1, hs), written at each row's own column; returns (n, nkv, T_k, hs) views."""
         n, T_k = k.size(0), self._T_k
-        self.k[layer][self._rows, :, self._len_t] = k[:, :, 0].to(self.k[layer].dtype)  # (n, nkv, hs): advanced
-        self.v[layer][self._rows, :, self._len_t] = v[:, :, 0].to(self.v[layer].dtype)  # indices first
+        # (n, nkv, hs): advanced indices first; cast, as index_put takes no other dtype (a bf16 cache)
+        self.k[layer][self._rows, :, self._len_t] = k[:, :, 0].to(self.k[layer].dtype)
+        self.v[layer][self._rows, :, self._len_t] = v[:, :, 0].to(self.v[layer].dtype)
         if layer == self.n_layer - 1:
             for i in range(n):
                 self.lengths[i] += 1

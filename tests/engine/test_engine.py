@@ -257,9 +257,10 @@ def test_quantized_models_keep_a_bf16_cache_that_decodes_like_an_fp32_one():
     """int8/int4 weights with fp32 activations, decoded by the compiled step: K/V stored in bf16 (half the
     memory and the reads), read back as fp32; the plain step and every other model keep the activations'
     dtype. Teacher-forced through a bf16 and an fp32
-    cache, the logits part by less than quantizing the weights moved them (measured: 0.014 against 0.044
-    for int8, 0.50 for int4, mostly single bf16 steps of the kernels' rounded outputs) and the greedy
-    choice is the same at 59 of 60 positions (SmolLM2: benchmarks/quant_agreement.py)."""
+    cache (eager forwards, as the engine's prefill runs), the logits of this tiny model part by less than
+    quantizing the weights moved them (measured: mean 0.014 against 0.044 for int8, 0.50 for int4, mostly
+    single bf16 steps of the kernels' rounded outputs) and the greedy choice is the same at 59 of 60
+    positions. SmolLM2 through the compiled step: benchmarks/kv_cache_dtype.py and quant_agreement.py."""
     from picochat.engine.kv_cache import cache_dtype
     from picochat.engine.slot_cache import SlotCache
     from picochat.model.quant import quantize_int4, quantize_int8
@@ -276,7 +277,8 @@ def test_quantized_models_keep_a_bf16_cache_that_decodes_like_an_fp32_one():
         assert SlotCache.for_model(q, 2, compiled=True).k[0].dtype == torch.bfloat16
         assert KVCache.for_model(q, 1).k[0].dtype == SlotCache.for_model(q, 2).k[0].dtype == torch.float32
         c = q.config
-        caches = {dt: KVCache(c.n_layer, 1, c.n_kv_head, c.head_dim, 64, dtype=dt) for dt in (torch.bfloat16, torch.float32)}
+        caches = {dt: KVCache(c.n_layer, 1, c.n_kv_head, c.head_dim, 64, dtype=dt)
+                  for dt in (torch.bfloat16, torch.float32)}
         out = {}
         with torch.no_grad():
             for dt, cache in caches.items():  # a 20-token prompt, then one token at a time

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import types
 
 import pytest
 import torch
@@ -14,7 +15,9 @@ import torch
 from picochat.engine import compiled
 from picochat.engine.compiled import decoder_for, slower_compiled, unsupported
 from picochat.engine.engine import Engine, SamplingParams
+from picochat.engine.kv_cache import cache_dtype
 from picochat.engine.scheduler import Request, Scheduler
+from picochat.engine.slot_cache import SlotCache
 from picochat.errors import PicochatError
 from picochat.model.config import ModelConfig
 from picochat.model.gpt import GPT
@@ -135,10 +138,11 @@ def test_the_step_skips_the_models_guards_and_follows_its_changes():
     assert sched.decoder is step
     c, B, t_k = m.config, 2, 9
 
-    def call(s):
+    def call(s):  # on caches of the dtype the step was warmed for (bf16 once m is quantized)
         torch.manual_seed(0)
-        k = [torch.randn(B, c.n_kv_head, 16, c.head_dim) for _ in range(c.n_layer)]
-        v = [torch.randn(B, c.n_kv_head, 16, c.head_dim) for _ in range(c.n_layer)]
+        dt = cache_dtype(m, compiled=True)
+        k = [torch.randn(B, c.n_kv_head, 16, c.head_dim).to(dt) for _ in range(c.n_layer)]
+        v = [torch.randn(B, c.n_kv_head, 16, c.head_dim).to(dt) for _ in range(c.n_layer)]
         cols, idx = torch.full((B,), t_k - 1), torch.tensor([[3], [9]])
         mask = torch.ones(B, 1, 1, t_k, dtype=torch.bool)
         args = (idx, cols.view(B, 1), mask, k, v, cols)
@@ -177,3 +181,31 @@ def test_the_step_skips_the_models_guards_and_follows_its_changes():
     finally:
         sched.stop()
     assert sched.decoder.fits(m) and toks == got
+    assert sched.cache.k[0].dtype == torch.bfloat16  # the scheduler's cache follows its new step's dtype
+
+
+def test_a_failed_compile_decodes_plain_on_caches_of_the_activations_dtype(monkeypatch):
+    """A quantized model's compiled step keeps K/V in bf16; when compiling fails, Engine and Scheduler
+    drop the step and decode plain, the rest of the request on the cache it has, the next on fp32 ones."""
+    m = quantize_int4(tiny(seed=7))
+    prompt = [2, 7, 1, 8, 2, 8]
+    want = Engine(m, fast="plain").generate([prompt], max_tokens=8, temperature=0)[0].token_ids
+    failed = types.SimpleNamespace(usable=lambda: False, fits=lambda model: True)
+    engine = Engine(m, fast="plain")
+    engine.decoder = failed  # as if compiling had failed after the engine was made
+    assert engine.generate([prompt], max_tokens=8, temperature=0)[0].token_ids == want
+    assert engine.decoder is None
+    engine.generate([prompt + [3]], max_tokens=2, temperature=0)
+    assert engine._cache.k[0].dtype == torch.float32
+    sched = Scheduler(m, None, max_batch=2, fast="plain")
+    sched.decoder, sched.cache = failed, SlotCache.for_model(m, 2, compiled=True)
+    assert sched.cache.k[0].dtype == torch.bfloat16
+    done, toks = threading.Event(), []
+    sched.start()
+    try:
+        sched.submit(Request(prompt, SamplingParams(max_tokens=8, temperature=0),
+                             lambda ev: (toks.extend(ev.token_ids), ev.finish_reason and done.set())))
+        assert done.wait(60)
+    finally:
+        sched.stop()
+    assert sched.decoder is None and sched.cache.k[0].dtype == torch.float32 and toks == want
