@@ -23,12 +23,12 @@ def cache_dtype(model, compiled: bool = False) -> torch.dtype:
     """The dtype K/V are stored in: the activations' dtype, except bf16 under the compiled decode step
     (engine/compiled.py) for a model with int8/int4 weights and fp32 activations. Its K and V come out of
     the kernels in bf16 already (V exactly, from a quantized qkv_proj without bias; K rounded after RoPE,
-which fp32 would keep to 16 more bits), and attention
-    reads them back as fp32. Half the bytes to keep and to read at every step (at 512 keys ~25 MB a row
-    for SmolLM2, the size of its int8 LM head): `python benchmarks/kv_cache_dtype.py`, SmolLM2 int4 in one
-    process, 10.0 against 10.7 ms a step at batch 1 and 34.9 against 38.2 at batch 8, the same next token at
-    127/128 and 1003/1024 steps of Brown text. The compiled loops cast as they read; the eager step would
-    copy every layer's cache to fp32 first (int8 plain: 31.7 against 27.1 ms a step), so it keeps fp32."""
+    which fp32 would keep to 16 more bits), and attention reads them back as fp32. Half the bytes to keep
+    and to read at every step (at 512 keys ~25 MB a row for SmolLM2, the size of its int8 LM head):
+    `python benchmarks/kv_cache_dtype.py`, SmolLM2 int4 in one process, 10.0 against 10.7 ms a step at
+    batch 1 (1.07x in three runs; batch 8: 1.00-1.09x), the same next token at 127/128 and 1003/1024 steps
+    of Brown text. The compiled loops cast as they read; the eager step would
+    copy every layer's cache to fp32 first (`kv_cache_dtype.py --plain`: slower on bf16), so it keeps fp32."""
     p = next(model.parameters())
     if compiled and p.dtype == torch.float32 and p.device.type == "cpu" and is_quantized(model):
         return torch.bfloat16

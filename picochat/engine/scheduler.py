@@ -170,11 +170,11 @@ class Scheduler:
             recent = sum(n for _, n in self._recent)
             # over the last 10 s, or since the first token ever if that is sooner (but at least 1 s)
             span = min(10.0, max(1.0, now - self._first_sample)) if self._first_sample else 10.0
+            d = self.decoder  # once: the model thread may drop a step that failed to compile
             return {"queue_depth": len(self.waiting) + (self.admitting is not None),
                     "active_sequences": len(self.running), "generated_tokens_total": self.generated_total,
                     "requests_total": self.requests_total, "tokens_per_second": recent / span,
-                    "compiled_decode": int(self.decoder is not None and self.decoder.done.is_set()
-                                           and self.decoder.error is None)}
+                    "compiled_decode": int(d is not None and d.done.is_set() and d.error is None)}
 
     # -- the model thread ----------------------------------------------------------------------------
 

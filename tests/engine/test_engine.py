@@ -260,7 +260,8 @@ def test_quantized_models_keep_a_bf16_cache_that_decodes_like_an_fp32_one():
     cache (eager forwards, as the engine's prefill runs), the logits of this tiny model part by less than
     quantizing the weights moved them (measured: mean 0.014 against 0.044 for int8, 0.50 for int4, mostly
     single bf16 steps of the kernels' rounded outputs) and the greedy choice is the same at 59 of 60
-    positions. SmolLM2 through the compiled step: benchmarks/kv_cache_dtype.py and quant_agreement.py."""
+    positions. SmolLM2: benchmarks/kv_cache_dtype.py (the compiled step on both caches) and
+    quant_agreement.py --compiled-cache (eager forwards on a bf16 cache)."""
     from picochat.engine.kv_cache import cache_dtype
     from picochat.engine.slot_cache import SlotCache
     from picochat.model.quant import quantize_int4, quantize_int8
