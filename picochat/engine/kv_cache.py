@@ -27,8 +27,8 @@ def cache_dtype(model, compiled: bool = False) -> torch.dtype:
     and to read at every step (at 512 keys ~25 MB a row for SmolLM2, the size of its int8 LM head):
     `python benchmarks/kv_cache_dtype.py`, SmolLM2 int4 in one process, 10.0 against 10.7 ms a step at
     batch 1 (1.07x in three runs; batch 8: 1.00-1.09x), the same next token at 127/128 and 1003/1024 steps
-    of Brown text. The compiled loops cast as they read; the eager step would
-    copy every layer's cache to fp32 first (`kv_cache_dtype.py --plain`: slower on bf16), so it keeps fp32."""
+    of Brown text. The compiled loops cast as they read; the eager step would copy every layer's cache to
+    fp32 first (`kv_cache_dtype.py --plain`: slower on bf16), so it keeps fp32."""
     p = next(model.parameters())
     if compiled and p.dtype == torch.float32 and p.device.type == "cpu" and is_quantized(model):
         return torch.bfloat16
