@@ -17,8 +17,11 @@ text, all of equal length, so no padding), greedy, no stop token, a fixed number
 
 - prefill tokens/s: a call that generates 1 token (= one forward over the prompt + one argmax), timed
   from the call to its return; picochat's Engine cache is reset first so the whole prompt runs.
-- decode tokens/s: (rows x (new - 1)) / (time of the full call - time of the 1-token call), i.e. the
-  steady per-step cost after the prompt, sampling and the framework's per-step overhead included.
+- decode tokens/s: rows x (new - 1) / the time from the first new token to the last within the full
+  call (picochat: Engine._run's yields; transformers: a streamer's `put` times; llama.cpp: its eval
+  loop), i.e. the steady per-step cost after the prompt, sampling and the framework's per-step overhead
+  included. (Until 2026-11-29's sixth session it was the full call's time minus the 1-token call's: at
+  batch 8 x 512 tokens the two prefills' noise, +-0.3 s, moved a step by +-5 ms.)
 
 picochat and transformers are interleaved (the order flips every rep) and the figure is the median
 over reps. Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
@@ -41,7 +44,8 @@ from _common import DTYPES, emit, loadavg, log, machine, median
 
 from picochat.checkpoints.gguf import gguf_source
 from picochat.checkpoints.io import load_model
-from picochat.engine.engine import Engine
+from picochat.engine.engine import Engine, SamplingParams
+
 
 KINDS = ("fp32", "bf16", "int8", "int4")
 PATHS = ("plain", "compiled")
@@ -112,21 +116,39 @@ def make_prompts(tok, n_rows: int, length: int) -> list[list[int]]:
 # -- runners: each returns (seconds, generated ids per row) ----------------------------------------------
 
 def run_picochat(engine: Engine, prompts, new):
+    """(seconds of the whole call, ids per row, seconds from the first new token to the last)."""
     engine.reset()
+    stamps = []
     t0 = time.perf_counter()
-    res = engine.generate(prompts, max_tokens=new, temperature=0)
+    # Engine._run is generate()'s own loop: it yields once per step, after the step's tokens are drawn
+    for rows, _ in engine._run(prompts, SamplingParams(max_tokens=new, temperature=0)):
+        stamps.append(time.perf_counter())
     dt = time.perf_counter() - t0
-    return dt, [r.token_ids for r in res]
+    return dt, [r.tokens for r in rows], stamps[-1] - stamps[0]
+
+
+class _Stamps:
+    """A transformers streamer that only notes when each step's tokens arrive (the first put is the prompt)."""
+
+    def __init__(self):
+        self.t = []
+
+    def put(self, value):
+        self.t.append(time.perf_counter())
+
+    def end(self):
+        pass
 
 
 def run_hf(model, prompts, new):
     idx = torch.tensor(prompts, dtype=torch.long)
+    stamps = _Stamps()
     with torch.no_grad():
         t0 = time.perf_counter()
         out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, pad_token_id=0, num_beams=1)
+                             do_sample=False, pad_token_id=0, num_beams=1, streamer=stamps)
         dt = time.perf_counter() - t0
-    return dt, out[:, idx.size(1):].tolist()
+    return dt, out[:, idx.size(1):].tolist(), stamps.t[-1] - stamps.t[1]
 
 
 def measure(runners: dict, prompts, new: int, reps: int) -> dict:
@@ -135,26 +157,26 @@ def measure(runners: dict, prompts, new: int, reps: int) -> dict:
     for n in names:  # warm-up: one short call each (thread pools, kernel selection, allocator)
         runners[n](prompts, 2)
     pre = {n: [] for n in names}
-    full = {n: [] for n in names}
+    dec = {n: [] for n in names}
     ids = {}
     for rep in range(reps):
         order = names if rep % 2 == 0 else names[::-1]
         for n in order:
-            t1, _ = runners[n](prompts, 1)
-            tf, out = runners[n](prompts, new)
+            t1 = runners[n](prompts, 1)[0]
+            tf, out, td = runners[n](prompts, new)
             if any(len(o) != new for o in out):
                 log(f"  warning: {n} generated {[len(o) for o in out]} tokens, expected {new}")
             pre[n].append(t1)
-            full[n].append(tf)
+            dec[n].append(td)
             ids[n] = out
-            log(f"  rep {rep} {n:10s} prefill {t1 * 1e3:8.1f} ms  full {tf * 1e3:8.1f} ms  load {loadavg()}")
+            log(f"  rep {rep} {n:10s} prefill {t1 * 1e3:8.1f} ms  decode {td * 1e3:8.1f} ms  full {tf * 1e3:8.1f} ms"
+                f"  load {loadavg()}")
     B, T = len(prompts), len(prompts[0])
     res = {}
     for n in names:
-        tp, tf = median(pre[n]), median(full[n])
-        decode_s = tf - tp
-        if decode_s <= 0 or new < 2:  # too few tokens, or noise swamped the difference
-            log(f"  warning: {n}: no decode time left after the prefill (full {tf:.3f} s, prefill {tp:.3f} s)")
+        tp, decode_s = median(pre[n]), median(dec[n])
+        if decode_s <= 0 or new < 2:
+            log(f"  warning: {n}: no decode steps timed")
             decode_s = None
         res[n] = {"prefill_tok_s": round(B * T / tp, 1),
                   "decode_tok_s": round(B * (new - 1) / decode_s, 1) if decode_s else None,

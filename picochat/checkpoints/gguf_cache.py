@@ -150,12 +150,15 @@ def _drop_stale(folder: Path) -> None:
 
 @functools.cache
 def kernel_tag() -> str:
-    """picochat's quantizer version, PyTorch's, and a digest of how its CPU int4 kernel packs a fixed matrix."""
+    """picochat's quantizer version, PyTorch's, and a digest of how its CPU int4 kernel packs a fixed matrix;
+    "-vnni" where the layers take model/vnni.py's layouts instead (a CPU with AVX-512 VNNI)."""
+    from ..model import vnni
     from ..model.quant import QUANT_VERSION
     q = torch.randint(0, 16, (64, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     digest = hashlib.sha256(packed.contiguous().numpy().tobytes()).hexdigest()[:8]
-    return f"q{QUANT_VERSION}-torch{torch.__version__.replace('+', '_')}-{digest}"
+    kernels = f"-vnni{vnni.LAYOUT_VERSION}" if vnni.available() else ""
+    return f"q{QUANT_VERSION}-torch{torch.__version__.replace('+', '_')}-{digest}{kernels}"
 
 
 def _write_quantized(model, folder: Path, tokenizer, method: str) -> None:

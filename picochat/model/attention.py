@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from . import vnni
 from .layers import Linear
 
 
@@ -170,7 +171,13 @@ class Attention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:  # the engine keeps past K/V; we get back everything up to now
             k, v = kv_cache.update(self.layer_idx, k, v)
-            if k.dtype != q.dtype:  # a bf16 cache under fp32 activations (engine/kv_cache.py's cache_dtype);
+            if (T == 1 and alibi is None and not return_weights and not self.training
+                    and vnni.decode_attention_fits(q, k, v, attn_mask)):
+                # a bf16 cache under fp32 activations (quantized models under the compiled step: engine/
+                # kv_cache.py's cache_dtype): one hand-written loop reads it in place (model/vnni.py)
+                y = vnni.decode_attention(q, k, v, attn_mask)
+                return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, 1, nh * self.head_dim)))
+            if k.dtype != q.dtype:  # a bf16 cache under fp32 activations, where the kernel does not run
                 k, v = k.to(q.dtype), v.to(q.dtype)  # compiled, the casts fuse into attention's loops
         T_k = k.size(2)
         gqa = self.n_kv_head != self.n_head

@@ -116,11 +116,12 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         n = sum(p.numel() for p in self.parameters())
-        # a quantized model (model/quant.py) keeps its linear weights as buffers (int4: two per byte);
-        # a tied LM head's is a copy
+        # a quantized model (model/quant.py) keeps its linear weights as buffers (int4: two per byte; VNNI's
+        # int4 blocks: 512 weights in 320 bytes); a tied LM head's is a copy
+        per_byte = {"weight_int8": 1, "weight_q8": 1, "weight_int4": 2, "weight_q4": 512 / 320}
         tied = self.config.tie_embeddings
-        return n + sum(b.numel() * (2 if name.endswith("weight_int4") else 1) for name, b in self.named_buffers()
-                       if name.endswith(("weight_int8", "weight_int4")) and not (tied and name.startswith("lm_head.")))
+        return n + sum(int(b.numel() * per_byte[name.rpartition(".")[2]]) for name, b in self.named_buffers()
+                       if name.rpartition(".")[2] in per_byte and not (tied and name.startswith("lm_head.")))
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *, start_pos: int = 0,
                 kv_cache=None, return_attention: bool = False, loss_reduction: str = "mean",

@@ -29,6 +29,11 @@ on one, the tests' 57-token paragraph, falls from 0.947 to 0.930). alpha = 0.25 
 plain rows 0.9487); a per-layer search of alpha on the calibration activations' squared error did no
 better. The LM head keeps plain rows (`_block_means`). Without a tokenizer (quantize_int8(model)): s = 1.
 
+Kernels: on CPUs with AVX-512 VNNI (and a C++ compiler), int8 and int4 layers keep their weights in the
+layouts of picochat's own kernels (model/vnni.py: activations rounded to int8 in blocks of 32, as
+llama.cpp does; ~3x PyTorch's at one row and eight) and `kernel` says which a layer runs; elsewhere
+PyTorch's weight-only kernels below. The cached quantized models (checkpoints/gguf_cache.py) are keyed by it.
+
 Inference only: the int8 weights have no gradients, so a quantized model refuses to train. Quantize a
 trained fp32/bf16 model, never the other way round.
 
@@ -55,13 +60,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PicochatError
+from . import vnni
+from .calibration import activation_means, calibration_ids  # (re-exported: callers import them from here)
 
 QUANTIZE_CHOICES = ("int8", "int4")
 # raise it whenever quantize_rows_int8 / quantize_groups_int4 / the calibration round differently: cached
 # quantized weights (checkpoints/gguf_cache.py) are keyed by it
 QUANT_VERSION = 2
 AWQ_ALPHA = 0.25  # s_k = mean |x_k|^alpha (see the module docstring for the measured choice)
-CALIBRATION_TOKENS = 512
 INT4_GROUP = 32  # weights per scale/minimum: llama.cpp's Q4 block size
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 64  # from this many rows on, dequantize + GEMM beats the int8 matrix-vector kernel (measured)
@@ -91,14 +97,19 @@ class Int8Linear(nn.Module):
     act_mean: optional (K,) mean |x_k| of the layer's inputs on a calibration text: the rows are rounded
     from W diag(s) with s = awq_scales(act_mean), and `in_scale` = 1/s scales the input at run time."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], act_mean: Optional[torch.Tensor] = None):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], act_mean: Optional[torch.Tensor] = None,
+                 kernel: Optional[str] = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.kernel = default_kernel(weight.device, *weight.shape, asked=kernel)
         w = weight.detach().float()
         s = torch.ones(self.in_features, device=w.device) if act_mean is None else awq_scales(act_mean.to(w.device))
-        # the kernel's dtype: its inputs are cast to the scales' dtype (bf16 is its fast path on CPUs)
-        q, scale = quantize_rows_int8(w * s, KERNEL_DTYPE)
-        self.register_buffer("weight_int8", q)
+        # torch's kernel casts its inputs to the scales' dtype (bf16 is its fast path on CPUs); VNNI's are fp32
+        q, scale = quantize_rows_int8(w * s, torch.float32 if self.kernel == "vnni" else KERNEL_DTYPE)
+        if self.kernel == "vnni":
+            self.register_buffer("weight_q8", vnni.pack_int8(q))  # (N/16, K/32, 512) uint8 blocks
+        else:
+            self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
         self.register_buffer("in_scale", 1.0 / s)  # (ones without calibration: x * 1 is x, bit for bit)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -109,17 +120,26 @@ class Int8Linear(nn.Module):
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.out_features, m.in_features = n, k
-        m.register_buffer("weight_int8", torch.empty(n, k, dtype=torch.int8))
-        m.register_buffer("scale", torch.empty(n, dtype=KERNEL_DTYPE))
+        m.kernel = default_kernel(torch.device("cpu"), n, k)
+        if m.kernel == "vnni":
+            m.register_buffer("weight_q8", torch.empty(n // 16, k // 32, 512, dtype=torch.uint8))
+            m.register_buffer("scale", torch.empty(n))
+        else:
+            m.register_buffer("weight_int8", torch.empty(n, k, dtype=torch.int8))
+            m.register_buffer("scale", torch.empty(n, dtype=KERNEL_DTYPE))
         m.register_buffer("in_scale", torch.empty(k))
         m.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
         return m
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8 ({self.kernel})")
 
     def rows(self) -> torch.Tensor:
-        """(N, K) Q * s_i in the kernel's dtype: what the kernel multiplies the scaled input by."""
+        """(N, K) Q * s_i in bf16: what the kernel multiplies the scaled input by."""
+        if self.kernel == "vnni":
+            q = vnni.unpack_int8(self.weight_q8, self.out_features, self.in_features)
+            return (q.float() * self.scale[:, None]).to(KERNEL_DTYPE)
         return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -128,6 +148,12 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_training(self, x, "int8")
+        if self.kernel == "vnni" and x.device.type == "cpu":
+            x2 = (x * self.in_scale).reshape(-1, self.in_features).float().contiguous()
+            y = (F.linear(x2.to(KERNEL_DTYPE), self.rows()) if x2.size(0) >= PREFILL_ROWS
+                 else vnni.int8_linear(x2, self.weight_q8, self.scale))
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and self.in_features % 16 == 0:
             # one fused pass over the int8 rows, scales applied on the way out. The kernel reads K in
             # blocks of 16 and returns garbage (or crashes) otherwise, so other widths take the path below
@@ -163,15 +189,21 @@ class Int4Linear(nn.Module):
     """A Linear whose weight is 4-bit groups (two per byte, in the CPU kernel's packed layout) plus a bf16
     scale and minimum per group of INT4_GROUP weights."""
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], group: int = INT4_GROUP):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], group: int = INT4_GROUP,
+                 kernel: Optional[str] = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.group = group
-        q, scale, lo = quantize_groups_int4(weight, group)
-        self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, K/2) uint8
-        # the kernel computes (Q - 8) * s + z: z = min + 8 s, in its (K / group, N, 2) layout
-        zero = (lo.float() + 8 * scale.float()).to(KERNEL_DTYPE)
-        self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
+        self.kernel = default_kernel(weight.device, *weight.shape, group, asked=kernel)
+        if self.kernel == "vnni":  # scale and minimum in fp16, as llama.cpp's Q4_1 keeps them
+            q, scale, lo = quantize_groups_int4(weight, group, torch.float16)
+            self.register_buffer("weight_q4", vnni.pack_int4(q, scale, lo))  # (N/16, K/32, 320) uint8 blocks
+        else:
+            q, scale, lo = quantize_groups_int4(weight, group)
+            self.register_buffer("weight_int4", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))  # (N, K/2)
+            # the kernel computes (Q - 8) * s + z: z = min + 8 s, in its (K / group, N, 2) layout
+            zero = (lo.float() + 8 * scale.float()).to(KERNEL_DTYPE)
+            self.register_buffer("scale_zero", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -180,17 +212,26 @@ class Int4Linear(nn.Module):
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.out_features, m.in_features, m.group = n, k, group
-        m.register_buffer("weight_int4", torch.empty(n, k // 2, dtype=torch.uint8))
-        m.register_buffer("scale_zero", torch.empty(k // group, n, 2, dtype=KERNEL_DTYPE))
+        m.kernel = default_kernel(torch.device("cpu"), n, k, group)
+        if m.kernel == "vnni":
+            m.register_buffer("weight_q4", torch.empty(n // 16, k // 32, 320, dtype=torch.uint8))
+        else:
+            m.register_buffer("weight_int4", torch.empty(n, k // 2, dtype=torch.uint8))
+            m.register_buffer("scale_zero", torch.empty(k // group, n, 2, dtype=KERNEL_DTYPE))
         m.bias = nn.Parameter(torch.empty(n), requires_grad=False) if bias else None
         return m
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"int4 groups of {self.group}")
+                f"int4 groups of {self.group} ({self.kernel})")
 
     def dequantized_weight(self) -> torch.Tensor:
-        """(N, K) in the kernel's dtype, (Q - 8) * s + z, for prompts (PREFILL_ROWS+ rows: one GEMM)."""
+        """(N, K) in bf16, Q * s + min ((Q - 8) * s + z in torch's layout), for prompts (PREFILL_ROWS+ rows:
+        one GEMM)."""
+        if self.kernel == "vnni":
+            q, s, lo = vnni.unpack_int4(self.weight_q4, self.out_features, self.in_features)
+            w = q.view(self.out_features, -1, self.group).float() * s[..., None] + lo[..., None]
+            return w.view(self.out_features, self.in_features).to(KERNEL_DTYPE)
         q = unpack_int4(self.weight_int4, self.out_features, self.in_features)
         if q is None:  # a layout this code does not know: the kernel applied to the identity (slow, exact)
             return self.kernel_weight()
@@ -201,14 +242,19 @@ class Int4Linear(nn.Module):
 
     def kernel_weight(self) -> torch.Tensor:
         """(N, K) as the kernel sees it: the kernel applied to the identity matrix (K^2 N work: tests)."""
+        if self.kernel == "vnni":  # each row of the identity rounds to int8 exactly (127 * 1/127)
+            return vnni.int4_linear(torch.eye(self.in_features), self.weight_q4, self.out_features).t()
         eye = torch.eye(self.in_features, dtype=KERNEL_DTYPE, device=self.weight_int4.device)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight_int4, self.group, self.scale_zero).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_training(self, x, "int4")
-        x2 = x.reshape(-1, self.in_features).to(KERNEL_DTYPE).contiguous()
+        vn = self.kernel == "vnni"
+        x2 = x.reshape(-1, self.in_features).to(torch.float32 if vn else KERNEL_DTYPE).contiguous()
         if x2.size(0) >= PREFILL_ROWS:  # a prompt: one dequantisation and a GEMM (as Int8Linear)
-            y = F.linear(x2, self.dequantized_weight())
+            y = F.linear(x2.to(KERNEL_DTYPE), self.dequantized_weight())
+        elif vn:
+            y = vnni.int4_linear(x2, self.weight_q4, self.out_features)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group, self.scale_zero)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -233,6 +279,20 @@ def _int4_layout_known() -> bool:
     return torch.equal(torch.cat([b & 15, b >> 4], dim=-1).transpose(1, 2).reshape(128, 64).int(), q)
 
 
+def default_kernel(device: torch.device, n: int, k: int, group: int = INT4_GROUP,
+                   asked: Optional[str] = None) -> str:
+    """"vnni" (model/vnni.py: int8 activations, ~3x faster at 8 rows) where it fits and runs; else "torch"
+    (PyTorch's weight-only kernels, and the dequantising fallback on other devices). asked: a layer's
+    `kernel` argument, honoured or refused."""
+    usable = device.type == "cpu" and group == vnni.GROUP and vnni.fits(n, k) and vnni.available()
+    if asked == "vnni" and not usable:
+        raise PicochatError(f"the VNNI kernels cannot take this layer ({n} x {k}, {device}; they need a CPU with "
+                            "AVX-512 VNNI, N a multiple of 16, K of 32, groups of 32)")
+    if asked not in (None, "vnni", "torch"):
+        raise PicochatError(f"unknown kernel {asked!r}; use 'vnni' or 'torch'")
+    return asked or ("vnni" if usable else "torch")
+
+
 def _refuse_training(m: nn.Module, x: torch.Tensor, kind: str) -> None:
     if m.training or (torch.is_grad_enabled() and x.requires_grad):
         raise PicochatError(f"this model is quantized to {kind}, which is for inference only (its weights have "
@@ -247,40 +307,6 @@ def int4_fits(m: nn.Linear, group: int = INT4_GROUP) -> bool:
     """The CPU int4 kernel needs K a multiple of the group, N a multiple of 16, and a CPU."""
     n, k = m.weight.shape
     return m.weight.device.type == "cpu" and k % group == 0 and n % 16 == 0
-
-
-def calibration_ids(tokenizer, tokens: int = CALIBRATION_TOKENS) -> torch.Tensor:
-    """(1, T) token ids of AWQ's calibration text: the opening 400 characters of Brown documents 25, 75,
-    125, ... (one in 50, across the corpus's genres), at most `tokens` of them."""
-    from ..data.corpus import brown_documents
-    text = "\n\n".join(d["text"][:400] for d in brown_documents()[25::50])
-    return torch.tensor([tokenizer.encode(text)[:tokens]])
-
-
-@torch.no_grad()
-def activation_means(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """{name: (K,) mean_t |x_tk|} for the input of every nn.Linear of `model`, reading `ids` (1, T) in eval
-    mode (dropout off); ids past the model's vocabulary or context are left out."""
-    config = getattr(model, "config", None)
-    if config is not None:
-        ids = ids[:, ids[0] < config.vocab_size][:, :config.block_size]
-    sums, counts, hooks = {}, {}, []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            def keep(mod, inp, out, name=name):  # summed over calls: a MoE expert may see a few rows, or none
-                x = inp[0].detach().float().abs().reshape(-1, inp[0].size(-1))
-                sums[name] = sums.get(name, 0) + x.sum(0)
-                counts[name] = counts.get(name, 0) + x.size(0)
-            hooks.append(m.register_forward_hook(keep))
-    training = model.training
-    try:
-        model.eval()
-        model(ids.to(next(model.parameters()).device))
-    finally:
-        model.train(training)
-        for h in hooks:
-            h.remove()
-    return {name: sums[name] / counts[name] for name in sums if counts[name]}
 
 
 @torch.no_grad()
@@ -376,9 +402,9 @@ def finish_quantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     model.to(dtype)  # floats only: integer buffers stay; the scales go back to the kernel's dtype below
     for m in model.modules():
         if isinstance(m, Int8Linear):
-            m.scale = m.scale.to(KERNEL_DTYPE)
+            m.scale = m.scale.float() if m.kernel == "vnni" else m.scale.to(KERNEL_DTYPE)
             m.in_scale = m.in_scale.float()  # fp32 like the weights it was divided out of (a bf16 s_k is off by 0.4%)
-        elif isinstance(m, Int4Linear):
+        elif isinstance(m, Int4Linear) and m.kernel == "torch":
             m.scale_zero = m.scale_zero.to(KERNEL_DTYPE)
     return model.eval()
 

@@ -6,6 +6,7 @@ import torch
 
 from picochat.errors import PicochatError
 from picochat.model.config import ModelConfig
+from picochat.model import vnni
 from picochat.model.gpt import GPT
 from picochat.model.quant import (Int4Linear, Int8Linear, is_quantized, quantize_groups_int4, quantize_int4,
                                   quantize_int8, quantize_model, quantize_rows_int8)
@@ -29,11 +30,19 @@ def test_rows_round_trip_within_half_a_step():
     assert torch.equal(q[3], torch.zeros(48, dtype=torch.int8))
 
 
+KERNELS = ["torch", pytest.param("vnni", marks=pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI"))]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("k", [64, 40])  # 40: not a multiple of 16, the dequantizing fallback
-def test_int8_linear_matches_float_linear(k):
+def test_int8_linear_matches_float_linear(k, kernel):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(k, 24, bias=True)
-    q = Int8Linear(lin.weight, lin.bias).eval()
+    lin = torch.nn.Linear(k, 32, bias=True)
+    if k % 32 and kernel == "vnni":
+        with pytest.raises(PicochatError, match="VNNI"):
+            Int8Linear(lin.weight, lin.bias, kernel=kernel)
+        kernel = None
+    q = Int8Linear(lin.weight, lin.bias, kernel=kernel).eval()
     x = torch.randn(3, 5, k)
     with torch.no_grad():
         ref = lin(x)
@@ -64,11 +73,12 @@ def test_activation_aware_rows_cut_the_error_where_the_inputs_are_large(k):
     assert ((aware.dequantized_weight().float() - w).abs() <= step).all()
 
 
-def test_many_rows_take_the_gemm_path_with_the_same_result():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_many_rows_take_the_gemm_path_with_the_same_result(kernel):
     """A prompt (>= PREFILL_ROWS rows) runs dequantize + GEMM; it must equal the int8 kernel row by row."""
     from picochat.model.quant import PREFILL_ROWS
     torch.manual_seed(0)
-    lin = Int8Linear(torch.randn(96, 64), torch.randn(96), act_mean=torch.rand(64) + 0.1).eval()
+    lin = Int8Linear(torch.randn(96, 64), torch.randn(96), act_mean=torch.rand(64) + 0.1, kernel=kernel).eval()
     x = torch.randn(2, PREFILL_ROWS, 64)
     with torch.no_grad():
         whole = lin(x)                                                  # one GEMM over 128 rows
@@ -177,14 +187,16 @@ def test_int4_groups_round_trip_within_half_a_step():
     assert (err <= s.float()[..., None] * 0.5 + 0.01 * w.abs().max()).all()  # half a step, plus bf16 scales
 
 
-def test_int4_linear_matches_its_dequantized_weight_and_the_float_linear():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_int4_linear_matches_its_dequantized_weight_and_the_float_linear(kernel):
     """The kernel's product equals x times the dequantised weight, which is close to the float weight;
     a prompt (>= PREFILL_ROWS rows: dequantise + GEMM) equals the kernel row by row."""
     from picochat.model.quant import PREFILL_ROWS
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 48, bias=True)
-    q = Int4Linear(lin.weight, lin.bias).eval()
-    assert q.weight_int4.dtype == torch.uint8 and q.weight_int4.numel() == 48 * 128 // 2
+    q = Int4Linear(lin.weight, lin.bias, kernel=kernel).eval()
+    packed = q.weight_q4 if kernel == "vnni" else q.weight_int4
+    assert packed.dtype == torch.uint8 and packed.numel() == 48 * 128 // 2 + (48 * 128 // 32 * 4 if kernel == "vnni" else 0)
     x = torch.randn(3, 5, 128)
     with torch.no_grad():
         y = q(x).float()
@@ -200,12 +212,14 @@ def test_int4_linear_matches_its_dequantized_weight_and_the_float_linear():
     assert (whole - rows).abs().max() < 0.02 * rows.abs().max()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("n", [192, 48])  # 48 rows: not the 64-row blocks unpack_int4 reads
-def test_int4_dequantized_weight_is_what_the_kernel_multiplies_by(n):
+def test_int4_dequantized_weight_is_what_the_kernel_multiplies_by(n, kernel):
     from picochat.model.quant import unpack_int4
     torch.manual_seed(0)
-    q = Int4Linear(torch.randn(n, 96), None)
-    assert (unpack_int4(q.weight_int4, n, 96) is None) == (n % 64 != 0)
+    q = Int4Linear(torch.randn(n, 96), None, kernel=kernel)
+    if kernel == "torch":
+        assert (unpack_int4(q.weight_int4, n, 96) is None) == (n % 64 != 0)
     torch.testing.assert_close(q.dequantized_weight().float(), q.kernel_weight().float(), rtol=0.01, atol=1e-3)
 
 

@@ -1,0 +1,178 @@
+// Weight-only int4 / int8 matrix products for decoding on CPUs with AVX-512 VNNI, built at first use by
+// picochat/model/vnni.py. Why by hand: PyTorch's CPU kernels (_weight_int4pack_mm_for_cpu,
+// _weight_int8pack_mm) dequantise the weights to floats and multiply in fp32, so their time grows ~3x from
+// one row to eight (benchmarks/README.md, "Batch 8"): at eight rows they are bound by fp32 arithmetic, not by
+// reading the weights. Here, as in llama.cpp's Q4_1 x Q8_1 dot product, each row of x is rounded to int8
+// in blocks of 32 (one scale each), and one VNNI instruction (vpdpbusd) multiplies 64 weight bytes by
+// 64 activation bytes and sums them in fours into 16 int32 lanes: 4x the work of an fp32 FMA, and each
+// weight block is loaded and unpacked once for up to 8 rows.
+//
+// Layouts (made by vnni.py's pack_int4 / pack_int8), per tile of 16 output channels n0..n0+15 and group of
+// 32 inputs k0..k0+31, one block; lane j of a 64-byte vector holds channel n0+j, bytes 4j..4j+3 hold
+// four consecutive inputs ("quad" q = inputs k0+4q..k0+4q+3):
+//   int4: 4 x 64 bytes, low nibbles quad 2p and high nibbles quad 2p+1 (p = 0..3), values Q in 0..15;
+//         then 16 fp16 scales d and 16 fp16 minima m: W = d Q + m (llama.cpp's Q4_1). 320 bytes.
+//   int8: 8 x 64 bytes, quad q, stored as U = Q + 128 in 0..255 (vpdpbusd multiplies unsigned by
+//         signed bytes); W = s (U - 128) with one fp32 scale s per channel, kept apart. 512 bytes.
+// Activations: x_k ~= a_g Xq_k with a_g = max_k |x_k| / 127 over the group, Xq_k in -127..127. Then per
+// group sum_k x_k W_k ~= a_g (d sum_k Xq_k Q_k + m sum_k Xq_k) for int4, a_g s (sum_k Xq_k U_k - 128 sum_k Xq_k)
+// for int8.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t G = 32;     // inputs per group
+constexpr int64_t TILE = 16;  // output channels per tile (one zmm of fp32)
+constexpr int64_t MB = 8;     // rows per pass over a tile's weights
+constexpr int64_t Q4_BLOCK = 320, Q8_BLOCK = 512;
+
+// x (M, K) fp32 -> xq (M, K) int8, a (M, K/G) block scales, as (M, K/G) = a * sum(xq) of the block
+// (serial: a few thousand values; a parallel region here costs more than it saves at 8 rows)
+void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* a, float* as) {
+  const int64_t groups = K / G;
+  for (int64_t i = 0; i < M * groups; ++i) {
+    const int64_t m = i / groups, g = i % groups;
+    const float* src = x + m * K + g * G;
+    __m512 v0 = _mm512_loadu_ps(src), v1 = _mm512_loadu_ps(src + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));  // round to nearest even
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + g * G), _mm512_cvtsepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + g * G + 16), _mm512_cvtsepi32_epi8(q1));
+    a[i] = scale;
+    as[i] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+  }
+}
+
+// rows m0..m0+R-1 (R <= MB) of y's tile at channel n0, from the int4 blocks of that tile
+template <int R>
+inline void q4_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* as,
+                    int64_t K, float* y, int64_t N) {
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* b = blocks + g * Q4_BLOCK;
+    __m512i w[8];
+    for (int p = 0; p < 4; ++p) {
+      const __m512i v = _mm512_loadu_si512(b + 64 * p);
+      w[2 * p] = _mm512_and_si512(v, low);
+      w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 256)));
+    const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 288)));
+    for (int r = 0; r < R; ++r) {
+      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * G);
+      __m512i s = _mm512_setzero_si512();
+      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(xr[q]));
+      const int64_t ag = r * (K / G) + g;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(a[ag])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(as[ag]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
+}
+
+template <int R>
+inline void q8_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* as,
+                    int64_t K, const float* scale, float* y, int64_t N) {
+  __m512 acc[R];
+  float offset[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), offset[r] = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* b = blocks + g * Q8_BLOCK;
+    __m512i w[8];
+    for (int q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(b + 64 * q);
+    for (int r = 0; r < R; ++r) {
+      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * G);
+      __m512i s = _mm512_setzero_si512();
+      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(xr[q]));
+      const int64_t ag = r * (K / G) + g;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a[ag]), acc[r]);
+      offset[r] += as[ag];
+    }
+  }
+  const __m512 sc = _mm512_loadu_ps(scale);
+  for (int r = 0; r < R; ++r)  // s (sum a Xq U - 128 sum a Xq)
+    _mm512_storeu_ps(y + r * N, _mm512_mul_ps(sc, _mm512_sub_ps(acc[r], _mm512_set1_ps(128.0f * offset[r]))));
+}
+
+// one tile, every row, in passes of at most MB rows (the tile's weights stay in L1 between passes)
+template <bool FOUR>
+void tile_all_rows(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* as,
+                   int64_t M, int64_t K, const float* scale, float* y, int64_t N) {
+  for (int64_t m0 = 0; m0 < M; m0 += MB) {
+    const int64_t rows = std::min<int64_t>(MB, M - m0);
+    const int8_t* x = xq + m0 * K;
+    const float *am = a + m0 * (K / G), *asm_ = as + m0 * (K / G);
+    float* out = y + m0 * N;
+#define PICOCHAT_ROWS(R)                                                              \
+  case R:                                                                             \
+    if constexpr (FOUR) q4_tile<R>(blocks, groups, x, am, asm_, K, out, N);           \
+    else q8_tile<R>(blocks, groups, x, am, asm_, K, scale, out, N);                   \
+    break;
+    switch (rows) {
+      PICOCHAT_ROWS(1) PICOCHAT_ROWS(2) PICOCHAT_ROWS(3) PICOCHAT_ROWS(4)
+      PICOCHAT_ROWS(5) PICOCHAT_ROWS(6) PICOCHAT_ROWS(7) PICOCHAT_ROWS(8)
+    }
+#undef PICOCHAT_ROWS
+  }
+}
+
+template <bool FOUR>
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
+              "quant_vnni: x must be a contiguous (M, K) float32 tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1), groups = K / G, tiles = N / TILE;
+  TORCH_CHECK(K % G == 0 && N % TILE == 0, "quant_vnni: K must be a multiple of 32 and N of 16, got K=", K, " N=", N);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+                  packed.numel() == tiles * groups * (FOUR ? Q4_BLOCK : Q8_BLOCK),
+              "quant_vnni: packed weights do not match x's width ", K, " and N=", N);
+  if (!FOUR)
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
+                "quant_vnni: int8 needs N float32 scales");
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0) return y;
+  std::vector<int8_t> xq(M * K);
+  std::vector<float> a(M * groups), as(M * groups);
+  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), a.data(), as.data());
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const float* s = FOUR ? nullptr : scale.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const int64_t block = FOUR ? Q4_BLOCK : Q8_BLOCK;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      tile_all_rows<FOUR>(w + t * groups * block, groups, xq.data(), a.data(), as.data(), M, K,
+                          FOUR ? nullptr : s + t * TILE, out + t * TILE, N);
+  });
+  return y;
+}
+
+at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  return linear<true>(x, packed, packed, N);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
+  return linear<false>(x, packed, scale, scale.numel());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(picochat_cpu, m) {
+  m.def("int4_linear(Tensor x, Tensor packed, int n) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(picochat_cpu, CPU, m) {
+  m.impl("int4_linear", &int4_linear);
+  m.impl("int8_linear", &int8_linear);
+}

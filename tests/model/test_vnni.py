@@ -1,0 +1,167 @@
+"""The AVX-512 VNNI int4/int8 kernels (picochat/model/vnni.py, kernels/quant_vnni.cpp): layouts, the
+arithmetic against a float64 reference of the same rounding, inside torch.compile, and the fallback."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from picochat.model import vnni
+from picochat.model.quant import Int4Linear, Int8Linear, quantize_groups_int4, quantize_rows_int8
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+needs_vnni = pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI on this CPU (or no compiler)")
+
+
+def round_activations(x: torch.Tensor):
+    """What the kernel does to x (M, K): blocks of 32, a = max|x| / 127, Xq = round(x * 127 / max|x|)."""
+    M, K = x.shape
+    b = x.view(M, K // 32, 32)
+    amax = b.abs().amax(-1)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))  # fp32, as in C++
+    xq = torch.round(b * inv[..., None])  # half to even, as _mm512_cvtps_epi32
+    return xq.double(), (amax / 127.0).double()
+
+
+def test_layouts_round_trip():
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (48, 96))
+    s, lo = torch.rand(48, 3) / 50, -torch.rand(48, 3) / 10
+    q2, s2, lo2 = vnni.unpack_int4(vnni.pack_int4(q, s, lo), 48, 96)
+    assert torch.equal(q2.long(), q)
+    assert torch.equal(s2, s.half().float()) and torch.equal(lo2, lo.half().float())
+    q8 = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    assert torch.equal(vnni.unpack_int8(vnni.pack_int8(q8), 32, 64), q8)
+    assert vnni.fits(48, 96) and not vnni.fits(40, 96) and not vnni.fits(48, 80)
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 19])  # passes of 8 rows, and what is left
+def test_int4_kernel_is_its_formula(rows):
+    torch.manual_seed(rows)
+    N, K = 64, 160
+    q, s, lo = quantize_groups_int4(torch.randn(N, K), 32, torch.float16)
+    x = torch.randn(rows, K) * torch.linspace(0.1, 3, K)  # blocks of different ranges
+    x[0, :32] = 0  # a block of zeros: scale 0, no NaN
+    y = vnni.int4_linear(x, vnni.pack_int4(q, s, lo), N)
+    xq, a = round_activations(x)  # (M, G, 32), (M, G)
+    qg = q.view(N, K // 32, 32).double()
+    dot = torch.einsum("mgk,ngk->mng", xq, qg)
+    ref = (a[:, None] * (s.double()[None] * dot + lo.double()[None] * xq.sum(-1)[:, None])).sum(-1)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(y).all()
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 8, 13])
+def test_int8_kernel_is_its_formula(rows):
+    torch.manual_seed(rows)
+    N, K = 48, 96
+    q, s = quantize_rows_int8(torch.randn(N, K))
+    x = torch.randn(rows, K)
+    y = vnni.int8_linear(x, vnni.pack_int8(q), s)
+    xq, a = round_activations(x)
+    dot = torch.einsum("mgk,ngk->mng", xq, q.view(N, K // 32, 32).double())
+    ref = s.double() * (a[:, None] * dot).sum(-1)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+def test_layers_take_the_kernels_and_stay_close_to_float():
+    """Int4Linear/Int8Linear pick VNNI where it runs; against the float layer they are as close as
+    PyTorch's weight-only kernels (rounding the activations adds ~1/254 of a block's range)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 96)
+    x = torch.randn(4, 192)
+    for make in (lambda k: Int4Linear(lin.weight, lin.bias, kernel=k), lambda k: Int8Linear(lin.weight, lin.bias, kernel=k)):
+        fast, ref = make(None).eval(), make("torch").eval()
+        assert fast.kernel == "vnni" and ref.kernel == "torch"
+        with torch.no_grad():
+            want = lin(x)
+            err_fast = (fast(x) - want).norm() / want.norm()
+            err_ref = (ref(x) - want).norm() / want.norm()
+        assert err_fast < 1.5 * err_ref + 0.01, (err_fast, err_ref)
+
+
+@needs_vnni
+def test_the_ops_compile_with_symbolic_rows():
+    torch.manual_seed(0)
+    layer = Int4Linear(torch.randn(64, 96), None).eval()
+    f = torch.compile(lambda x: torch.relu(layer(x)) * 2, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for rows in (1, 5, 9):
+            x = torch.randn(rows, 96)
+            torch.testing.assert_close(f(x), torch.relu(layer(x)) * 2)
+
+
+@needs_vnni
+def test_bad_inputs_are_refused_by_name():
+    p = vnni.pack_int8(torch.zeros(16, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="float32"):
+        vnni.int8_linear(torch.zeros(2, 64, dtype=torch.bfloat16), p, torch.ones(16))
+    with pytest.raises(RuntimeError, match="do not match"):
+        vnni.int8_linear(torch.zeros(2, 96), p, torch.ones(16))
+
+
+def _probe(env: dict) -> subprocess.CompletedProcess:
+    code = ("from picochat.model import vnni; from picochat.model.quant import Int4Linear; import torch;"
+            "print(vnni.available(), Int4Linear(torch.randn(32, 64), None).kernel)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_switched_off_or_unbuildable_it_falls_back_to_torch(tmp_path):
+    off = _probe({"PICOCHAT_VNNI": "0"})
+    assert off.stdout.split() == ["False", "torch"], off.stderr
+    if vnni._cpu_has_vnni():  # a compiler that fails: said once, and the layers keep PyTorch's kernels
+        broken = _probe({"CXX": "false", "PICOCHAT_KERNELS": str(tmp_path)})
+        assert broken.stdout.split() == ["False", "torch"] and "did not build" in broken.stderr, broken.stderr
+
+
+@needs_vnni
+@pytest.mark.parametrize("shape", [(1, 9, 3, 37, 64), (8, 9, 3, 200, 64), (2, 4, 4, 5, 32), (3, 12, 2, 70, 128),
+                                   (2, 4, 1, 17, 16)])  # (B, nh, nkv, T_k, d_k): GQA groups of 3, 1, 6 and 4
+def test_decode_attention_is_single_query_attention(shape):
+    """The kernel against the Python reference on the same bf16 cache (read as fp32), with and without a
+    padding mask, on views of a longer store as the engine's cache hands them out."""
+    from picochat.model.attention import single_query_attention
+    B, nh, nkv, T, D = shape
+    torch.manual_seed(T)
+    q = torch.randn(B, nh, 1, D)
+    store = torch.randn(2, B, nkv, T + 9, D).bfloat16()
+    k, v = store[0, :, :, :T], store[1, :, :, :T]
+    mask = torch.rand(B, 1, 1, T) > 0.3
+    mask[..., -1] = True  # every row attends to its own new key
+    for m in (mask, None):
+        assert vnni.decode_attention_fits(q, k, v, m)
+        want = single_query_attention(q, k.float(), v.float(), m)
+        torch.testing.assert_close(vnni.decode_attention(q, k, v, m), want, rtol=1e-5, atol=2e-6)
+    assert not vnni.decode_attention_fits(q.bfloat16(), k, v, None)  # bf16 models keep the Python path
+    assert not vnni.decode_attention_fits(q, k.float(), v.float(), None)
+    assert not vnni.decode_attention_fits(q, k, v, mask.float())
+
+
+@needs_vnni
+def test_the_attention_layer_takes_the_kernel_on_a_bf16_cache(monkeypatch):
+    """A decode step on a bf16 KVCache under fp32 activations (a quantized model's compiled step) gives,
+    through the kernel, what casting the cache to fp32 for the Python attention gives."""
+    from picochat.engine.kv_cache import KVCache
+    from picochat.model.config import ModelConfig
+    from picochat.model.gpt import GPT
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=97, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=96,
+                            pos="rope", norm="rmsnorm", activation="swiglu")).eval()
+    ids = torch.randint(0, 97, (2, 12))
+    calls = []
+    real = vnni.decode_attention
+    monkeypatch.setattr(vnni, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    outs = []
+    for kernel in (True, False):
+        monkeypatch.setattr(vnni, "_loaded", kernel)
+        cache = KVCache(model.config.n_layer, 2, model.config.n_kv_head, model.config.head_dim, 64, dtype=torch.bfloat16)
+        with torch.no_grad():
+            model(ids[:, :-1], kv_cache=cache)
+            outs.append(model(ids[:, -1:], kv_cache=cache, start_pos=11)[0])
+    assert len(calls) == model.config.n_layer  # the kernel ran in the first pass only, once a layer
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
