@@ -22,8 +22,8 @@ weights a finer share of the grid: y = (x diag(s)^-1)(Q s_i) ~= x W^T, exactly s
 mean |x_tk| of every layer comes from the model itself reading a calibration text (`calibration_ids`:
 512 tokens of Brown corpus excerpts shipped with picochat); load_model does this when it quantizes.
 Measured on SmolLM2 over 2,035 positions of eight texts the calibration never read (`python
-benchmarks/quant_agreement.py`, plain rows in the same run, through the decoding kernels): next-token
-agreement with fp32 0.955 -> 0.963, KL 0.0048 -> 0.0032 nats (KL lower on all eight texts; agreement
+benchmarks/quant_agreement.py`, plain rows in the same run, through PyTorch's kernels; the VNNI kernels'
+figures are in the README): next-token agreement with fp32 0.955 -> 0.963, KL 0.0048 -> 0.0032 nats (KL lower on all eight texts; agreement
 on one, the tests' 57-token paragraph, falls from 0.947 to 0.930). alpha = 0.25 was the best of
 0.2, 0.25, 0.3 and 0.4 on 6,000 positions of 20 other Brown documents (0.9585, 0.9592, 0.9552, 0.9567;
 plain rows 0.9487); a per-layer search of alpha on the calibration activations' squared error did no
@@ -64,13 +64,21 @@ from . import vnni
 from .calibration import activation_means, calibration_ids  # (re-exported: callers import them from here)
 
 QUANTIZE_CHOICES = ("int8", "int4")
+# the LM head's inputs are rounded twice under the VNNI kernels (`fine_inputs`): every logit goes through it.
+# SmolLM2 over quant_agreement.py's 2,035 positions, int8 (AWQ) / int4: next-token agreement with fp32 95.3 /
+# 95.9% and KL 0.0043 / 0.0040 with the head's inputs rounded once, 96.3 / 96.2% and 0.0040 / 0.0036 with them
+# in bf16 (PyTorch's kernel for the head, 1.1 ms a step slower at batch 1)
+HEAD = "lm_head"
 # raise it whenever quantize_rows_int8 / quantize_groups_int4 / the calibration round differently: cached
 # quantized weights (checkpoints/gguf_cache.py) are keyed by it
 QUANT_VERSION = 2
 AWQ_ALPHA = 0.25  # s_k = mean |x_k|^alpha (see the module docstring for the measured choice)
 INT4_GROUP = 32  # weights per scale/minimum: llama.cpp's Q4 block size
 KERNEL_DTYPE = torch.bfloat16
-PREFILL_ROWS = 64  # from this many rows on, dequantize + GEMM beats the int8 matrix-vector kernel (measured)
+PREFILL_ROWS = 64  # from this many rows on, dequantize + GEMM beats PyTorch's int8 matrix-vector kernel (measured)
+# VNNI_PROMPTS: the VNNI kernels take prompts as well: SmolLM2's 512-, 1,024- and 2,048-token prefills took
+# 0.61 / 1.07 / 2.43 s through them against 1.11 / 1.59 / 2.95 s dequantizing for a bf16 GEMM (int4;
+# int8 0.54 / 1.00 / 2.51 against 0.73 / 1.32 / 3.13), the same next token; and prompt and decode round alike
 
 
 def quantize_rows_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +106,10 @@ class Int8Linear(nn.Module):
     from W diag(s) with s = awq_scales(act_mean), and `in_scale` = 1/s scales the input at run time."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], act_mean: Optional[torch.Tensor] = None,
-                 kernel: Optional[str] = None):
+                 kernel: Optional[str] = None, fine_inputs: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
+        self.fine_inputs = fine_inputs  # VNNI: inputs rounded twice (vnni.int8_linear's `fine`; the LM head)
         self.kernel = default_kernel(weight.device, *weight.shape, asked=kernel)
         w = weight.detach().float()
         s = torch.ones(self.in_features, device=w.device) if act_mean is None else awq_scales(act_mean.to(w.device))
@@ -115,11 +124,11 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def empty(cls, n: int, k: int, bias: bool) -> "Int8Linear":
+    def empty(cls, n: int, k: int, bias: bool, fine_inputs: bool = False) -> "Int8Linear":
         """Buffers of the right shapes, unfilled: for a saved state to be assigned into (`quantized_skeleton`)."""
         m = cls.__new__(cls)
         nn.Module.__init__(m)
-        m.out_features, m.in_features = n, k
+        m.out_features, m.in_features, m.fine_inputs = n, k, fine_inputs
         m.kernel = default_kernel(torch.device("cpu"), n, k)
         if m.kernel == "vnni":
             m.register_buffer("weight_q8", torch.empty(n // 16, k // 32, 512, dtype=torch.uint8))
@@ -148,10 +157,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _refuse_training(self, x, "int8")
-        if self.kernel == "vnni" and x.device.type == "cpu":
+        if self.kernel == "vnni" and x.device.type == "cpu":  # prompts too: see VNNI_PROMPTS
             x2 = (x * self.in_scale).reshape(-1, self.in_features).float().contiguous()
-            y = (F.linear(x2.to(KERNEL_DTYPE), self.rows()) if x2.size(0) >= PREFILL_ROWS
-                 else vnni.int8_linear(x2, self.weight_q8, self.scale))
+            y = vnni.int8_linear(x2, self.weight_q8, self.scale.float(), self.fine_inputs)  # (float: a .to(bf16) casts it)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and self.in_features % 16 == 0:
@@ -180,6 +188,7 @@ def quantize_groups_int4(weight: torch.Tensor, group: int = INT4_GROUP,
     w = weight.detach().float().view(N, K // group, group)
     lo, hi = w.amin(-1), w.amax(-1)
     scale = ((hi - lo) / 15.0).clamp(min=1e-8).to(scale_dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # (1e-8 is 0 in fp16: a flat group, Q = 0)
     lo = lo.to(scale_dtype)
     q = torch.round((w - lo.float()[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.int32)
     return q.view(N, K), scale, lo
@@ -251,10 +260,10 @@ class Int4Linear(nn.Module):
         _refuse_training(self, x, "int4")
         vn = self.kernel == "vnni"
         x2 = x.reshape(-1, self.in_features).to(torch.float32 if vn else KERNEL_DTYPE).contiguous()
-        if x2.size(0) >= PREFILL_ROWS:  # a prompt: one dequantisation and a GEMM (as Int8Linear)
-            y = F.linear(x2.to(KERNEL_DTYPE), self.dequantized_weight())
-        elif vn:
+        if vn:  # prompts too: see VNNI_PROMPTS
             y = vnni.int4_linear(x2, self.weight_q4, self.out_features)
+        elif x2.size(0) >= PREFILL_ROWS:  # a prompt: one dequantisation and a GEMM (as Int8Linear)
+            y = F.linear(x2, self.dequantized_weight())
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, self.group, self.scale_zero)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -322,7 +331,8 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.float32,
     Returns the model, in eval mode.
     """
     means = _block_means(model, calibration)
-    return _quantize(model, dtype, lambda name, m: Int8Linear(m.weight, m.bias, means.get(name)))
+    return _quantize(model, dtype, lambda name, m: Int8Linear(m.weight, m.bias, means.get(name),
+                                                              fine_inputs=name == HEAD))
 
 
 @torch.no_grad()
@@ -340,7 +350,8 @@ def quantize_int4(model: nn.Module, dtype: torch.dtype = torch.float32, group: i
     misfits = [n for n, m in _linears(model) if not _takes_int4(n, m, group) and n != "lm_head"]
     means = _block_means(model, calibration if misfits else None)  # (none: nothing takes the scales)
     return _quantize(model, dtype, lambda name, m: Int4Linear(m.weight, m.bias, group)
-                     if _takes_int4(name, m, group) else Int8Linear(m.weight, m.bias, means.get(name)))
+                     if _takes_int4(name, m, group) else Int8Linear(m.weight, m.bias, means.get(name),
+                                                                   fine_inputs=name == HEAD))
 
 
 def _block_means(model: nn.Module, calibration: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -381,8 +392,9 @@ def quantized_skeleton(model: nn.Module, method: str, group: int = INT4_GROUP) -
         raise PicochatError(f"unknown quantization {method!r}; use one of: {', '.join(QUANTIZE_CHOICES)}")
     four = method == "int4"
     def make(name, m):
-        empty = Int4Linear.empty if four and _takes_int4(name, m, group) else Int8Linear.empty
-        return empty(m.out_features, m.in_features, m.bias is not None)
+        if four and _takes_int4(name, m, group):
+            return Int4Linear.empty(m.out_features, m.in_features, m.bias is not None)
+        return Int8Linear.empty(m.out_features, m.in_features, m.bias is not None, fine_inputs=name == HEAD)
     _swap_linears(model, make)
     return model.eval()
 

@@ -85,9 +85,12 @@ def _build() -> Path:
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     key = hashlib.sha256("\n".join([*(p.read_text() for p in SOURCES), torch.__version__, cxx, abi, *FLAGS]).encode()).hexdigest()[:16]
     out = kernel_dir() / f"picochat_cpu-{key}.so"
+    out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = out.parent.stat()  # code is loaded from here: a folder someone else owns or may write is refused
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{out.parent} is not a private folder of this user (set PICOCHAT_KERNELS elsewhere)")
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     print("picochat: building the VNNI int4/int8 kernels for this CPU (once, ~10 s)", file=sys.stderr)
     lib = cpp_extension.library_paths()[0]
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # built aside, renamed into place: atomic
@@ -106,7 +109,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.size(0), n)
 
     @torch.library.register_fake("picochat_cpu::int8_linear")
-    def _(x, packed, scale):
+    def _(x, packed, scale, fine=False):
         return x.new_empty(x.size(0), scale.size(0))
 
     @torch.library.register_fake("picochat_cpu::decode_attention")
@@ -119,20 +122,25 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.ops.picochat_cpu.int4_linear(x, packed, n)
 
 
-def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(M, K) float32 x (N, K) int8 rows (scale: (N,) float32) -> (M, N) float32."""
-    return torch.ops.picochat_cpu.int8_linear(x, packed, scale)
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, fine: bool = False) -> torch.Tensor:
+    """(M, K) float32 x (N, K) int8 rows (scale: (N,) float32) -> (M, N) float32. fine: x rounded twice (x ~=
+    a Xq + a' Xq', Xq' the rounding of the rest): ~1/254^2 of a block's range instead of 1/254, for the LM head."""
+    return torch.ops.picochat_cpu.int8_linear(x, packed, scale, fine)
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
     """decode_attention takes these: fp32 queries on a bf16 cache on the CPU, one query per row, d_k of
     16-128, a (B, 1, 1, T_k) bool mask or none; and the kernels are loaded (a flag, not available(): this
     runs while torch.compile traces the step, and quantized layers have asked available() long before)."""
-    return (q.dtype == torch.float32 and k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
-            and q.dim() == 4 and q.size(2) == 1 and q.size(-1) in (16, 32, 64, 128)
+    if not (_loaded and q.dtype == torch.float32 and k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+            and q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and q.size(2) == 1):
+        return False
+    B, nh, _, d = q.shape
+    nkv = k.size(1)
+    return (d in (16, 32, 64, 128) and k.size(0) == B and k.size(3) == d and nkv > 0 and nh % nkv == 0
             and k.stride(-1) == 1 and v.stride(-1) == 1
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)))
-            and _loaded)
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+                                  and mask.size(0) in (1, B) and mask.size(3) == k.size(2))))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:

@@ -165,3 +165,52 @@ def test_the_attention_layer_takes_the_kernel_on_a_bf16_cache(monkeypatch):
             outs.append(model(ids[:, -1:], kv_cache=cache, start_pos=11)[0])
     assert len(calls) == model.config.n_layer  # the kernel ran in the first pass only, once a layer
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@needs_vnni
+def test_nans_reach_the_output_and_odd_inputs_are_refused():
+    """A NaN input must come out as NaN (not as a plausible number), in both matmuls and in attention;
+    a flat int4 group (scale 0) stays exact; shapes the kernel cannot take fall back or raise, never crash."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 64)
+    x[0, 3] = float("nan")
+    w = torch.randn(32, 64)
+    w[1] = 0.5  # flat groups: every weight its group's minimum
+    for layer in (Int8Linear(w, None).eval(), Int4Linear(w, None).eval()):
+        with torch.no_grad():
+            y = layer(x)
+        assert y[0].isnan().all() and y[1].isfinite().all()
+        torch.testing.assert_close(y[1, 1], x[1].sum() * 0.5, rtol=0.02, atol=0.05)
+    q = torch.randn(2, 4, 1, 16)
+    k = torch.randn(2, 2, 7, 16).bfloat16()
+    k[0, 0, 2, 0] = float("nan")
+    y = vnni.decode_attention(q, k, k.clone(), None)
+    assert y[0, :2].isnan().all() and y[0, 2:].isfinite().all() and y[1].isfinite().all()
+    assert vnni.decode_attention_fits(q, k, k, torch.ones(1, 1, 1, 7, dtype=torch.bool))  # one mask for all rows
+    assert not vnni.decode_attention_fits(q, k, k, torch.ones(2, 1, 1, 1, dtype=torch.bool))  # broadcast keys
+    empty = torch.zeros(2, 0, 7, 16).bfloat16()
+    assert not vnni.decode_attention_fits(q, empty, empty, None)
+    with pytest.raises(RuntimeError, match="nh a multiple of nkv"):
+        vnni.decode_attention(q, empty, empty, None)
+
+
+@needs_vnni
+def test_fine_inputs_round_twice_for_the_lm_head():
+    """`fine`: x ~= a Xq + a' Xq' (the rounding error rounded again): ~1/254 of the error of rounding once.
+    Quantized models give it to the LM head only, and the cache's empty skeleton does the same."""
+    from picochat.model.config import ModelConfig
+    from picochat.model.gpt import GPT
+    from picochat.model.quant import quantize_int4, quantized_skeleton
+    torch.manual_seed(0)
+    q, s = quantize_rows_int8(torch.randn(64, 96))
+    p = vnni.pack_int8(q)
+    x = torch.randn(9, 96)  # 9 rows: 18 kernel rows, three passes of up to 8
+    exact = x.double() @ (q.double() * s.double()[:, None]).t()
+    once = (vnni.int8_linear(x, p, s).double() - exact).norm() / exact.norm()
+    twice = (vnni.int8_linear(x, p, s, True).double() - exact).norm() / exact.norm()
+    assert twice < once / 50, (float(once), float(twice))
+    cfg = ModelConfig(vocab_size=96, block_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, pos="rope",
+                      norm="rmsnorm", activation="swiglu")
+    for model in (quantize_int4(GPT(cfg)), quantized_skeleton(GPT(cfg), "int4")):
+        fine = {n for n, m in model.named_modules() if getattr(m, "fine_inputs", False)}
+        assert fine == {"lm_head"} and model.lm_head.kernel == "vnni"

@@ -28,7 +28,8 @@ inline __m512 bf16_to_fp32(const uint16_t* p) {  // 16 bf16 -> 16 fp32: the bf16
 }
 
 // exp(x) for x <= 0 (scores minus their max): x = n ln2 + f, |f| <= ln2/2, exp(f) by its Taylor series to
-// f^7 (relative error < 1e-7), times 2^n by vscalefps; x below -87 (and -inf, masked keys) gives exactly 0
+// f^7 (relative error < 1e-7), times 2^n by vscalefps; x below -87 (and -inf, masked keys) gives exactly 0,
+// NaN gives NaN (a NaN score makes its row NaN, as softmax does)
 inline __m512 exp_nonpositive(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -42,7 +43,7 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);  // NaN stays NaN
   return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
 }
 
@@ -73,7 +74,7 @@ void head_group(const float* q, int64_t rep, const uint16_t* k, const uint16_t* 
         for (int c = 1; c < HC; ++c) acc = _mm512_fmadd_ps(qv[r][c], kr[c], acc);
         const float s = _mm512_reduce_add_ps(acc);
         scores[r * T + t] = s;
-        mx[r] = std::max(mx[r], s);
+        mx[r] = s > mx[r] ? s : mx[r];  // (a NaN score is left out of the max; exp(NaN - max) is NaN)
       }
     }
     float inv[4];
@@ -122,7 +123,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   const at::Tensor q = q_in.contiguous();
   const int64_t B = q.size(0), nh = q.size(1), D = q.size(3), T = k.size(2), nkv = k.size(1);
   TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.dim() == 4 &&
-                  v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && nh % nkv == 0,
+                  v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && nkv > 0 && nh % nkv == 0,
               "decode_attention: k and v must be (B, nkv, T_k, d_k) bfloat16 with nh a multiple of nkv, got ",
               k.sizes(), " ", v.sizes(), " for q ", q.sizes());
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && (D == 16 || D == 32 || D == 64 || D == 128),

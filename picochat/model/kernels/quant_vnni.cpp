@@ -25,6 +25,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -48,9 +50,17 @@ void quantize_rows(const float* x, int64_t M, int64_t K, int8_t* xq, float* a, f
     const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + g * G), _mm512_cvtsepi32_epi8(q0));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + g * G + 16), _mm512_cvtsepi32_epi8(q1));
-    a[i] = scale;
-    as[i] = scale * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
+    // a NaN input (max drops it, and it rounds to INT_MIN) must reach the output as NaN, as in a float matmul
+    const bool nan = (_mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q)) != 0;
+    a[i] = nan ? std::numeric_limits<float>::quiet_NaN() : scale;
+    as[i] = a[i] * static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)));
   }
+}
+
+inline int32_t quad(const int8_t* p) {  // four activation bytes as one int32 for vpbroadcastd
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
 // rows m0..m0+R-1 (R <= MB) of y's tile at channel n0, from the int4 blocks of that tile
@@ -71,9 +81,9 @@ inline void q4_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, con
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 256)));
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 288)));
     for (int r = 0; r < R; ++r) {
-      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * G);
+      const int8_t* xr = xq + r * K + g * G;
       __m512i s = _mm512_setzero_si512();
-      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(xr[q]));
+      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(quad(xr + 4 * q)));
       const int64_t ag = r * (K / G) + g;
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(a[ag])), acc[r]);
       acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(as[ag]), acc[r]);
@@ -93,9 +103,9 @@ inline void q8_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, con
     __m512i w[8];
     for (int q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(b + 64 * q);
     for (int r = 0; r < R; ++r) {
-      const int32_t* xr = reinterpret_cast<const int32_t*>(xq + r * K + g * G);
+      const int8_t* xr = xq + r * K + g * G;
       __m512i s = _mm512_setzero_si512();
-      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(xr[q]));
+      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(quad(xr + 4 * q)));
       const int64_t ag = r * (K / G) + g;
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a[ag]), acc[r]);
       offset[r] += as[ag];
@@ -129,7 +139,7 @@ void tile_all_rows(const uint8_t* blocks, int64_t groups, const int8_t* xq, cons
 }
 
 template <bool FOUR>
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N, bool fine) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "quant_vnni: x must be a contiguous (M, K) float32 tensor, got ", x.sizes(), " ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), groups = K / G, tiles = N / TILE;
@@ -142,34 +152,57 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
                 "quant_vnni: int8 needs N float32 scales");
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
-  std::vector<int8_t> xq(M * K);
-  std::vector<float> a(M * groups), as(M * groups);
-  quantize_rows(x.data_ptr<float>(), M, K, xq.data(), a.data(), as.data());
+  // fine: each row rounded twice, x ~= a Xq + a' Xq' with Xq' the rounding of x - a Xq (error ~1/254^2 of
+  // a block's largest input, finer than bf16): rows 2m and 2m+1 of the kernel, summed at the end. The two
+  // share each pass over the weights, so one row costs little more; for the LM head, whose every output is
+  // a logit (model/quant.py)
+  const int64_t R = fine ? 2 * M : M;
+  std::vector<int8_t> xq(R * K);
+  std::vector<float> a(R * groups), as(R * groups);
+  const float* xp = x.data_ptr<float>();
+  if (!fine) {
+    quantize_rows(xp, M, K, xq.data(), a.data(), as.data());
+  } else {
+    std::vector<float> rest(K);
+    for (int64_t m = 0; m < M; ++m) {
+      int8_t* q = xq.data() + 2 * m * K;
+      float* am = a.data() + 2 * m * groups;
+      quantize_rows(xp + m * K, 1, K, q, am, as.data() + 2 * m * groups);
+      for (int64_t k = 0; k < K; ++k) rest[k] = xp[m * K + k] - am[k / G] * static_cast<float>(q[k]);
+      quantize_rows(rest.data(), 1, K, q + K, am + groups, as.data() + (2 * m + 1) * groups);
+    }
+  }
+  at::Tensor both = fine ? at::empty({R, N}, x.options()) : y;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* s = FOUR ? nullptr : scale.data_ptr<float>();
-  float* out = y.data_ptr<float>();
+  float* out = both.data_ptr<float>();
   const int64_t block = FOUR ? Q4_BLOCK : Q8_BLOCK;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      tile_all_rows<FOUR>(w + t * groups * block, groups, xq.data(), a.data(), as.data(), M, K,
+      tile_all_rows<FOUR>(w + t * groups * block, groups, xq.data(), a.data(), as.data(), R, K,
                           FOUR ? nullptr : s + t * TILE, out + t * TILE, N);
   });
+  if (fine) {
+    float* yp = y.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = out[2 * m * N + n] + out[(2 * m + 1) * N + n];
+  }
   return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
-  return linear<true>(x, packed, packed, N);
+  return linear<true>(x, packed, packed, N, false);
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale) {
-  return linear<false>(x, packed, scale, scale.numel());
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, bool fine) {
+  return linear<false>(x, packed, scale, scale.numel(), fine);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(picochat_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, int n) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale, bool fine=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(picochat_cpu, CPU, m) {
