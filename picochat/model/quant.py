@@ -31,7 +31,7 @@ better. The LM head keeps plain rows (`_block_means`). Without a tokenizer (quan
 
 Kernels: on CPUs with AVX-512 VNNI (and a C++ compiler), int8 and int4 layers keep their weights in the
 layouts of picochat's own kernels (model/vnni.py: activations rounded to int8 in blocks of 32, as
-llama.cpp does; ~3x PyTorch's at one row and eight) and `kernel` says which a layer runs; elsewhere
+llama.cpp does; 2.7-3x PyTorch's on warm caches, 1 row or 8) and `kernel` says which a layer runs; elsewhere
 PyTorch's weight-only kernels below. The cached quantized models (checkpoints/gguf_cache.py) are keyed by it.
 
 Inference only: the int8 weights have no gradients, so a quantized model refuses to train. Quantize a
@@ -76,9 +76,9 @@ AWQ_ALPHA = 0.25  # s_k = mean |x_k|^alpha (see the module docstring for the mea
 INT4_GROUP = 32  # weights per scale/minimum: llama.cpp's Q4 block size
 KERNEL_DTYPE = torch.bfloat16
 PREFILL_ROWS = 64  # from this many rows on, dequantize + GEMM beats PyTorch's int8 matrix-vector kernel (measured)
-# VNNI_PROMPTS: the VNNI kernels take prompts as well: SmolLM2's 512-, 1,024- and 2,048-token prefills took
-# 0.61 / 1.07 / 2.43 s through them against 1.11 / 1.59 / 2.95 s dequantizing for a bf16 GEMM (int4;
-# int8 0.54 / 1.00 / 2.51 against 0.73 / 1.32 / 3.13), the same next token; and prompt and decode round alike
+# VNNI_PROMPTS: the VNNI kernels take prompts as well, so prompt and decode round alike; benchmarks/decode.py's
+# 512-token prefill: int4 1,253 tokens/s through them against 1,252 dequantizing for a bf16 GEMM, int8 1,131
+# against 1,039
 
 
 def quantize_rows_int8(weight: torch.Tensor, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -290,7 +290,7 @@ def _int4_layout_known() -> bool:
 
 def default_kernel(device: torch.device, n: int, k: int, group: int = INT4_GROUP,
                    asked: Optional[str] = None) -> str:
-    """"vnni" (model/vnni.py: int8 activations, ~3x faster at 8 rows) where it fits and runs; else "torch"
+    """"vnni" (model/vnni.py: int8 activations, 2.7-3x faster) where it fits and runs; else "torch"
     (PyTorch's weight-only kernels, and the dequantising fallback on other devices). asked: a layer's
     `kernel` argument, honoured or refused."""
     usable = device.type == "cpu" and group == vnni.GROUP and vnni.fits(n, k) and vnni.available()
