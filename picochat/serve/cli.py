@@ -69,7 +69,7 @@ class ServeConfig:
     """Chat models: auto (bf16 where the CPU/GPU is fast at it), fp32, bf16 or fp16. Encoders always run fp32
     (their embeddings then equal `picochat embed`'s)."""
     quantize: Optional[Literal["int8", "int4"]] = None
-    """Chat models: int8 or int4 weight-only matmuls (smaller, faster decoding on CPUs); encoders are not quantized."""
+    """Chat models: int8 or int4 weights (smaller, faster decoding on CPUs; inputs rounded to int8 on AVX-512 VNNI CPUs); encoders are not quantized."""
     fast: Literal["auto", "compile", "plain"] = "auto"
     """Decode step: auto = compiled by TorchInductor on CPUs (~2x faster tokens) before the server answers (1-2 min
     the first time, ~30 s once cached); compile = the same, an error if it cannot; plain = never compile."""
