@@ -171,14 +171,12 @@ class Attention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:  # the engine keeps past K/V; we get back everything up to now
             k, v = kv_cache.update(self.layer_idx, k, v)
-            if (T == 1 and alibi is None and not return_weights and not self.training
-                    and vnni.decode_attention_fits(q, k, v, attn_mask)):
-                # a bf16 cache under fp32 activations (quantized models under the compiled step: engine/
-                # kv_cache.py's cache_dtype): one hand-written loop reads it in place (model/vnni.py)
-                y = vnni.decode_attention(q, k, v, attn_mask)
-                return self.resid_dropout(self.o_proj(y.transpose(1, 2).reshape(B, 1, nh * self.head_dim)))
-            if k.dtype != q.dtype:  # a bf16 cache under fp32 activations, where the kernel does not run
-                k, v = k.to(q.dtype), v.to(q.dtype)  # compiled, the casts fuse into attention's loops
+        # a bf16 cache under fp32 activations (quantized models under the compiled step: engine/kv_cache.py's
+        # cache_dtype), one query per row: one hand-written loop reads it in place (model/vnni.py)
+        kernel = (kv_cache is not None and T == 1 and alibi is None and not return_weights and not self.training
+                  and vnni.decode_attention_fits(q, k, v, attn_mask))
+        if k.dtype != q.dtype and not kernel:  # that cache where the kernel does not run: cast it;
+            k, v = k.to(q.dtype), v.to(q.dtype)  # compiled, the casts fuse into attention's loops
         T_k = k.size(2)
         gqa = self.n_kv_head != self.n_head
         if gqa and return_weights:  # the textbook path wants one K/V head per query head
@@ -189,7 +187,9 @@ class Attention(nn.Module):
         # cache per step, which is ~3x faster for decode attention than repeat_interleave
         dropout_p = self.dropout if self.training else 0.0
         sdpa = functools.partial(F.scaled_dot_product_attention, dropout_p=dropout_p, enable_gqa=gqa)
-        if (T == 1 and alibi is None and not return_weights and dropout_p == 0.0
+        if kernel:
+            y = vnni.decode_attention(q, k, v, attn_mask)
+        elif (T == 1 and alibi is None and not return_weights and dropout_p == 0.0
                 and (q.dtype != torch.float32 or torch.compiler.is_compiling())):
             # a bf16/fp16 decode step (every cached key is in the query's past; attn_mask, if any, hides
             # padding). In fp32, eager SDPA is as fast as the plain matmuls, so eager keeps the paths below;
