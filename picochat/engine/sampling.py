@@ -241,6 +241,11 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) float logits -> logits softmax can take: NaN -> -inf; a row holding +inf keeps only its
     +inf entries (at 0, the others -inf: softmax's limit, uniform over them). Raises Unsampleable for
     rows that are all -inf."""
+    # the usual case, every entry finite, in one pass: a NaN or an infinity anywhere makes the sum NaN or
+    # infinite (so does an overflowing sum of finite logits: it takes the full path, which keeps them).
+    # The full path's five passes over (B, V) took ~0.7 ms of a batch-8 decode step at a 49k vocabulary.
+    if bool(torch.isfinite(logits.sum())):
+        return logits
     logits = logits.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
     pos = torch.isposinf(logits)
     if bool(pos.any()):

@@ -143,3 +143,21 @@ def test_utf8_stream_invalid_bytes_are_replaced_not_held_forever():
     assert s.push(b"\xe2\x82") == ""  # an incomplete euro sign waits
     assert s.push(b"\xac!") == "\u20ac!"
     assert s.push(b"\xf0") == "" and s.flush() == "\ufffd"
+
+
+def test_sanitize_logits_fast_and_full_paths():
+    """Finite logits come back as they are (the one-pass check); a NaN becomes -inf, a row with +inf keeps
+    only its +inf entries, an all -inf row is refused by index; finite logits whose sum overflows take the
+    full path and come back unchanged too."""
+    ok = torch.randn(3, 50)
+    assert sampling.sanitize_logits(ok) is ok
+    x = torch.tensor([[0.0, float("nan"), 1.0], [float("inf"), 2.0, float("inf")], [1.0, 2.0, 3.0]])
+    out = sampling.sanitize_logits(x)
+    assert out[0].tolist() == [0.0, float("-inf"), 1.0]
+    assert out[1].tolist() == [0.0, float("-inf"), 0.0]  # softmax's limit: uniform over the two +inf
+    assert out[2].tolist() == [1.0, 2.0, 3.0]
+    big = torch.full((2, 4), 3e38)
+    assert torch.equal(sampling.sanitize_logits(big), big)
+    with pytest.raises(sampling.Unsampleable) as e:
+        sampling.sanitize_logits(torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]]))
+    assert e.value.rows == [1]

@@ -63,57 +63,70 @@ inline int32_t quad(const int8_t* p) {  // four activation bytes as one int32 fo
   return v;
 }
 
-// rows m0..m0+R-1 (R <= MB) of y's tile at channel n0, from the int4 blocks of that tile
+// rows m0..m0+R-1 (R <= MB) of y's tile at channel n0, from the int4 blocks of that tile. Register blocking:
+// each unpacked weight vector meets all R rows before the next one is made, so the R rows' sums are R
+// independent vpdpbusd chains (one chain per row, as before, left the unit waiting on its latency).
 template <int R>
 inline void q4_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* as,
                     int64_t K, float* y, int64_t N) {
   __m512 acc[R];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* b = blocks + g * Q4_BLOCK;
-    __m512i w[8];
+    __m512i s[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+#pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
       const __m512i v = _mm512_loadu_si512(b + 64 * p);
-      w[2 * p] = _mm512_and_si512(v, low);
-      w[2 * p + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w0, _mm512_set1_epi32(quad(xq + r * K + g * G + 8 * p)));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w1, _mm512_set1_epi32(quad(xq + r * K + g * G + 8 * p + 4)));
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 256)));
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 288)));
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const int8_t* xr = xq + r * K + g * G;
-      __m512i s = _mm512_setzero_si512();
-      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(quad(xr + 4 * q)));
       const int64_t ag = r * (K / G) + g;
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(a[ag])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_mul_ps(d, _mm512_set1_ps(a[ag])), acc[r]);
       acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(as[ag]), acc[r]);
     }
   }
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(y + r * N, acc[r]);
 }
 
+// int8: as int4 without the unpacking; the -128 offset's sum_k a Xq per row is the same for every tile,
+// so linear() computes it once (asum) instead of each tile adding it up again
 template <int R>
-inline void q8_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* as,
+inline void q8_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* asum,
                     int64_t K, const float* scale, float* y, int64_t N) {
   __m512 acc[R];
-  float offset[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps(), offset[r] = 0.0f;
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* b = blocks + g * Q8_BLOCK;
-    __m512i w[8];
-    for (int q = 0; q < 8; ++q) w[q] = _mm512_loadu_si512(b + 64 * q);
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xr = xq + r * K + g * G;
-      __m512i s = _mm512_setzero_si512();
-      for (int q = 0; q < 8; ++q) s = _mm512_dpbusd_epi32(s, w[q], _mm512_set1_epi32(quad(xr + 4 * q)));
-      const int64_t ag = r * (K / G) + g;
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(a[ag]), acc[r]);
-      offset[r] += as[ag];
+    __m512i s[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int q = 0; q < 8; ++q) {
+      const __m512i w = _mm512_loadu_si512(b + 64 * q);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w, _mm512_set1_epi32(quad(xq + r * K + g * G + 4 * q)));
     }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_set1_ps(a[r * (K / G) + g]), acc[r]);
   }
   const __m512 sc = _mm512_loadu_ps(scale);
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)  // s (sum a Xq U - 128 sum a Xq)
-    _mm512_storeu_ps(y + r * N, _mm512_mul_ps(sc, _mm512_sub_ps(acc[r], _mm512_set1_ps(128.0f * offset[r]))));
+    _mm512_storeu_ps(y + r * N, _mm512_mul_ps(sc, _mm512_sub_ps(acc[r], _mm512_set1_ps(128.0f * asum[r]))));
 }
 
 // one tile, every row, in passes of at most MB rows (the tile's weights stay in L1 between passes)
@@ -123,7 +136,8 @@ void tile_all_rows(const uint8_t* blocks, int64_t groups, const int8_t* xq, cons
   for (int64_t m0 = 0; m0 < M; m0 += MB) {
     const int64_t rows = std::min<int64_t>(MB, M - m0);
     const int8_t* x = xq + m0 * K;
-    const float *am = a + m0 * (K / G), *asm_ = as + m0 * (K / G);
+    // aux: the int4 minima's per-group sums a sum(Xq), or int8's per-row sum over the groups
+    const float *am = a + m0 * (K / G), *asm_ = FOUR ? as + m0 * (K / G) : as + m0;
     float* out = y + m0 * N;
 #define PICOCHAT_ROWS(R)                                                              \
   case R:                                                                             \
@@ -172,6 +186,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
       quantize_rows(rest.data(), 1, K, q + K, am + groups, as.data() + (2 * m + 1) * groups);
     }
   }
+  std::vector<float> asum(FOUR ? 0 : R);  // int8 needs only each row's total of a sum(Xq), the same for every tile
+  for (int64_t r = 0; r < static_cast<int64_t>(asum.size()); ++r)
+    for (int64_t g = 0; g < groups; ++g) asum[r] += as[r * groups + g];
   at::Tensor both = fine ? at::empty({R, N}, x.options()) : y;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* s = FOUR ? nullptr : scale.data_ptr<float>();
@@ -179,7 +196,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   const int64_t block = FOUR ? Q4_BLOCK : Q8_BLOCK;
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t)
-      tile_all_rows<FOUR>(w + t * groups * block, groups, xq.data(), a.data(), as.data(), R, K,
+      tile_all_rows<FOUR>(w + t * groups * block, groups, xq.data(), a.data(), FOUR ? as.data() : asum.data(), R, K,
                           FOUR ? nullptr : s + t * TILE, out + t * TILE, N);
   });
   if (fine) {
