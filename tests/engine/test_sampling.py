@@ -146,11 +146,13 @@ def test_utf8_stream_invalid_bytes_are_replaced_not_held_forever():
 
 
 def test_sanitize_logits_fast_and_full_paths():
-    """Finite logits come back as they are (the one-pass check); a NaN becomes -inf, a row with +inf keeps
-    only its +inf entries, an all -inf row is refused by index; finite logits whose sum overflows take the
-    full path and come back unchanged too."""
+    """Finite logits, or some -inf among them (filtered out), come back as they are (the one-pass check); a
+    NaN becomes -inf, a row with +inf keeps only its +inf entries, an all -inf row is refused by index."""
     ok = torch.randn(3, 50)
     assert sampling.sanitize_logits(ok) is ok
+    filtered = ok.masked_fill(ok < 0, float("-inf"))
+    filtered[:, 0] = 1.0
+    assert sampling.sanitize_logits(filtered) is filtered
     x = torch.tensor([[0.0, float("nan"), 1.0], [float("inf"), 2.0, float("inf")], [1.0, 2.0, 3.0]])
     out = sampling.sanitize_logits(x)
     assert out[0].tolist() == [0.0, float("-inf"), 1.0]

@@ -37,7 +37,7 @@ def test_layouts_round_trip():
 
 
 @needs_vnni
-@pytest.mark.parametrize("rows", [1, 3, 8, 9, 19])  # passes of 8 rows, and what is left
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 9, 19])  # every register block (1-8 rows), passes of 8 and the rest
 def test_int4_kernel_is_its_formula(rows):
     torch.manual_seed(rows)
     N, K = 64, 160
@@ -54,7 +54,7 @@ def test_int4_kernel_is_its_formula(rows):
 
 
 @needs_vnni
-@pytest.mark.parametrize("rows", [1, 8, 13])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 13])
 def test_int8_kernel_is_its_formula(rows):
     torch.manual_seed(rows)
     N, K = 48, 96
