@@ -31,7 +31,7 @@ better. The LM head keeps plain rows (`_block_means`). Without a tokenizer (quan
 
 Kernels: on CPUs with AVX-512 VNNI (and a C++ compiler), int8 and int4 layers keep their weights in the
 layouts of picochat's own kernels (model/vnni.py: activations rounded to int8 in blocks of 32, as
-llama.cpp does; 2.7-3x PyTorch's on warm caches, 1 row or 8) and `kernel` says which a layer runs; elsewhere
+llama.cpp does; 3.2-3.8x PyTorch's on warm caches, 1 row or 8: benchmarks/quant_kernels.py) and `kernel` says which a layer runs; elsewhere
 PyTorch's weight-only kernels below. The cached quantized models (checkpoints/gguf_cache.py) are keyed by it.
 
 Inference only: the int8 weights have no gradients, so a quantized model refuses to train. Quantize a
@@ -290,7 +290,7 @@ def _int4_layout_known() -> bool:
 
 def default_kernel(device: torch.device, n: int, k: int, group: int = INT4_GROUP,
                    asked: Optional[str] = None) -> str:
-    """"vnni" (model/vnni.py: int8 activations, 2.7-3x faster) where it fits and runs; else "torch"
+    """"vnni" (model/vnni.py: int8 activations, 3-4x faster) where it fits and runs; else "torch"
     (PyTorch's weight-only kernels, and the dequantising fallback on other devices). asked: a layer's
     `kernel` argument, honoured or refused."""
     usable = device.type == "cpu" and group == vnni.GROUP and vnni.fits(n, k) and vnni.available()

@@ -63,9 +63,16 @@ inline int32_t quad(const int8_t* p) {  // four activation bytes as one int32 fo
   return v;
 }
 
-// rows m0..m0+R-1 (R <= MB) of y's tile at channel n0, from the int4 blocks of that tile. Register blocking:
-// each unpacked weight vector meets all R rows before the next one is made, so the R rows' sums are R
-// independent vpdpbusd chains (one chain per row, as before, left the unit waiting on its latency).
+// the register block: s[r] += w . (row r's four activation bytes at xq + r K + off) for every row, so one
+// weight vector meets all R rows and their sums are R independent vpdpbusd chains (one chain per row, as
+// before, left the unit waiting on its latency)
+template <int R>
+inline void dot_rows(__m512i* s, __m512i w, const int8_t* xq, int64_t K, int64_t off) {
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w, _mm512_set1_epi32(quad(xq + r * K + off)));
+}
+
+// rows m0..m0+R-1 (R <= MB) of y's tile at channel n0, from the int4 blocks of that tile
 template <int R>
 inline void q4_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* as,
                     int64_t K, float* y, int64_t N) {
@@ -82,10 +89,8 @@ inline void q4_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, con
     for (int p = 0; p < 4; ++p) {
       const __m512i v = _mm512_loadu_si512(b + 64 * p);
       const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w0, _mm512_set1_epi32(quad(xq + r * K + g * G + 8 * p)));
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w1, _mm512_set1_epi32(quad(xq + r * K + g * G + 8 * p + 4)));
+      dot_rows<R>(s, w0, xq, K, g * G + 8 * p);      // quad 2p
+      dot_rows<R>(s, w1, xq, K, g * G + 8 * p + 4);  // quad 2p + 1
     }
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 256)));
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 288)));
@@ -114,11 +119,7 @@ inline void q8_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, con
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-    for (int q = 0; q < 8; ++q) {
-      const __m512i w = _mm512_loadu_si512(b + 64 * q);
-#pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w, _mm512_set1_epi32(quad(xq + r * K + g * G + 4 * q)));
-    }
+    for (int q = 0; q < 8; ++q) dot_rows<R>(s, _mm512_loadu_si512(b + 64 * q), xq, K, g * G + 4 * q);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_set1_ps(a[r * (K / G) + g]), acc[r]);
