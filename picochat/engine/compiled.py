@@ -70,18 +70,23 @@ def layout(model) -> tuple:
 
 
 class _StepCache:
-    """KVCache.update for one decode step, on tensors only (see the module docstring)."""
+    """KVCache.update for one decode step (cols (B,): a column per row) or a prompt's chunk (cols (B, T)),
+    on tensors only (see the module docstring)."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor, t_k: int):
         self.k, self.v, self.cols, self.t_k = k, v, cols, t_k
         self.rows = torch.arange(cols.size(0), device=cols.device)
+        if cols.dim() == 2:  # (B, 1): broadcast against cols (B, T)
+            self.rows = self.rows.view(-1, 1)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """k, v (B, nkv, 1, hs) -> this layer's (B, nkv, T_k, hs) K and V, the new column included."""
+        """k, v (B, nkv, T, hs) -> this layer's (B, nkv, T_k, hs) K and V, the new columns included."""
         B = k.size(0)
-        # (B, nkv, hs): advanced indices first; cast, as index_put takes no other dtype (a bf16 cache)
-        self.k[layer][self.rows, :, self.cols] = k[:, :, 0].to(self.k[layer].dtype)
-        self.v[layer][self.rows, :, self.cols] = v[:, :, 0].to(self.v[layer].dtype)
+        # advanced indices first: (B, nkv, hs) a step, (B, T, nkv, hs) a chunk; cast, as index_put takes no
+        # other dtype (a bf16 cache)
+        new_k, new_v = (k[:, :, 0], v[:, :, 0]) if self.cols.dim() == 1 else (k.transpose(1, 2), v.transpose(1, 2))
+        self.k[layer][self.rows, :, self.cols] = new_k.to(self.k[layer].dtype)
+        self.v[layer][self.rows, :, self.cols] = new_v.to(self.v[layer].dtype)
         return self.k[layer][:B, :, :self.t_k], self.v[layer][:B, :, :self.t_k]
 
 
@@ -89,6 +94,13 @@ def decode_step(model, idx, positions, mask, k, v, cols):
     """One token per row through `model` (the function that is compiled; eager, it is the plain step)."""
     cache = _StepCache(k, v, cols, mask.size(-1))
     return model(idx, kv_cache=cache, positions=positions, attn_mask=mask)[0]
+
+
+def prefill_step(model, idx, positions, mask, k, v, cols):
+    """T >= 2 prompt tokens per row, written at columns cols (B, T); only the last position's logits (B, 1, V).
+    mask (B, 1, T, T_k): causal, row by row (the scheduler's chunk of a prompt after its cached prefix)."""
+    cache = _StepCache(k, v, cols, mask.size(-1))
+    return model(idx, kv_cache=cache, positions=positions, attn_mask=mask, last_logits_only=True)[0]
 
 
 def unsupported(model) -> Optional[str]:
@@ -134,23 +146,34 @@ class DecodeStep:
         self._fn = None  # made in the background thread (_warm_up): torch.compile's first use imports ~1 s of
         # dynamo and Inductor, which `picochat chat` would otherwise pay before its prompt shows
         self._thread: Optional[threading.Thread] = None
+        # prompts (prefill_step), for the scheduler: compiled after the decode graphs, on request (start_prefill)
+        self.prefill_done = threading.Event()
+        self.prefill_error: Optional[str] = None
+        self._prefill_fn = None
+        self._prefill_thread: Optional[threading.Thread] = None
 
-    def _compiled(self):
+    def _compiled(self, fn=decode_step):
         # a code object of its own: dynamo keeps compiled graphs, and counts them against its recompile
         # limit (8), per code object; shared, a process with a few models (tests; RL's policy and
         # reference) would hit the limit and, fullgraph, fail.
         # emulate_precision_casts: round bf16 intermediates inside fused kernels where eager rounds them (by
         # default TorchInductor keeps them in fp32); sums still run in another order, so a bf16 model's
         # greedy tokens can part from eager's at a near-tie (tests/engine/test_fast_path_smollm2.py)
-        fn = decode_step.__code__.replace(co_name=f"decode_step_{id(self):x}")
-        return torch.compile(types.FunctionType(fn, decode_step.__globals__), fullgraph=True,
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(self):x}")
+        return torch.compile(types.FunctionType(code, fn.__globals__), fullgraph=True,
                              options={"emulate_precision_casts": True, "guard_filter_fn": _outside_the_model})
-        # (sizes made symbolic in _warm_up)
+        # (sizes made symbolic in _warm_up and _warm_up_prefill)
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                  k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
         return self._fn(self.model, idx, positions, mask, k, v, cols)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
+        """prefill_step compiled (after start_prefill, once prefill_ready()); batch 1, T >= 2."""
+        return self._prefill_fn(self.model, idx, positions, mask, k, v, cols)
 
     def fits(self, model) -> bool:
         """Is `model` (still) what this step was traced for? Engine and Scheduler ask before each request
@@ -172,6 +195,53 @@ class DecodeStep:
             if self.error:
                 raise PicochatError(f"compiling the decode step failed: {self.error}")
         return self
+
+    def start_prefill(self, wait: bool = False) -> "DecodeStep":
+        """Compile prefill_step too, in the background, once the decode graphs are done (an answer waits for
+        those, never for this one). The scheduler's prompts run eager until prefill_ready(). The eager model
+        spends ~11 ms of a chunk on its thousands of small ops whatever the chunk's length (SmolLM2 int4, 16
+        new tokens after a cached system prompt: 24 ms eager, 17 compiled; benchmarks/prefill_chunk.py).
+        wait=True blocks until it is done; a failure only warns (prompts stay eager)."""
+        if self._prefill_thread is None:
+            self._prefill_thread = threading.Thread(target=self._warm_up_prefill, name="picochat-compile-prefill",
+                                                    daemon=True)
+            self._prefill_thread.start()
+        if wait:
+            self._prefill_thread.join()
+        return self
+
+    def prefill_ready(self) -> bool:
+        """Has prefill_step compiled (never waits)?"""
+        return self.prefill_done.is_set() and self.prefill_error is None
+
+    @torch.no_grad()
+    def _warm_up_prefill(self) -> None:
+        self.done.wait()
+        c, dtype = self.model.config, cache_dtype(self.model, compiled=True)
+        if self.error is not None:  # (it warned already) prompts stay eager
+            self.prefill_error = "the decode step did not compile"
+            self.prefill_done.set()
+            return
+        try:
+            self._prefill_fn = self._compiled(prefill_step)
+            start, T = 4, 8  # a chunk of 8 tokens after 4 cached ones, in a store of 16 columns
+            k = [torch.zeros(1, c.n_kv_head, 16, c.head_dim, dtype=dtype) for _ in range(c.n_layer)]
+            v = [torch.zeros(1, c.n_kv_head, 16, c.head_dim, dtype=dtype) for _ in range(c.n_layer)]
+            cols = torch.arange(start, start + T).view(1, T)
+            mask = (torch.arange(start + T)[None, None, :] <= cols[:, :, None]).unsqueeze(1)  # (1, 1, T, T_k)
+            idx = torch.zeros(1, T, dtype=torch.long)
+            # symbolic: the chunk's length, T_k, the capacity (batch 1 only: a chunk is one prompt's)
+            for t in (idx, cols):
+                torch._dynamo.mark_dynamic(t, 1)
+            torch._dynamo.mark_dynamic(mask, [2, 3])
+            for t in k + v:
+                torch._dynamo.mark_dynamic(t, 2)
+            self.prefill(idx, cols, mask, k, v, cols)
+        except Exception as e:  # prompts stay on the eager model
+            self.prefill_error = f"{type(e).__name__}: {e}"[:500]
+            warnings.warn(f"picochat: compiling the prefill step failed, prompts run eager: {self.prefill_error}")
+        finally:
+            self.prefill_done.set()
 
     @torch.no_grad()
     def _warm_up(self) -> None:

@@ -11,6 +11,11 @@ padding with an attention mask.
 """
 from __future__ import annotations
 
+import functools
+import math
+import mmap
+import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -35,14 +40,54 @@ def cache_dtype(model, compiled: bool = False) -> torch.dtype:
     return p.dtype
 
 
+HUGE_PAGE = 2 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def huge_pages_available() -> bool:
+    """Linux with transparent huge pages that a program may ask for (`always` or `madvise`, not `never`)."""
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+
+
+def new_stores(count: int, shape: tuple, dtype: torch.dtype, device=None,
+               huge: Optional[bool] = None) -> list[torch.Tensor]:
+    """`count` zero tensors of `shape`, one block of memory under them all. On a CPU, a block of 2 MB or
+    more is asked to be backed by 2 MB pages (madvise MADV_HUGEPAGE: Linux's transparent huge pages) where
+    the kernel allows it (huge=None; True insists, False never asks). Why: decode attention walks every
+    row's cached K/V each step (SmolLM2 at 8 rows x 545 keys: ~100 MB of bf16), and over 4 KB pages the
+    walk misses the TLB; the attention kernel alone took 14-17% less time on 2 MB pages (30 layers,
+    3.7 against 4.2-4.5 ms) and the compiled step ~4% (benchmarks/kv_hugepages.py)."""
+    device = torch.device(device or "cpu")
+    nbytes = count * math.prod(shape) * dtype.itemsize
+    if huge is None:
+        huge = device.type == "cpu" and nbytes >= HUGE_PAGE and huge_pages_available()
+    if not huge or nbytes == 0:
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(count)]
+    if device.type != "cpu" or not huge_pages_available():
+        raise PicochatError("huge pages are for CPU tensors on Linux with transparent huge pages not set to never")
+    # anonymous memory is zero-filled by the kernel; one page more, to start the block on a 2 MB boundary
+    block = mmap.mmap(-1, -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,
+                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    block.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(block, dtype=torch.uint8)  # (keeps the mapping alive as long as a view of it lives)
+    start = -raw.data_ptr() % HUGE_PAGE
+    return list(raw[start:start + nbytes].view(dtype).view(count, *shape).unbind(0))
+
+
 def grow_columns(stores, new: int, keep: int) -> None:
     """Replace every (B, nkv, T, hs) tensor in the lists `stores` by one with `new` columns, the first
     `keep` copied over (the caches grow geometrically instead of preallocating a whole long context)."""
     for store in stores:
-        for i, t in enumerate(store):
-            grown = t.new_zeros(t.size(0), t.size(1), new, t.size(3))
-            grown[:, :, :keep] = t[:, :, :keep]
-            store[i] = grown
+        t = store[0]
+        grown = new_stores(len(store), (t.size(0), t.size(1), new, t.size(3)), t.dtype, t.device)
+        for g, t in zip(grown, store):
+            g[:, :, :keep] = t[:, :, :keep]
+        store[:] = grown
 
 
 class KVCache:
@@ -52,8 +97,8 @@ class KVCache:
         if capacity > self.max_len:
             raise PicochatError(f"KV cache capacity {capacity} is larger than its limit {self.max_len}")
         shape = (batch, n_kv_head, capacity, head_dim)  # (B, nkv, T_max, hs)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.k = new_stores(n_layer, shape, dtype, device)
+        self.v = new_stores(n_layer, shape, dtype, device)
         self.pos = 0
 
     @classmethod

@@ -54,6 +54,9 @@ class Scheduler:
         (compiled.py; `picochat serve` compiles before it answers: load_host)."""
         self.model, self.tokenizer, self.fast = model, tokenizer, fast
         self.decoder = decoder_for(model, fast)
+        if self.decoder is not None:  # prompts compiled too, once ready (fast="compile": before the first)
+            self.decoder.start_prefill(wait=fast == "compile")
+        self.compiled_chunks = 0  # prompt chunks that ran compiled
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size  # (grammars mask this many logits)
         if model.config.pos == "alibi":  # its bias is built from one shared query position
@@ -253,6 +256,8 @@ class Scheduler:
         if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind
             if self.decoder is not None and not self.decoder.fits(self.model):  # (~1 ms, once a request)
                 self.decoder = decoder_for(self.model, self.fast)
+                if self.decoder is not None:
+                    self.decoder.start_prefill()
                 self.cache.set_dtype(cache_dtype(self.model, compiled=self.decoder is not None))
             r.prefilled = r.cached = self.cache.claim(slot, r.keys, r.req.cache_scope)
         elif r.slot != slot:  # a row left between two chunks: move what is written so far
@@ -263,8 +268,12 @@ class Scheduler:
         # this chunk's share of the prompt's embeddings (an image may straddle two chunks)
         extra = {} if r.req.embeds is None else r.req.embeds.window(r.prefilled, end, self.device)
         # only the last chunk's last position is sampled from: the LM head runs on it alone
-        logits, _ = self.model(idx, start_pos=r.prefilled, kv_cache=self.cache.prefill_view(slot, r.prefilled),
-                               last_logits_only=True, **extra)
+        if self.decoder is not None and not extra and self.decoder.prefill_ready():  # compiled (no pictures)
+            logits = self._compiled_chunk(idx, slot, r.prefilled)
+            self.compiled_chunks += 1
+        else:
+            logits, _ = self.model(idx, start_pos=r.prefilled, kv_cache=self.cache.prefill_view(slot, r.prefilled),
+                                   last_logits_only=True, **extra)
         r.prefilled = end
         if end < len(p):
             return
@@ -273,6 +282,15 @@ class Scheduler:
         self.running.append(r)
         r.penalties = Penalties(r.req.params, [p], logits.size(-1), self.device)
         self._sample([(r, logits[0, -1])])
+
+    def _compiled_chunk(self, idx: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """idx (1, T) written into `slot` from column `start` by the compiled prefill (T >= 2) or, a single
+        token (a prompt whose prefix was all cached), the compiled decode step: logits (1, 1, V)."""
+        T = idx.size(1)
+        cols, mask, k, v = self.cache.chunk_inputs(slot, start, T)
+        if T == 1:  # (a prefill graph for T = 1 would be a graph of its own: dynamo keeps sizes of 1 apart)
+            return self.decoder(idx, cols, mask, k, v, cols.view(1))
+        return self.decoder.prefill(idx, cols, mask, k, v, cols)
 
     def _decode(self) -> None:
         positions, mask = self.cache.step_inputs()
@@ -283,7 +301,11 @@ class Scheduler:
             self.decoder = None                                       # now on, on a cache of the activations' dtype
             self.cache.set_dtype(cache_dtype(self.model))
         if self.decoder is not None:  # compiled: each row at its own column
-            logits = self.decoder(idx, positions, mask, self.cache.k, self.cache.v, positions.view(-1))
+            # the running rows' stores only: a lone row on all the slots' would not fit the batch-1 graph (its
+            # stores' first size is 1: dynamo keeps sizes of 1 apart), and dynamo would compile another
+            n = len(self.running)
+            k, v = [t[:n] for t in self.cache.k], [t[:n] for t in self.cache.v]
+            logits = self.decoder(idx, positions, mask, k, v, positions.view(-1))
             self.cache.advance()
         elif len(self.running) == 1:  # alone: the plain single-query path (no mask, one start position)
             logits, _ = self.model(idx, start_pos=self.cache.lengths[0], kv_cache=self.cache)

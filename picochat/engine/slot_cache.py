@@ -25,7 +25,7 @@ from typing import Hashable, Optional
 import torch
 
 from ..errors import PicochatError
-from .kv_cache import cache_dtype, grow_columns
+from .kv_cache import cache_dtype, grow_columns, new_stores
 
 
 class SlotCache:
@@ -34,8 +34,8 @@ class SlotCache:
         self.n_layer, self.slots, self.max_len = n_layer, slots, max_len
         capacity = min(capacity, max_len)
         shape = (slots, n_kv_head, capacity, head_dim)  # (S, nkv, T_max, hs)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.k = new_stores(n_layer, shape, dtype, device)
+        self.v = new_stores(n_layer, shape, dtype, device)
         self.lengths = [0] * slots  # filled columns per slot
         self.n = 0                  # running rows: slots 0..n-1
         self.device = device
@@ -61,15 +61,22 @@ class SlotCache:
     def set_dtype(self, dtype: torch.dtype) -> None:
         """Store K/V in `dtype` from now on (the decode step changed: kv_cache.cache_dtype); kept rows stay."""
         if self.k[0].dtype != dtype:
-            self.k, self.v = [t.to(dtype) for t in self.k], [t.to(dtype) for t in self.v]
+            for store in (self.k, self.v):
+                cast = new_stores(len(store), tuple(store[0].shape), dtype, store[0].device)
+                for c, t in zip(cast, store):
+                    c.copy_(t)
+                store[:] = cast
 
     def reserve(self, n: int) -> None:
-        """Room for n columns in every slot; grows geometrically, never past max_len."""
-        if n <= self.capacity:
+        """Room for n columns in every slot, and one spare; grows geometrically, never past max_len (+ 1).
+        The spare: the compiled steps (engine/compiled.py) read the first T_k = n columns, and dynamo
+        gives T_k == capacity a graph of its own, compiled on the spot (20-60 s in the middle of serving,
+        once a process: measured on both steps before the spare)."""
+        if n < self.capacity:
             return
         if n > self.max_len:
             raise PicochatError(f"a sequence needs {n} positions but the cache holds at most {self.max_len}")
-        grow_columns((self.k, self.v), min(self.max_len, max(n, 2 * self.capacity)), keep=self.capacity)
+        grow_columns((self.k, self.v), min(self.max_len + 1, max(n + 1, 2 * self.capacity)), keep=self.capacity)
 
     # -- joining and leaving -------------------------------------------------------------------------
 
@@ -187,6 +194,15 @@ class SlotCache:
         keys = torch.arange(self._T_k, device=self.device)
         mask = keys[None, :] <= self._len_t[:, None]  # a row sees its own past and the new token
         return self._len_t.view(-1, 1), mask.view(self.n, 1, 1, -1)
+
+    def chunk_inputs(self, slot: int, start: int, T: int):
+        """A compiled prompt chunk's (compiled.prefill_step) positions = columns (1, T), causal mask
+        (1, 1, T, start + T) and the K/V stores of `slot` alone (views), for T tokens written from `start`."""
+        self.reserve(start + T)
+        cols = torch.arange(start, start + T, device=self.device).view(1, T)
+        keys = torch.arange(start + T, device=self.device)
+        mask = (keys[None, None, :] <= cols[:, :, None]).unsqueeze(1)  # a token sees its past and itself
+        return cols, mask, [t[slot:slot + 1] for t in self.k], [t[slot:slot + 1] for t in self.v]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """k, v: (n, nkv, 1, hs), written at each row's own column; returns (n, nkv, T_k, hs) views."""

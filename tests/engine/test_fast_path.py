@@ -75,6 +75,58 @@ def test_the_decode_step_is_one_graph_per_batch_kind(model):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
 
 
+def test_the_prefill_step_writes_and_reads_as_the_eager_model(model):
+    """The scheduler's compiled prompt chunk (compiled.prefill_step into one slot of a SlotCache) against the
+    eager model on a prefill_view: the same logits and K/V, the other slots untouched, and one graph for
+    every chunk length, start column, slot and capacity."""
+    step = decoder_for(model, "compile").start_prefill(wait=True)
+    assert step.prefill_ready(), step.prefill_error
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for slot, start, T, cap in ((1, 0, 12, 64), (0, 5, 3, 16), (2, 30, 40, 128), (1, 7, 2, 200)):
+        eager, fast = SlotCache.for_model(model, 3), SlotCache.for_model(model, 3)
+        for c in (eager, fast):
+            c.reserve(cap)
+        for a, b in zip(eager.k + eager.v, fast.k + fast.v):
+            b.copy_(a.normal_())  # the same cached past (and garbage elsewhere) in both
+        idx = torch.randint(0, 300, (1, T))
+        with torch.no_grad():
+            ref = model(idx, start_pos=start, kv_cache=eager.prefill_view(slot, start), last_logits_only=True)[0]
+        cols, mask, k, v = fast.chunk_inputs(slot, start, T)
+        torch.testing.assert_close(step.prefill(idx, cols, mask, k, v, cols), ref, atol=1e-5, rtol=1e-5)
+        for a, b in zip(eager.k + eager.v, fast.k + fast.v):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_the_compiled_scheduler_never_recompiles_as_its_cache_grows(model):
+    """Rows and prompt chunks ending at every column of a small cache as it grows (16, 33, 66 columns):
+    the SlotCache keeps a spare column, so neither step ever sees T_k == capacity, which dynamo would give
+    a graph of its own, compiled on the spot."""
+    c = model.config
+    s = Scheduler(model, None, max_batch=2, prefill_chunk=8, fast="compile")
+    s.cache = SlotCache(c.n_layer, 2, c.n_kv_head, c.head_dim, 256, capacity=16,
+                        dtype=cache_dtype(model, compiled=True))
+    for n in range(1, 200):  # the spare column itself
+        s.cache.reserve(n)
+        assert s.cache.capacity > n
+    s.cache = SlotCache(c.n_layer, 2, c.n_kv_head, c.head_dim, 256, capacity=16,
+                        dtype=cache_dtype(model, compiled=True))
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    s.start()
+    try:
+        for length in (15, 16, 17, 31):  # prompts of 2 chunks and more; decoded through 32 and 64 columns
+            done = threading.Event()
+            s.submit_many([Request([(3 * j + i) % 300 for j in range(length)],
+                                   SamplingParams(max_tokens=40, temperature=0),
+                                   (lambda ev: ev.finish_reason and done.set()) if i else (lambda ev: None))
+                           for i in range(2)])
+            assert done.wait(120)
+    finally:
+        s.stop()
+    assert s.compiled_chunks > 0 and s.cache.capacity > 64
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
 def test_compiled_scheduler_gives_the_plain_tokens(model):
     prompts = [[(7 * i + j) % 300 for j in range(5 + 13 * i)] for i in range(5)]
     lengths = [30, 12, 41, 8, 25]
@@ -96,14 +148,24 @@ def test_compiled_scheduler_gives_the_plain_tokens(model):
             for i, (p, n) in enumerate(zip(prompts, lengths)):
                 s.submit(Request(p, SamplingParams(max_tokens=n, temperature=0), cb(i)))
             assert done.wait(120)
+            chunks = s.compiled_chunks
+            # the same prompt again: all but its last token kept from before, a one-token chunk
+            again, done2 = [], threading.Event()
+            s.submit(Request(prompts[4], SamplingParams(max_tokens=10, temperature=0),
+                             lambda ev: (again.extend(ev.token_ids), ev.finish_reason and done2.set())))
+            assert done2.wait(120)
         finally:
             s.stop()
-        return [out.get(i, []) for i in range(len(prompts))], s
+        assert again == out[4][:10]
+        return [out.get(i, []) for i in range(len(prompts))], s, chunks
 
-    fast, s = run("compile")
+    fast, s, chunks = run("compile")
     assert s.decoder is not None and s.decoder.usable() and s.stats()["compiled_decode"] == 1
-    plain, s = run("plain")
-    assert s.decoder is None and s.stats()["compiled_decode"] == 0  # (the /metrics gauge picochat_compiled_decode)
+    assert chunks == sum(-(-len(p) // 16) for p in prompts)  # every chunk of every prompt ran compiled
+    assert s.compiled_chunks == chunks + 1  # and the one-token chunk (on the decode step's graph)
+    plain, s, chunks = run("plain")
+    assert s.decoder is None and chunks == 0
+    assert s.stats()["compiled_decode"] == 0  # (the /metrics gauge picochat_compiled_decode)
     assert fast == plain and [len(t) for t in fast] == lengths
 
 
@@ -190,7 +252,7 @@ def test_a_failed_compile_decodes_plain_on_caches_of_the_activations_dtype(monke
     m = quantize_int4(tiny(seed=7))
     prompt = [2, 7, 1, 8, 2, 8]
     want = Engine(m, fast="plain").generate([prompt], max_tokens=8, temperature=0)[0].token_ids
-    failed = types.SimpleNamespace(usable=lambda: False, fits=lambda model: True)
+    failed = types.SimpleNamespace(usable=lambda: False, fits=lambda model: True, prefill_ready=lambda: False)
     engine = Engine(m, fast="plain")
     engine.decoder = failed  # as if compiling had failed after the engine was made
     assert engine.generate([prompt], max_tokens=8, temperature=0)[0].token_ids == want

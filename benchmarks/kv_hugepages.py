@@ -1,0 +1,97 @@
+"""What 2 MB pages under the K/V cache gain the compiled decode step (engine/kv_cache.py's new_stores): the
+same compiled step (engine/compiled.py's DecodeStep) on two bf16 caches holding the same values, one in
+memory asked to be backed by transparent huge pages (madvise), the peer in ordinary 4 KB pages (what the
+caches used before), in one process, called alternately, SmolLM2 int4 at batch 1 and batch 8. Each row is
+a window of Brown corpus text, its first --keys tokens prefilled once; both caches then decode the next
+tokens teacher-forced, and their logits must be identical (the same program on the same values).
+
+    python benchmarks/kv_hugepages.py              # ~1-3 min (TorchInductor's disk cache helps), one JSON line
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+
+import torch
+from _common import emit, loadavg, log, machine
+
+from picochat.checkpoints.io import load_model
+from picochat.data.corpus import brown_documents
+from picochat.engine.compiled import DecodeStep
+from picochat.engine.kv_cache import KVCache, huge_pages_available, new_stores
+
+
+def anon_huge_kb() -> int:
+    """This process's memory in transparent huge pages (kB)."""
+    with open("/proc/self/smaps_rollup") as f:
+        return int(re.search(r"AnonHugePages:\s+(\d+)", f.read()).group(1))
+
+
+@torch.no_grad()
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quantize", default="int4", choices=("int4", "int8"))
+    p.add_argument("--keys", type=int, default=512, help="cached keys at the first timed step")
+    p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    p.add_argument("--steps", type=int, default=128, help="timed steps per cache and batch")
+    args = p.parse_args()
+    if not huge_pages_available():
+        raise SystemExit("this machine offers no transparent huge pages (Linux, "
+                         "/sys/kernel/mm/transparent_hugepage/enabled not [never]): nothing to compare")
+    load0 = loadavg()
+    model, tok, _ = load_model("smollm2", quantize=args.quantize)
+    c = model.config
+    ids = torch.tensor(tok.encode(" ".join(d["text"] for d in brown_documents()[:60])), dtype=torch.long)
+    t0 = time.perf_counter()
+    step = DecodeStep(model).start(wait=True)
+    log(f"compiled in {time.perf_counter() - t0:.1f} s")
+    span = args.keys + args.steps + 1
+    result = {}
+    for B in [int(b) for b in args.batches.split(",")]:
+        if B * span > len(ids):
+            raise SystemExit(f"batch {B} x {span} tokens is more than the text's {len(ids)}: lower --keys or --steps")
+        rows = ids[:B * span].view(B, span)
+        prompt = KVCache(c.n_layer, B, c.n_kv_head, c.head_dim, span, dtype=torch.float32)
+        model(rows[:, :args.keys], kv_cache=prompt)  # eager prefill
+        before = anon_huge_kb()
+        caches = {}
+        for name, huge in (("huge_pages", True), ("4k_pages", False)):
+            shape = (B, c.n_kv_head, span, c.head_dim)
+            k, v = (new_stores(c.n_layer, shape, torch.bfloat16, huge=huge) for _ in range(2))
+            for dst, src in zip(k + v, prompt.k + prompt.v):
+                dst.copy_(src)
+            caches[name] = (k, v)
+        huge_kb = anon_huge_kb() - before
+
+        def call(kv, s):  # step s: token keys + s of each row, written at column keys + s
+            cols = torch.full((B,), args.keys + s, dtype=torch.long)
+            mask = torch.ones(B, 1, 1, args.keys + s + 1, dtype=torch.bool)
+            return step(rows[:, args.keys + s:args.keys + s + 1].clone(), cols.view(B, 1), mask, *kv, cols)
+
+        for kv in caches.values():
+            call(kv, 0)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        times = {name: [] for name in caches}
+        outs = {name: [] for name in caches}
+        for s in range(args.steps):
+            for name, kv in (list(caches.items()) if s % 2 else list(caches.items())[::-1]):
+                t0 = time.perf_counter()
+                out = call(kv, s)
+                times[name].append(time.perf_counter() - t0)
+                outs[name].append(out)
+        if torch._dynamo.utils.counters["stats"]["unique_graphs"] != graphs:
+            raise SystemExit("the step compiled again while timed: the figures would include a compile")
+        same = all(torch.equal(a, b) for a, b in zip(outs["huge_pages"], outs["4k_pages"]))
+        ms = {name: round(statistics.median(t) * 1e3, 3) for name, t in times.items()}
+        result[f"batch_{B}"] = {"median_ms_per_step": ms, "4k_over_huge": round(ms["4k_pages"] / ms["huge_pages"], 3),
+                                "same_logits": same, "huge_pages_kb": huge_kb}
+        log(f"batch {B}: {result[f'batch_{B}']}")
+        del caches, outs
+    emit({"benchmark": "kv_hugepages", "quantize": args.quantize, "keys": [args.keys + 1, args.keys + args.steps],
+          "steps": args.steps, **result, "load_before": load0, "load_after": loadavg(), **machine()})
+
+
+if __name__ == "__main__":
+    main()
