@@ -8,6 +8,10 @@ little else. The model's code is unchanged: this module only feeds it a cache wh
 indexing, so nothing in the step depends on Python integers that change from step to step.
 
     decode_step(idx (B, 1), positions (B, 1), mask (B, 1, 1, T_k), K, V, cols (B,)) -> logits (B, 1, V)
+    prefill_step(idx (1, T), positions (1, T), mask (1, 1, T, T_k), K, V, cols (1, T)) -> logits (1, 1, V)
+
+The second is the scheduler's: a chunk of T >= 2 tokens of one prompt (`picochat serve` compiles it
+after the first, before it answers), the same model code on the same kind of cache.
 
 Row b writes its new K/V at column cols[b] of every layer's store (B', nkv, capacity, hs) and attends to
 columns 0..T_k-1 where mask[b] is True. Both caches fit this: the engine's KVCache (every row at one
@@ -151,6 +155,7 @@ class DecodeStep:
         self.prefill_error: Optional[str] = None
         self._prefill_fn = None
         self._prefill_thread: Optional[threading.Thread] = None
+        self._prefill_lock = threading.Lock()
 
     def _compiled(self, fn=decode_step):
         # a code object of its own: dynamo keeps compiled graphs, and counts them against its recompile
@@ -173,6 +178,9 @@ class DecodeStep:
     def prefill(self, idx: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                 k: list[torch.Tensor], v: list[torch.Tensor], cols: torch.Tensor) -> torch.Tensor:
         """prefill_step compiled (after start_prefill, once prefill_ready()); batch 1, T >= 2."""
+        if not self.prefill_ready():
+            raise PicochatError("the compiled prefill step is not ready (start_prefill, then prefill_ready())"
+                                + (f": {self.prefill_error}" if self.prefill_error else ""))
         return self._prefill_fn(self.model, idx, positions, mask, k, v, cols)
 
     def fits(self, model) -> bool:
@@ -200,12 +208,14 @@ class DecodeStep:
         """Compile prefill_step too, in the background, once the decode graphs are done (an answer waits for
         those, never for this one). The scheduler's prompts run eager until prefill_ready(). The eager model
         spends ~11 ms of a chunk on its thousands of small ops whatever the chunk's length (SmolLM2 int4, 16
-        new tokens after a cached system prompt: 24 ms eager, 17 compiled; benchmarks/prefill_chunk.py).
+        new tokens after a cached system prompt: 21-24 ms eager, 13-17 compiled; benchmarks/prefill_chunk.py).
         wait=True blocks until it is done; a failure only warns (prompts stay eager)."""
-        if self._prefill_thread is None:
-            self._prefill_thread = threading.Thread(target=self._warm_up_prefill, name="picochat-compile-prefill",
-                                                    daemon=True)
-            self._prefill_thread.start()
+        self.start()
+        with self._prefill_lock:  # (two callers must not start two compiles)
+            if self._prefill_thread is None:
+                self._prefill_thread = threading.Thread(target=self._warm_up_prefill,
+                                                        name="picochat-compile-prefill", daemon=True)
+                self._prefill_thread.start()
         if wait:
             self._prefill_thread.join()
         return self
@@ -214,15 +224,21 @@ class DecodeStep:
         """Has prefill_step compiled (never waits)?"""
         return self.prefill_done.is_set() and self.prefill_error is None
 
+    def prefill_failed(self, error: str) -> None:
+        """The compiled prefill raised while running: prompts go eager from now on."""
+        self.prefill_error = error[:500]
+        warnings.warn(f"picochat: the compiled prefill step failed, prompts run eager from now on: "
+                      f"{self.prefill_error}")
+
     @torch.no_grad()
     def _warm_up_prefill(self) -> None:
         self.done.wait()
-        c, dtype = self.model.config, cache_dtype(self.model, compiled=True)
         if self.error is not None:  # (it warned already) prompts stay eager
             self.prefill_error = "the decode step did not compile"
             self.prefill_done.set()
             return
         try:
+            c, dtype = self.model.config, cache_dtype(self.model, compiled=True)
             self._prefill_fn = self._compiled(prefill_step)
             start, T = 4, 8  # a chunk of 8 tokens after 4 cached ones, in a store of 16 columns
             k = [torch.zeros(1, c.n_kv_head, 16, c.head_dim, dtype=dtype) for _ in range(c.n_layer)]
@@ -236,7 +252,7 @@ class DecodeStep:
             torch._dynamo.mark_dynamic(mask, [2, 3])
             for t in k + v:
                 torch._dynamo.mark_dynamic(t, 2)
-            self.prefill(idx, cols, mask, k, v, cols)
+            self._prefill_fn(self.model, idx, cols, mask, k, v, cols)
         except Exception as e:  # prompts stay on the eager model
             self.prefill_error = f"{type(e).__name__}: {e}"[:500]
             warnings.warn(f"picochat: compiling the prefill step failed, prompts run eager: {self.prefill_error}")

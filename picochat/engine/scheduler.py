@@ -256,9 +256,9 @@ class Scheduler:
         if r.slot < 0:  # first chunk: start after the longest prefix an earlier request left behind
             if self.decoder is not None and not self.decoder.fits(self.model):  # (~1 ms, once a request)
                 self.decoder = decoder_for(self.model, self.fast)
-                if self.decoder is not None:
-                    self.decoder.start_prefill()
                 self.cache.set_dtype(cache_dtype(self.model, compiled=self.decoder is not None))
+            if self.decoder is not None:  # never beside a compile: tracing holds the GIL, and dynamo puts
+                self.decoder.start_prefill(wait=True)  # back the RNG state it found (unseeded draws repeated)
             r.prefilled = r.cached = self.cache.claim(slot, r.keys, r.req.cache_scope)
         elif r.slot != slot:  # a row left between two chunks: move what is written so far
             self.cache.move_partial(r.slot, slot, r.prefilled)
@@ -268,10 +268,15 @@ class Scheduler:
         # this chunk's share of the prompt's embeddings (an image may straddle two chunks)
         extra = {} if r.req.embeds is None else r.req.embeds.window(r.prefilled, end, self.device)
         # only the last chunk's last position is sampled from: the LM head runs on it alone
-        if self.decoder is not None and not extra and self.decoder.prefill_ready():  # compiled (no pictures)
-            logits = self._compiled_chunk(idx, slot, r.prefilled)
-            self.compiled_chunks += 1
-        else:
+        logits = None
+        # compiled (no pictures; T_k = 1, a one-token prompt, would be a graph of its own: eager)
+        if self.decoder is not None and not extra and end >= 2 and self.decoder.prefill_ready():
+            try:
+                logits = self._compiled_chunk(idx, slot, r.prefilled)
+                self.compiled_chunks += 1
+            except Exception as e:  # the graph itself failed: this chunk, and every prompt after it, eager
+                self.decoder.prefill_failed(f"{type(e).__name__}: {e}")
+        if logits is None:
             logits, _ = self.model(idx, start_pos=r.prefilled, kv_cache=self.cache.prefill_view(slot, r.prefilled),
                                    last_logits_only=True, **extra)
         r.prefilled = end

@@ -71,7 +71,7 @@ class ServeConfig:
     quantize: Optional[Literal["int8", "int4"]] = None
     """Chat models: int8 or int4 weights (smaller, faster decoding on CPUs; inputs rounded to int8 on AVX-512 VNNI CPUs); encoders are not quantized."""
     fast: Literal["auto", "compile", "plain"] = "auto"
-    """Decode step and prompts: auto = compiled by TorchInductor on CPUs (~2x faster tokens, prompt chunks 1.1-1.5x)
+    """Decode step and prompts: auto = compiled by TorchInductor on CPUs (~2x faster tokens, prompt chunks 1.1-1.7x)
     before the server answers (2-3 min the first time, ~40 s once cached); compile = the same, an error if the
     decode step cannot; plain = never compile."""
     max_body_mb: Optional[float] = None

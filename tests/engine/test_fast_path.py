@@ -82,10 +82,9 @@ def test_the_prefill_step_writes_and_reads_as_the_eager_model(model):
     step = decoder_for(model, "compile").start_prefill(wait=True)
     assert step.prefill_ready(), step.prefill_error
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    c = model.config
     for slot, start, T, cap in ((1, 0, 12, 64), (0, 5, 3, 16), (2, 30, 40, 128), (1, 7, 2, 200)):
-        eager, fast = SlotCache.for_model(model, 3), SlotCache.for_model(model, 3)
-        for c in (eager, fast):
-            c.reserve(cap)
+        eager, fast = (SlotCache(c.n_layer, 3, c.n_kv_head, c.head_dim, 256, capacity=cap) for _ in range(2))
         for a, b in zip(eager.k + eager.v, fast.k + fast.v):
             b.copy_(a.normal_())  # the same cached past (and garbage elsewhere) in both
         idx = torch.randint(0, 300, (1, T))
@@ -112,19 +111,50 @@ def test_the_compiled_scheduler_never_recompiles_as_its_cache_grows(model):
     s.cache = SlotCache(c.n_layer, 2, c.n_kv_head, c.head_dim, 256, capacity=16,
                         dtype=cache_dtype(model, compiled=True))
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finished = []
     s.start()
     try:
-        for length in (15, 16, 17, 31):  # prompts of 2 chunks and more; decoded through 32 and 64 columns
+        # a one-token prompt (T_k = 1: eager), then prompts of 2 chunks and more decoded through 32 and 64 columns
+        for length in (1, 15, 16, 17, 31):
             done = threading.Event()
+
+            def cb(ev, last=False):
+                if ev.finish_reason:
+                    finished.append(ev.finish_reason)
+                    if last:
+                        done.set()
             s.submit_many([Request([(3 * j + i) % 300 for j in range(length)],
                                    SamplingParams(max_tokens=40, temperature=0),
-                                   (lambda ev: ev.finish_reason and done.set()) if i else (lambda ev: None))
-                           for i in range(2)])
+                                   (lambda ev: cb(ev, True)) if i else cb) for i in range(2)])
             assert done.wait(120)
     finally:
         s.stop()
+    assert finished == ["length"] * 10  # every request ran to its limit (none failed)
     assert s.compiled_chunks > 0 and s.cache.capacity > 64
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == before
+
+
+def test_a_prefill_graph_that_fails_at_run_time_leaves_prompts_eager():
+    m = tiny(seed=3)
+    prompt = [(5 * j) % 300 for j in range(20)]
+    want = Engine(m, fast="plain").generate([prompt], max_tokens=6, temperature=0)[0].token_ids
+    s = Scheduler(m, None, max_batch=2, fast="compile")
+    assert s.decoder.prefill_ready()
+
+    def broken(*a):
+        raise RuntimeError("a kernel went wrong")
+    s.decoder._prefill_fn = broken
+    got, done = [], threading.Event()
+    s.start()
+    try:
+        with pytest.warns(UserWarning, match="prompts run eager from now on"):
+            s.submit(Request(prompt, SamplingParams(max_tokens=6, temperature=0),
+                             lambda ev: (got.extend(ev.token_ids), ev.finish_reason and done.set())))
+            assert done.wait(60)
+    finally:
+        s.stop()
+    assert got == want and s.compiled_chunks == 0  # this request's chunk ran again, eager
+    assert not s.decoder.prefill_ready() and "a kernel went wrong" in s.decoder.prefill_error
 
 
 def test_compiled_scheduler_gives_the_plain_tokens(model):
@@ -252,7 +282,8 @@ def test_a_failed_compile_decodes_plain_on_caches_of_the_activations_dtype(monke
     m = quantize_int4(tiny(seed=7))
     prompt = [2, 7, 1, 8, 2, 8]
     want = Engine(m, fast="plain").generate([prompt], max_tokens=8, temperature=0)[0].token_ids
-    failed = types.SimpleNamespace(usable=lambda: False, fits=lambda model: True, prefill_ready=lambda: False)
+    failed = types.SimpleNamespace(usable=lambda: False, fits=lambda model: True, prefill_ready=lambda: False,
+                                   start_prefill=lambda wait=False: None)
     engine = Engine(m, fast="plain")
     engine.decoder = failed  # as if compiling had failed after the engine was made
     assert engine.generate([prompt], max_tokens=8, temperature=0)[0].token_ids == want

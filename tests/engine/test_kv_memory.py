@@ -35,7 +35,21 @@ def test_a_large_store_is_one_aligned_block_in_huge_pages():
     del k  # (the mapping goes with the last view of it)
 
 
-def test_small_stores_other_devices_and_the_switch():
+def test_the_switch_turns_huge_pages_off(monkeypatch):
+    monkeypatch.setenv("PICOCHAT_HUGE_PAGES", "0")
+    huge_pages_available.cache_clear()
+    try:
+        assert not huge_pages_available()
+        k = new_stores(4, (8, 3, 512, 64), torch.float32)
+        assert len({t.untyped_storage().data_ptr() for t in k}) == 4  # ordinary tensors
+        with pytest.raises(PicochatError, match="PICOCHAT_HUGE_PAGES"):
+            new_stores(4, (8, 3, 512, 64), torch.float32, huge=True)
+    finally:
+        monkeypatch.delenv("PICOCHAT_HUGE_PAGES")
+        huge_pages_available.cache_clear()
+
+
+def test_small_stores_and_other_devices():
     small = new_stores(2, (1, 2, 4, 8), torch.float32)  # under a page: ordinary tensors
     assert len({t.untyped_storage().data_ptr() for t in small}) == 2 and not any(t.any() for t in small)
     plain = new_stores(4, (8, 3, 512, 64), torch.float32, huge=False)
@@ -48,11 +62,15 @@ def test_small_stores_other_devices_and_the_switch():
 
 
 def test_caches_on_huge_pages_grow_cast_and_keep_their_values():
-    kv = KVCache(2, 8, 3, 64, 600, max_len=4096)  # 1.8 MB a layer, 7.4 MB in all: a block
+    kv = KVCache(2, 8, 3, 64, 600, max_len=4096)  # fp32: 3.7 MB a layer, 7.4 MB for K: a block of its own
+    if huge_pages_available():
+        assert kv.k[0].data_ptr() % HUGE_PAGE == 0 and kv.k[1].data_ptr() == kv.k[0].data_ptr() + 600 * 8 * 3 * 64 * 4
     kv.update(0, torch.ones(8, 3, 5, 64), torch.full((8, 3, 5, 64), 2.0))
     kv.update(1, torch.ones(8, 3, 5, 64), torch.full((8, 3, 5, 64), 3.0))
     kv.reserve(1000)  # grows to a new block, the written columns copied
     assert kv.capacity == 1200 and kv.pos == 5
+    if huge_pages_available():
+        assert kv.v[0].data_ptr() % HUGE_PAGE == 0
     assert float(kv.v[1][:, :, :5].mean()) == 3.0 and not kv.v[1][:, :, 5:].any()
     s = SlotCache(2, 16, 3, 64, 4096, capacity=256, dtype=torch.float32)
     s.k[1][3, :, :4] = 7.0

@@ -131,6 +131,10 @@ def run_chat_flow(browser, url: str, db: Path, out: Path):
     page.click("#settings-toggle")
     assert page.input_value("#temperature") != ""
     page.fill("#max_tokens", "60")
+    # a flat distribution: the ranking in step 3 needs two different answers (an export refuses a pair of
+    # equal ones, and at the default temperature the tiny model once gave the same answer twice)
+    page.fill("#temperature", "1.5")
+    page.dispatch_event("#temperature", "change")
     page.fill("#system-prompt", "You are a terse assistant.")
     page.click("#settings-toggle")
 
@@ -151,6 +155,7 @@ def run_chat_flow(browser, url: str, db: Path, out: Path):
     assert conv["system_prompt"] == "You are a terse assistant."
     body = sent[0]  # what the page asked for: the OpenAI request with the settings and the tree position
     assert body["stream"] is True and body["model"] == models[0] and body["max_tokens"] == 60
+    assert body["temperature"] == 1.5
     assert body["messages"] == [{"role": "system", "content": "You are a terse assistant."},
                                 {"role": "user", "content": "Hello! Tell me something about **cats**."}]
     assert body["metadata"] == {"conversation_id": cid, "parent_id": str(user_id)}
