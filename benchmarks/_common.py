@@ -31,6 +31,20 @@ def emit(result: dict) -> None:
     print(json.dumps(result, separators=(", ", ": ")), flush=True)
 
 
+def text_windows(model, ids: torch.Tensor, batch: int, keys: int, span: int):
+    """`batch` windows of `span` tokens of `ids`, one per row (batch, span), and an fp32 KVCache holding
+    each row's first `keys` tokens (an eager prefill): the K/V cache benchmarks' starting point."""
+    from picochat.engine.kv_cache import KVCache
+    if batch * span > len(ids):
+        raise SystemExit(f"batch {batch} x {span} tokens is more than the text's {len(ids)}: lower --keys or --steps")
+    rows = ids[:batch * span].view(batch, span)
+    c = model.config
+    prompt = KVCache(c.n_layer, batch, c.n_kv_head, c.head_dim, span, dtype=torch.float32)
+    with torch.no_grad():
+        model(rows[:, :keys], kv_cache=prompt)
+    return rows, prompt
+
+
 def loadavg() -> float:
     """1-minute load average (the machine is shared: a load above the core count means noisy figures)."""
     try:

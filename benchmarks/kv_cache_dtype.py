@@ -17,12 +17,12 @@ import statistics
 import time
 
 import torch
-from _common import emit, loadavg, log, machine
+from _common import emit, loadavg, log, machine, text_windows
 
 from picochat.checkpoints.io import load_model
 from picochat.engine.compiled import DecodeStep, decode_step
 from picochat.data.corpus import brown_documents
-from picochat.engine.kv_cache import KVCache, cache_dtype
+from picochat.engine.kv_cache import cache_dtype
 
 
 @torch.no_grad()
@@ -37,7 +37,6 @@ def main() -> None:
     args = p.parse_args()
     load0 = loadavg()
     model, tok, _ = load_model("smollm2", quantize=args.quantize)
-    c = model.config
     text = " ".join(d["text"] for d in brown_documents()[:60])
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     assert cache_dtype(model, compiled=True) == torch.bfloat16
@@ -51,11 +50,7 @@ def main() -> None:
     span = args.keys + args.steps + 1
     result = {}
     for B in [int(b) for b in args.batches.split(",")]:
-        if B * span > len(ids):
-            raise SystemExit(f"batch {B} x {span} tokens is more than the text's {len(ids)}: lower --keys or --steps")
-        rows = ids[:B * span].view(B, span)  # (B, span): one window of text per row
-        prompt = KVCache(c.n_layer, B, c.n_kv_head, c.head_dim, span, dtype=torch.float32)
-        model(rows[:, :args.keys], kv_cache=prompt)  # eager prefill, K/V kept in fp32
+        rows, prompt = text_windows(model, ids, B, args.keys, span)  # one window a row, its K/V kept in fp32
         caches = {"bf16": ([t.to(torch.bfloat16) for t in prompt.k], [t.to(torch.bfloat16) for t in prompt.v]),
                   "fp32": (prompt.k, prompt.v)}
         for t in caches["fp32"][0] + caches["fp32"][1]:  # symbolic as in DecodeStep._warm_up, so the fp32

@@ -15,12 +15,12 @@ import statistics
 import time
 
 import torch
-from _common import emit, loadavg, log, machine
+from _common import emit, loadavg, log, machine, text_windows
 
 from picochat.checkpoints.io import load_model
 from picochat.data.corpus import brown_documents
 from picochat.engine.compiled import DecodeStep
-from picochat.engine.kv_cache import KVCache, huge_pages_available, new_stores
+from picochat.engine.kv_cache import huge_pages_available, new_stores
 
 
 def anon_huge_kb() -> int:
@@ -50,11 +50,7 @@ def main() -> None:
     span = args.keys + args.steps + 1
     result = {}
     for B in [int(b) for b in args.batches.split(",")]:
-        if B * span > len(ids):
-            raise SystemExit(f"batch {B} x {span} tokens is more than the text's {len(ids)}: lower --keys or --steps")
-        rows = ids[:B * span].view(B, span)
-        prompt = KVCache(c.n_layer, B, c.n_kv_head, c.head_dim, span, dtype=torch.float32)
-        model(rows[:, :args.keys], kv_cache=prompt)  # eager prefill
+        rows, prompt = text_windows(model, ids, B, args.keys, span)
         before = anon_huge_kb()
         caches = {}
         for name, huge in (("huge_pages", True), ("4k_pages", False)):

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from ..errors import PicochatError
+from ..model.attention import causal_mask
 from .kv_cache import cache_dtype
 
 FAST_CHOICES = ("auto", "compile", "plain")
@@ -244,7 +245,7 @@ class DecodeStep:
             k = [torch.zeros(1, c.n_kv_head, 16, c.head_dim, dtype=dtype) for _ in range(c.n_layer)]
             v = [torch.zeros(1, c.n_kv_head, 16, c.head_dim, dtype=dtype) for _ in range(c.n_layer)]
             cols = torch.arange(start, start + T).view(1, T)
-            mask = (torch.arange(start + T)[None, None, :] <= cols[:, :, None]).unsqueeze(1)  # (1, 1, T, T_k)
+            mask = causal_mask(T, start + T).view(1, 1, T, start + T)
             idx = torch.zeros(1, T, dtype=torch.long)
             # symbolic: the chunk's length, T_k, the capacity (batch 1 only: a chunk is one prompt's)
             for t in (idx, cols):

@@ -25,6 +25,7 @@ from typing import Hashable, Optional
 import torch
 
 from ..errors import PicochatError
+from ..model.attention import causal_mask
 from .kv_cache import cache_dtype, grow_columns, new_stores
 
 
@@ -200,8 +201,7 @@ class SlotCache:
         (1, 1, T, start + T) and the K/V stores of `slot` alone (views), for T tokens written from `start`."""
         self.reserve(start + T)
         cols = torch.arange(start, start + T, device=self.device).view(1, T)
-        keys = torch.arange(start + T, device=self.device)
-        mask = (keys[None, None, :] <= cols[:, :, None]).unsqueeze(1)  # a token sees its past and itself
+        mask = causal_mask(T, start + T, self.device).view(1, 1, T, start + T)  # its past and itself
         return cols, mask, [t[slot:slot + 1] for t in self.k], [t[slot:slot + 1] for t in self.v]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
