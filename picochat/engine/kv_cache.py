@@ -49,7 +49,11 @@ def huge_pages_available() -> bool:
     """Linux with transparent huge pages that a program may ask for (`always` or `madvise`, not `never`), and
     PICOCHAT_HUGE_PAGES not 0 (a host whose THP `defrag` setting compacts memory when a page is first
     touched can stall a cache's growth: the switch turns the request off)."""
-    if os.environ.get("PICOCHAT_HUGE_PAGES", "1") == "0":
+    switch = os.environ.get("PICOCHAT_HUGE_PAGES", "1")
+    if switch not in ("0", "1"):
+        raise PicochatError(f"PICOCHAT_HUGE_PAGES={switch!r}: use 1 (ask for huge pages where the kernel allows, "
+                            "the default) or 0 (never)")
+    if switch == "0":
         return False
     if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
         return False

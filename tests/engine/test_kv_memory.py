@@ -44,6 +44,10 @@ def test_the_switch_turns_huge_pages_off(monkeypatch):
         assert len({t.untyped_storage().data_ptr() for t in k}) == 4  # ordinary tensors
         with pytest.raises(PicochatError, match="PICOCHAT_HUGE_PAGES"):
             new_stores(4, (8, 3, 512, 64), torch.float32, huge=True)
+        monkeypatch.setenv("PICOCHAT_HUGE_PAGES", "off")  # not a value it knows: refused by name
+        huge_pages_available.cache_clear()
+        with pytest.raises(PicochatError, match="PICOCHAT_HUGE_PAGES='off'"):
+            new_stores(4, (8, 3, 512, 64), torch.float32)
     finally:
         monkeypatch.delenv("PICOCHAT_HUGE_PAGES")
         huge_pages_available.cache_clear()
