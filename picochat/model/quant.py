@@ -69,6 +69,11 @@ QUANTIZE_CHOICES = ("int8", "int4")
 # 95.9% and KL 0.0043 / 0.0040 with the head's inputs rounded once, 96.3 / 96.2% and 0.0040 / 0.0036 with them
 # in bf16 (PyTorch's kernel for the head, 1.1 ms a step slower at batch 1)
 HEAD = "lm_head"
+# ... and only where sampling can tell: in the 16-logit tiles within HEAD_MARGIN nats of the row's top logit
+# (vnni.int8_linear's `margin`); the rest, each below ~e^-8 of the top token's probability, keep the first
+# rounding (off by up to ~0.5 nats). On SmolLM2 that is ~8% of the tiles; quant_agreement.py: the same
+# agreement with fp32 on every text, KL +0.00003; the head at batch 8 2.3 -> 1.8 ms (benchmarks/README.md)
+HEAD_MARGIN = 8.0
 # raise it whenever quantize_rows_int8 / quantize_groups_int4 / the calibration round differently: cached
 # quantized weights (checkpoints/gguf_cache.py) are keyed by it
 QUANT_VERSION = 2
@@ -159,7 +164,8 @@ class Int8Linear(nn.Module):
         _refuse_training(self, x, "int8")
         if self.kernel == "vnni" and x.device.type == "cpu":  # prompts too: see VNNI_PROMPTS
             x2 = (x * self.in_scale).reshape(-1, self.in_features).float().contiguous()
-            y = vnni.int8_linear(x2, self.weight_q8, self.scale.float(), self.fine_inputs)  # (float: a .to(bf16) casts it)
+            y = vnni.int8_linear(x2, self.weight_q8, self.scale.float(), self.fine_inputs,  # (float: a .to(bf16) casts it)
+                                 HEAD_MARGIN if self.fine_inputs else None)
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if x.device.type == "cpu" and self.in_features % 16 == 0:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -109,7 +110,7 @@ def _register_fakes() -> None:
         return x.new_empty(x.size(0), n)
 
     @torch.library.register_fake("picochat_cpu::int8_linear")
-    def _(x, packed, scale, fine=False):
+    def _(x, packed, scale, fine=False, margin=None):
         return x.new_empty(x.size(0), scale.size(0))
 
     @torch.library.register_fake("picochat_cpu::decode_attention")
@@ -122,10 +123,13 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.ops.picochat_cpu.int4_linear(x, packed, n)
 
 
-def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, fine: bool = False) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, fine: bool = False,
+                margin: Optional[float] = None) -> torch.Tensor:
     """(M, K) float32 x (N, K) int8 rows (scale: (N,) float32) -> (M, N) float32. fine: x rounded twice (x ~=
-    a Xq + a' Xq', Xq' the rounding of the rest): ~1/254^2 of a block's range instead of 1/254, for the LM head."""
-    return torch.ops.picochat_cpu.int8_linear(x, packed, scale, fine)
+    a Xq + a' Xq', Xq' the rounding of the rest): ~1/254^2 of a block's range instead of 1/254, for the LM head.
+    margin (with fine): rounded twice only for the 16-output tiles holding an output within `margin` of its
+    row's largest (logits: the ones sampling can pick); the rest keep the first rounding."""
+    return torch.ops.picochat_cpu.int8_linear(x, packed, scale, fine, margin)
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:

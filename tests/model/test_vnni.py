@@ -214,3 +214,46 @@ def test_fine_inputs_round_twice_for_the_lm_head():
     for model in (quantize_int4(GPT(cfg)), quantized_skeleton(GPT(cfg), "int4")):
         fine = {n for n, m in model.named_modules() if getattr(m, "fine_inputs", False)}
         assert fine == {"lm_head"} and model.lm_head.kernel == "vnni"
+
+
+@needs_vnni
+@pytest.mark.parametrize("rows", [1, 3, 9, 19])
+def test_fine_margin_rounds_twice_only_near_each_rows_top(rows):
+    """`margin`: the tiles of 16 outputs whose largest once-rounded output is within `margin` of its row's
+    largest get exactly the twice-rounded outputs, the others exactly the once-rounded ones, whatever the
+    threads' timing (the kernel picks tiles by a running largest shared between threads, then puts back)."""
+    torch.manual_seed(rows)
+    N, K = 16 * 96, 96
+    q, s = quantize_rows_int8(torch.randn(N, K) * torch.linspace(0.2, 3, N)[:, None])  # a spread of logits
+    p = vnni.pack_int8(q)
+    x = torch.randn(rows, K) * 3
+    once, twice = vnni.int8_linear(x, p, s), vnni.int8_linear(x, p, s, True)
+    assert not torch.equal(once, twice)
+    tile_top = once.view(rows, -1, 16).amax(-1)  # (rows, tiles)
+    for margin in (0.0, 5.0, 20.0, 1e9):
+        near = tile_top >= once.amax(-1, keepdim=True) - margin
+        want = torch.where(near.repeat_interleave(16, -1), twice, once)
+        for _ in range(3):
+            assert torch.equal(vnni.int8_linear(x, p, s, True, margin), want), margin
+    near = tile_top >= once.amax(-1, keepdim=True) - 20.0
+    assert 0 < near.float().mean() < 1  # both kinds of tile were exercised
+    x[0, 5] = float("nan")
+    y = vnni.int8_linear(x, p, s, True, 5.0)
+    assert y[0].isnan().all() and y[1:].isfinite().all()
+    with pytest.raises(RuntimeError, match="margin needs fine=True"):
+        vnni.int8_linear(x, p, s, False, 5.0)
+    with pytest.raises(RuntimeError, match="margin needs fine=True and a value >= 0"):
+        vnni.int8_linear(x, p, s, True, -1.0)
+
+
+@needs_vnni
+def test_the_lm_head_rounds_twice_within_head_margin():
+    from picochat.model.quant import HEAD_MARGIN
+    torch.manual_seed(0)
+    w = torch.randn(16 * 64, 64)
+    head = Int8Linear(w, None, fine_inputs=True).eval()
+    x = torch.randn(4, 64) * 4
+    with torch.no_grad():
+        y = head(x)
+    assert torch.equal(y, vnni.int8_linear(x, head.weight_q8, head.scale, True, HEAD_MARGIN))
+    assert not torch.equal(y, vnni.int8_linear(x, head.weight_q8, head.scale, True))  # far tiles: rounded once

@@ -24,9 +24,12 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -72,26 +75,43 @@ inline void dot_rows(__m512i* s, __m512i w, const int8_t* xq, int64_t K, int64_t
   for (int r = 0; r < R; ++r) s[r] = _mm512_dpbusd_epi32(s[r], w, _mm512_set1_epi32(quad(xq + r * K + off)));
 }
 
+// chains per row: vpdpbusd waits ~4 cycles for its accumulator, so a block of fewer than 4 rows splits each
+// row's sum over C accumulators (quad q into chain q % C) and adds them at the group's end: int32 sums, so
+// exact, the same outputs whatever C. One chain a row left one or two rows latency-bound (benchmarks/README.md,
+// "ninth session")
+template <int R>
+constexpr int chains() { return R >= 4 ? 1 : (R == 1 ? 4 : 2); }
+
+template <int R, int C>
+inline void fold_chains(__m512i* s) {
+#pragma GCC unroll 8
+  for (int c = 1; c < C; ++c)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) s[r] = _mm512_add_epi32(s[r], s[c * R + r]);
+}
+
 // rows m0..m0+R-1 (R <= MB) of y's tile at channel n0, from the int4 blocks of that tile
 template <int R>
 inline void q4_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, const float* a, const float* as,
                     int64_t K, float* y, int64_t N) {
+  constexpr int C = chains<R>();
   __m512 acc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* b = blocks + g * Q4_BLOCK;
-    __m512i s[R];
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
+    __m512i s[R * C];
+#pragma GCC unroll 16
+    for (int r = 0; r < R * C; ++r) s[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4
     for (int p = 0; p < 4; ++p) {
       const __m512i v = _mm512_loadu_si512(b + 64 * p);
       const __m512i w0 = _mm512_and_si512(v, low), w1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      dot_rows<R>(s, w0, xq, K, g * G + 8 * p);      // quad 2p
-      dot_rows<R>(s, w1, xq, K, g * G + 8 * p + 4);  // quad 2p + 1
+      dot_rows<R>(s + (2 * p) % C * R, w0, xq, K, g * G + 8 * p);          // quad 2p
+      dot_rows<R>(s + (2 * p + 1) % C * R, w1, xq, K, g * G + 8 * p + 4);  // quad 2p + 1
     }
+    fold_chains<R, C>(s);
     const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 256)));
     const __m512 mn = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 288)));
 #pragma GCC unroll 8
@@ -113,13 +133,15 @@ inline void q8_tile(const uint8_t* blocks, int64_t groups, const int8_t* xq, con
   __m512 acc[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  constexpr int C = chains<R>();
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* b = blocks + g * Q8_BLOCK;
-    __m512i s[R];
+    __m512i s[R * C];
+#pragma GCC unroll 16
+    for (int r = 0; r < R * C; ++r) s[r] = _mm512_setzero_si512();
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) s[r] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int q = 0; q < 8; ++q) dot_rows<R>(s, _mm512_loadu_si512(b + 64 * q), xq, K, g * G + 4 * q);
+    for (int q = 0; q < 8; ++q) dot_rows<R>(s + q % C * R, _mm512_loadu_si512(b + 64 * q), xq, K, g * G + 4 * q);
+    fold_chains<R, C>(s);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[r]), _mm512_set1_ps(a[r * (K / G) + g]), acc[r]);
@@ -153,8 +175,75 @@ void tile_all_rows(const uint8_t* blocks, int64_t groups, const int8_t* xq, cons
   }
 }
 
+// The LM head's second rounding (linear's `fine`), tile by tile right after the first pass over the tile,
+// while its weights are still in L1 (a second pass over the head afterwards re-read most of it from memory).
+// With a margin, only tiles within `margin` of their row's largest output need it; the row's largest is
+// known only at the end, so each row's running largest, shared by the threads, picks a superset (~10% of
+// SmolLM2's tiles for the ~8.5% needed) whose once-rounded outputs are kept, and put_back() returns those
+// that fell below the final threshold to them: the outputs do not depend on the threads' timing.
+struct Saved {
+  int64_t m, t;
+  float top;  // the tile's largest once-rounded output in row m
+  float v[TILE];
+};
+
+struct Refine {
+  const int8_t* xq;  // (M, K) the second rounding's rows; a (M, K/G) their scales, aux (M) their sums
+  const float *a, *aux;
+  float margin;  // +inf: every tile
+  std::atomic<float>* top;  // (M) each row's largest once-rounded output seen so far
+};
+
+// rows: the rows of tile t to refine; scratch: room for M rows gathered (K bytes, K/G + 1 + TILE floats each)
+void refine_tile(const uint8_t* blocks, int64_t groups, int64_t M, int64_t K, const float* scale, float* y, int64_t N,
+                 int64_t t, const Refine& f, std::vector<int64_t>& rows, std::vector<float>& scratch,
+                 std::vector<Saved>& saved) {
+  rows.clear();
+  for (int64_t m = 0; m < M; ++m) {
+    if (!std::isinf(f.margin)) {
+      const float tmax = _mm512_reduce_max_ps(_mm512_loadu_ps(y + m * N));
+      float seen = f.top[m].load(std::memory_order_relaxed);
+      while (tmax > seen && !f.top[m].compare_exchange_weak(seen, tmax, std::memory_order_relaxed)) {
+      }
+      if (!(tmax >= std::max(seen, tmax) - f.margin)) continue;  // a NaN row (all NaN) stays as it is
+      saved.push_back(Saved{m, t, tmax, {}});
+      _mm512_storeu_ps(saved.back().v, _mm512_loadu_ps(y + m * N));
+    }
+    rows.push_back(m);
+  }
+  const int64_t n = rows.size();
+  if (n == 0) return;
+  float* add = scratch.data();
+  if (n == M) {  // every row: they are already side by side
+    tile_all_rows<false>(blocks, groups, f.xq, f.a, f.aux, M, K, scale, add, TILE);
+    for (int64_t m = 0; m < M; ++m)
+      _mm512_storeu_ps(y + m * N, _mm512_add_ps(_mm512_loadu_ps(y + m * N), _mm512_loadu_ps(add + m * TILE)));
+    return;
+  }
+  float* ag = add + M * TILE;
+  float* auxg = ag + M * groups;
+  int8_t* xg = reinterpret_cast<int8_t*>(auxg + M);
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(xg + i * K, f.xq + rows[i] * K, K);
+    std::memcpy(ag + i * groups, f.a + rows[i] * groups, groups * sizeof(float));
+    auxg[i] = f.aux[rows[i]];
+  }
+  tile_all_rows<false>(blocks, groups, xg, ag, auxg, n, K, scale, add, TILE);
+  for (int64_t i = 0; i < n; ++i) {
+    float* yr = y + rows[i] * N;
+    _mm512_storeu_ps(yr, _mm512_add_ps(_mm512_loadu_ps(yr), _mm512_loadu_ps(add + i * TILE)));
+  }
+}
+
+void put_back(const std::vector<Saved>& saved, const Refine& f, float* y, int64_t N) {
+  for (const Saved& s : saved)
+    if (s.top < f.top[s.m].load(std::memory_order_relaxed) - f.margin)
+      _mm512_storeu_ps(y + s.m * N + s.t * TILE, _mm512_loadu_ps(s.v));
+}
+
 template <bool FOUR>
-at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N, bool fine) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, int64_t N, bool fine,
+                  std::optional<double> margin) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "quant_vnni: x must be a contiguous (M, K) float32 tensor, got ", x.sizes(), " ", x.scalar_type());
   const int64_t M = x.size(0), K = x.size(1), groups = K / G, tiles = N / TILE;
@@ -165,62 +254,84 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   if (!FOUR)
     TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N && scale.is_contiguous(),
                 "quant_vnni: int8 needs N float32 scales");
+  TORCH_CHECK(!margin || (fine && *margin >= 0), "quant_vnni: margin needs fine=True and a value >= 0, got ",
+              margin ? *margin : 0.0);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   // fine: each row rounded twice, x ~= a Xq + a' Xq' with Xq' the rounding of x - a Xq (error ~1/254^2 of
-  // a block's largest input, finer than bf16): rows 2m and 2m+1 of the kernel, summed at the end. The two
-  // share each pass over the weights, so one row costs little more; for the LM head, whose every output is
-  // a logit (model/quant.py)
+  // a block's largest input, finer than bf16): rows M+m of xq hold the second rounding of row m. For the LM
+  // head, whose every output is a logit (model/quant.py). margin: the second rounding only in the 16-output
+  // tiles holding an output within `margin` of its row's largest (once-rounded): logits further down keep
+  // the first rounding (off by up to ~0.5 nats on SmolLM2, at e^-margin of the top token's probability or
+  // less), and most tiles skip the second rounding's arithmetic (benchmarks/README.md, "ninth session")
   const int64_t R = fine ? 2 * M : M;
   std::vector<int8_t> xq(R * K);
   std::vector<float> a(R * groups), as(R * groups);
   const float* xp = x.data_ptr<float>();
-  if (!fine) {
-    quantize_rows(xp, M, K, xq.data(), a.data(), as.data());
-  } else {
-    std::vector<float> rest(K);
-    for (int64_t m = 0; m < M; ++m) {
-      int8_t* q = xq.data() + 2 * m * K;
-      float* am = a.data() + 2 * m * groups;
-      quantize_rows(xp + m * K, 1, K, q, am, as.data() + 2 * m * groups);
-      for (int64_t k = 0; k < K; ++k) rest[k] = xp[m * K + k] - am[k / G] * static_cast<float>(q[k]);
-      quantize_rows(rest.data(), 1, K, q + K, am + groups, as.data() + (2 * m + 1) * groups);
-    }
+  quantize_rows(xp, M, K, xq.data(), a.data(), as.data());
+  if (fine) {
+    std::vector<float> rest(M * K);
+    for (int64_t k = 0; k < M * K; ++k) rest[k] = xp[k] - a[k / G] * static_cast<float>(xq[k]);
+    quantize_rows(rest.data(), M, K, xq.data() + M * K, a.data() + M * groups, as.data() + M * groups);
   }
   std::vector<float> asum(FOUR ? 0 : R);  // int8 needs only each row's total of a sum(Xq), the same for every tile
   for (int64_t r = 0; r < static_cast<int64_t>(asum.size()); ++r)
     for (int64_t g = 0; g < groups; ++g) asum[r] += as[r * groups + g];
-  at::Tensor both = fine ? at::empty({R, N}, x.options()) : y;
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const float* s = FOUR ? nullptr : scale.data_ptr<float>();
-  float* out = both.data_ptr<float>();
+  float* out = y.data_ptr<float>();
   const int64_t block = FOUR ? Q4_BLOCK : Q8_BLOCK;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      tile_all_rows<FOUR>(w + t * groups * block, groups, xq.data(), a.data(), FOUR ? as.data() : asum.data(), R, K,
-                          FOUR ? nullptr : s + t * TILE, out + t * TILE, N);
+  std::vector<std::atomic<float>> top(fine ? M : 0);
+  for (auto& v : top) v.store(-std::numeric_limits<float>::infinity());
+  const Refine f{xq.data() + M * K, a.data() + M * groups, asum.data() + (fine ? M : 0),
+                 margin ? static_cast<float>(*margin) : std::numeric_limits<float>::infinity(), top.data()};
+  std::vector<Saved> saved;
+  std::mutex saved_lock;
+  // with a margin the second rounding's work crowds the low tile ids (a BPE vocabulary's likely tokens), so
+  // a thread given the first half of the tiles did most of it while the other waited: the threads take
+  // runs of CHUNK tiles in order from a shared counter instead (any order gives the same outputs)
+  const int64_t CHUNK = 32, chunks = (tiles + CHUNK - 1) / CHUNK;
+  std::atomic<int64_t> next{0};
+  const bool dealt = fine && !std::isinf(f.margin);
+  at::parallel_for(0, dealt ? std::max(1, at::get_num_threads()) : tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> rows;
+    std::vector<float> scratch(fine ? M * (TILE + groups + 1) + (M * K + 3) / 4 : 0);
+    std::vector<Saved> mine;
+    auto run = [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const uint8_t* bt = w + t * groups * block;
+        tile_all_rows<FOUR>(bt, groups, xq.data(), a.data(), FOUR ? as.data() : asum.data(), M, K,
+                            FOUR ? nullptr : s + t * TILE, out + t * TILE, N);
+        if (fine) refine_tile(bt, groups, M, K, s + t * TILE, out + t * TILE, N, t, f, rows, scratch, mine);
+      }
+    };
+    if (!dealt) {
+      run(begin, end);
+    } else {
+      for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
+        run(c * CHUNK, std::min(tiles, (c + 1) * CHUNK));
+    }
+    std::lock_guard<std::mutex> hold(saved_lock);
+    saved.insert(saved.end(), mine.begin(), mine.end());
   });
-  if (fine) {
-    float* yp = y.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) yp[m * N + n] = out[2 * m * N + n] + out[(2 * m + 1) * N + n];
-  }
+  if (fine) put_back(saved, f, out, N);
   return y;
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
-  return linear<true>(x, packed, packed, N, false);
+  return linear<true>(x, packed, packed, N, false, std::nullopt);
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, bool fine) {
-  return linear<false>(x, packed, scale, scale.numel(), fine);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, bool fine,
+                       std::optional<double> margin) {
+  return linear<false>(x, packed, scale, scale.numel(), fine, margin);
 }
 
 }  // namespace
 
 TORCH_LIBRARY(picochat_cpu, m) {
   m.def("int4_linear(Tensor x, Tensor packed, int n) -> Tensor");
-  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale, bool fine=False) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor packed, Tensor scale, bool fine=False, float? margin=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(picochat_cpu, CPU, m) {
