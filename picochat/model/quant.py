@@ -69,10 +69,12 @@ QUANTIZE_CHOICES = ("int8", "int4")
 # 95.9% and KL 0.0043 / 0.0040 with the head's inputs rounded once, 96.3 / 96.2% and 0.0040 / 0.0036 with them
 # in bf16 (PyTorch's kernel for the head, 1.1 ms a step slower at batch 1)
 HEAD = "lm_head"
-# ... and only where sampling can tell: in the 16-logit tiles within HEAD_MARGIN nats of the row's top logit
-# (vnni.int8_linear's `margin`); the rest, each below ~e^-8 of the top token's probability, keep the first
-# rounding (off by up to ~0.5 nats). On SmolLM2 that is ~8% of the tiles; quant_agreement.py: the same
-# agreement with fp32 on every text, KL +0.00003; the head at batch 8 2.3 -> 1.8 ms (benchmarks/README.md)
+# ... and only near each row's top: in the 16-logit tiles within HEAD_MARGIN nats of the row's top logit
+# (vnni.int8_linear's `margin`; 7.7% of SmolLM2's tiles, benchmarks/head_margin.py). The others keep the first
+# rounding: off by 0.05 nats on average, 0.56 at most, where the int4 model's log-probabilities of those far
+# tokens already stand 0.12 from fp32's (0.42 at the 99th percentile). Noticed only where a far token comes
+# into play: temperature above 1 (8 nats become 8/T), logit_bias, top_logprobs. quant_agreement.py: the same
+# agreement with fp32 on every text, KL +0.00003-0.00004; head_margin.py: the head 2.07 -> 1.62 ms at 8 rows
 HEAD_MARGIN = 8.0
 # raise it whenever quantize_rows_int8 / quantize_groups_int4 / the calibration round differently: cached
 # quantized weights (checkpoints/gguf_cache.py) are keyed by it

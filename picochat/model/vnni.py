@@ -127,8 +127,9 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, fine
                 margin: Optional[float] = None) -> torch.Tensor:
     """(M, K) float32 x (N, K) int8 rows (scale: (N,) float32) -> (M, N) float32. fine: x rounded twice (x ~=
     a Xq + a' Xq', Xq' the rounding of the rest): ~1/254^2 of a block's range instead of 1/254, for the LM head.
-    margin (with fine): rounded twice only for the 16-output tiles holding an output within `margin` of its
-    row's largest (logits: the ones sampling can pick); the rest keep the first rounding."""
+    margin (>= 0, with fine): rounded twice only in the 16-output tiles whose largest once-rounded output is
+    within `margin` of the row's largest (for logits: the tokens sampling picks from); the rest keep the first
+    rounding. None or inf: every tile."""
     return torch.ops.picochat_cpu.int8_linear(x, packed, scale, fine, margin)
 
 

@@ -221,9 +221,10 @@ def test_fine_inputs_round_twice_for_the_lm_head():
 def test_fine_margin_rounds_twice_only_near_each_rows_top(rows):
     """`margin`: the tiles of 16 outputs whose largest once-rounded output is within `margin` of its row's
     largest get exactly the twice-rounded outputs, the others exactly the once-rounded ones, whatever the
-    threads' timing (the kernel picks tiles by a running largest shared between threads, then puts back)."""
+    threads' timing (the kernel picks tiles by a running largest shared between threads, then puts back):
+    512 tiles, so the threads take 16 runs of 32 from their shared counter in an order that varies."""
     torch.manual_seed(rows)
-    N, K = 16 * 96, 96
+    N, K = 16 * 512, 96
     q, s = quantize_rows_int8(torch.randn(N, K) * torch.linspace(0.2, 3, N)[:, None])  # a spread of logits
     p = vnni.pack_int8(q)
     x = torch.randn(rows, K) * 3
@@ -233,8 +234,9 @@ def test_fine_margin_rounds_twice_only_near_each_rows_top(rows):
     for margin in (0.0, 5.0, 20.0, 1e9):
         near = tile_top >= once.amax(-1, keepdim=True) - margin
         want = torch.where(near.repeat_interleave(16, -1), twice, once)
-        for _ in range(3):
+        for _ in range(8):
             assert torch.equal(vnni.int8_linear(x, p, s, True, margin), want), margin
+    assert torch.equal(vnni.int8_linear(x, p, s, True, float("inf")), twice)  # inf: every tile, as None
     near = tile_top >= once.amax(-1, keepdim=True) - 20.0
     assert 0 < near.float().mean() < 1  # both kinds of tile were exercised
     x[0, 5] = float("nan")
@@ -257,3 +259,22 @@ def test_the_lm_head_rounds_twice_within_head_margin():
         y = head(x)
     assert torch.equal(y, vnni.int8_linear(x, head.weight_q8, head.scale, True, HEAD_MARGIN))
     assert not torch.equal(y, vnni.int8_linear(x, head.weight_q8, head.scale, True))  # far tiles: rounded once
+
+
+@needs_vnni
+def test_each_row_comes_out_the_same_whatever_block_it_is_in():
+    """A row's outputs do not depend on the rows beside it: blocks of 1-3 rows split each row's integer sums
+    over 2-4 accumulators (exact: int32), blocks of 4-8 do not, and every block size gives the same bits."""
+    torch.manual_seed(0)
+    N, K = 64, 160
+    q, s, lo = quantize_groups_int4(torch.randn(N, K), 32, torch.float16)
+    p4 = vnni.pack_int4(q, s, lo)
+    q8, s8 = quantize_rows_int8(torch.randn(N, K))
+    p8 = vnni.pack_int8(q8)
+    x = torch.randn(13, K)
+    for f in (lambda x: vnni.int4_linear(x, p4, N), lambda x: vnni.int8_linear(x, p8, s8),
+              lambda x: vnni.int8_linear(x, p8, s8, True), lambda x: vnni.int8_linear(x, p8, s8, True, 3.0)):
+        whole = f(x)
+        for rows in (1, 2, 3, 5):
+            parts = torch.cat([f(x[i:i + rows]) for i in range(0, len(x), rows)])
+            assert torch.equal(parts, whole), rows

@@ -178,9 +178,10 @@ void tile_all_rows(const uint8_t* blocks, int64_t groups, const int8_t* xq, cons
 // The LM head's second rounding (linear's `fine`), tile by tile right after the first pass over the tile,
 // while its weights are still in L1 (a second pass over the head afterwards re-read most of it from memory).
 // With a margin, only tiles within `margin` of their row's largest output need it; the row's largest is
-// known only at the end, so each row's running largest, shared by the threads, picks a superset (~10% of
-// SmolLM2's tiles for the ~8.5% needed) whose once-rounded outputs are kept, and put_back() returns those
-// that fell below the final threshold to them: the outputs do not depend on the threads' timing.
+// known only at the end, so each row's running largest, shared by the threads, picks a superset (SmolLM2's
+// head over 512 positions: 9.9% of the tiles for the 8.5% needed) whose once-rounded outputs are kept, and
+// put_back() returns those that fell below the final threshold to them: the outputs do not depend on the
+// threads' timing.
 struct Saved {
   int64_t m, t;
   float top;  // the tile's largest once-rounded output in row m
@@ -190,17 +191,21 @@ struct Saved {
 struct Refine {
   const int8_t* xq;  // (M, K) the second rounding's rows; a (M, K/G) their scales, aux (M) their sums
   const float *a, *aux;
-  float margin;  // +inf: every tile
+  bool limited;  // a margin was given (else every tile, and top/margin are unused)
+  float margin;
   std::atomic<float>* top;  // (M) each row's largest once-rounded output seen so far
 };
 
-// rows: the rows of tile t to refine; scratch: room for M rows gathered (K bytes, K/G + 1 + TILE floats each)
+constexpr int64_t CHUNK = 32;  // tiles a thread takes at a time from the shared counter (with a margin)
+
+// rows: the rows of tile t to refine; scratch: TILE floats a row, and with a margin room to gather the rows
+// (K bytes, K/G + 1 floats each)
 void refine_tile(const uint8_t* blocks, int64_t groups, int64_t M, int64_t K, const float* scale, float* y, int64_t N,
                  int64_t t, const Refine& f, std::vector<int64_t>& rows, std::vector<float>& scratch,
                  std::vector<Saved>& saved) {
   rows.clear();
   for (int64_t m = 0; m < M; ++m) {
-    if (!std::isinf(f.margin)) {
+    if (f.limited) {
       const float tmax = _mm512_reduce_max_ps(_mm512_loadu_ps(y + m * N));
       float seen = f.top[m].load(std::memory_order_relaxed);
       while (tmax > seen && !f.top[m].compare_exchange_weak(seen, tmax, std::memory_order_relaxed)) {
@@ -235,10 +240,11 @@ void refine_tile(const uint8_t* blocks, int64_t groups, int64_t M, int64_t K, co
   }
 }
 
-void put_back(const std::vector<Saved>& saved, const Refine& f, float* y, int64_t N) {
-  for (const Saved& s : saved)
-    if (s.top < f.top[s.m].load(std::memory_order_relaxed) - f.margin)
-      _mm512_storeu_ps(y + s.m * N + s.t * TILE, _mm512_loadu_ps(s.v));
+void put_back(const std::vector<std::vector<Saved>>& saved, const Refine& f, float* y, int64_t N) {
+  for (const auto& mine : saved)
+    for (const Saved& s : mine)
+      if (s.top < f.top[s.m].load(std::memory_order_relaxed) - f.margin)
+        _mm512_storeu_ps(y + s.m * N + s.t * TILE, _mm512_loadu_ps(s.v));
 }
 
 template <bool FOUR>
@@ -281,21 +287,21 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
   const float* s = FOUR ? nullptr : scale.data_ptr<float>();
   float* out = y.data_ptr<float>();
   const int64_t block = FOUR ? Q4_BLOCK : Q8_BLOCK;
-  std::vector<std::atomic<float>> top(fine ? M : 0);
+  const bool limited = fine && margin && !std::isinf(*margin);  // (+inf: every tile, as no margin)
+  std::vector<std::atomic<float>> top(limited ? M : 0);
   for (auto& v : top) v.store(-std::numeric_limits<float>::infinity());
-  const Refine f{xq.data() + M * K, a.data() + M * groups, asum.data() + (fine ? M : 0),
-                 margin ? static_cast<float>(*margin) : std::numeric_limits<float>::infinity(), top.data()};
-  std::vector<Saved> saved;
+  const Refine f{xq.data() + M * K, a.data() + M * groups, asum.data() + (fine ? M : 0), limited,
+                 limited ? static_cast<float>(*margin) : 0.0f, top.data()};
+  std::vector<std::vector<Saved>> saved;  // each thread's, moved in at its end
   std::mutex saved_lock;
   // with a margin the second rounding's work crowds the low tile ids (a BPE vocabulary's likely tokens), so
   // a thread given the first half of the tiles did most of it while the other waited: the threads take
   // runs of CHUNK tiles in order from a shared counter instead (any order gives the same outputs)
-  const int64_t CHUNK = 32, chunks = (tiles + CHUNK - 1) / CHUNK;
+  const int64_t chunks = (tiles + CHUNK - 1) / CHUNK;
   std::atomic<int64_t> next{0};
-  const bool dealt = fine && !std::isinf(f.margin);
-  at::parallel_for(0, dealt ? std::max(1, at::get_num_threads()) : tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, limited ? std::max(1, at::get_num_threads()) : tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows;
-    std::vector<float> scratch(fine ? M * (TILE + groups + 1) + (M * K + 3) / 4 : 0);
+    std::vector<float> scratch(!fine ? 0 : limited ? M * (TILE + groups + 1) + (M * K + 3) / 4 : M * TILE);
     std::vector<Saved> mine;
     auto run = [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -305,16 +311,18 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed, const at::Tenso
         if (fine) refine_tile(bt, groups, M, K, s + t * TILE, out + t * TILE, N, t, f, rows, scratch, mine);
       }
     };
-    if (!dealt) {
+    if (!limited) {
       run(begin, end);
     } else {
       for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1))
         run(c * CHUNK, std::min(tiles, (c + 1) * CHUNK));
     }
-    std::lock_guard<std::mutex> hold(saved_lock);
-    saved.insert(saved.end(), mine.begin(), mine.end());
+    if (!mine.empty()) {
+      std::lock_guard<std::mutex> hold(saved_lock);
+      saved.push_back(std::move(mine));
+    }
   });
-  if (fine) put_back(saved, f, out, N);
+  if (limited) put_back(saved, f, out, N);
   return y;
 }
 
