@@ -95,12 +95,13 @@ def new_stores(count: int, shape: tuple, dtype: torch.dtype, device=None,
     return list(raw[start:start + nbytes].view(dtype).view(count, *shape).unbind(0))
 
 
-def grow_columns(stores, new: int, keep: int) -> None:
+def grow_columns(stores, new: int, keep: int, dtype: Optional[torch.dtype] = None) -> None:
     """Replace every (B, nkv, T, hs) tensor in the lists `stores` by one with `new` columns, the first
-    `keep` copied over (the caches grow geometrically instead of preallocating a whole long context)."""
+    `keep` copied over (the caches grow geometrically instead of preallocating a whole long context);
+    dtype: the new tensors' (cast on the way), else the old ones'."""
     for store in stores:
         t = store[0]
-        grown = new_stores(len(store), (t.size(0), t.size(1), new, t.size(3)), t.dtype, t.device)
+        grown = new_stores(len(store), (t.size(0), t.size(1), new, t.size(3)), dtype or t.dtype, t.device)
         for g, t in zip(grown, store):
             g[:, :, :keep] = t[:, :, :keep]
         del t  # (the old block goes with the list's references)

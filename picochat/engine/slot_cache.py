@@ -62,11 +62,7 @@ class SlotCache:
     def set_dtype(self, dtype: torch.dtype) -> None:
         """Store K/V in `dtype` from now on (the decode step changed: kv_cache.cache_dtype); kept rows stay."""
         if self.k[0].dtype != dtype:
-            for store in (self.k, self.v):
-                cast = new_stores(len(store), tuple(store[0].shape), dtype, store[0].device)
-                for c, t in zip(cast, store):
-                    c.copy_(t)
-                store[:] = cast
+            grow_columns((self.k, self.v), self.capacity, keep=self.capacity, dtype=dtype)
 
     def reserve(self, n: int) -> None:
         """Room for n columns in every slot, and one spare; grows geometrically, never past max_len (+ 1).

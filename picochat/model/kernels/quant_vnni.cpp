@@ -219,21 +219,22 @@ void refine_tile(const uint8_t* blocks, int64_t groups, int64_t M, int64_t K, co
   const int64_t n = rows.size();
   if (n == 0) return;
   float* add = scratch.data();
-  if (n == M) {  // every row: they are already side by side
-    tile_all_rows<false>(blocks, groups, f.xq, f.a, f.aux, M, K, scale, add, TILE);
-    for (int64_t m = 0; m < M; ++m)
-      _mm512_storeu_ps(y + m * N, _mm512_add_ps(_mm512_loadu_ps(y + m * N), _mm512_loadu_ps(add + m * TILE)));
-    return;
+  const int8_t* xr = f.xq;  // every row: they are already side by side; else gathered into the scratch
+  const float *ar = f.a, *auxr = f.aux;
+  if (n < M) {
+    float* ag = add + M * TILE;
+    float* auxg = ag + M * groups;
+    int8_t* xg = reinterpret_cast<int8_t*>(auxg + M);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(xg + i * K, f.xq + rows[i] * K, K);
+      std::memcpy(ag + i * groups, f.a + rows[i] * groups, groups * sizeof(float));
+      auxg[i] = f.aux[rows[i]];
+    }
+    xr = xg;
+    ar = ag;
+    auxr = auxg;
   }
-  float* ag = add + M * TILE;
-  float* auxg = ag + M * groups;
-  int8_t* xg = reinterpret_cast<int8_t*>(auxg + M);
-  for (int64_t i = 0; i < n; ++i) {
-    std::memcpy(xg + i * K, f.xq + rows[i] * K, K);
-    std::memcpy(ag + i * groups, f.a + rows[i] * groups, groups * sizeof(float));
-    auxg[i] = f.aux[rows[i]];
-  }
-  tile_all_rows<false>(blocks, groups, xg, ag, auxg, n, K, scale, add, TILE);
+  tile_all_rows<false>(blocks, groups, xr, ar, auxr, n, K, scale, add, TILE);
   for (int64_t i = 0; i < n; ++i) {
     float* yr = y + rows[i] * N;
     _mm512_storeu_ps(yr, _mm512_add_ps(_mm512_loadu_ps(yr), _mm512_loadu_ps(add + i * TILE)));
