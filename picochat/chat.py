@@ -51,7 +51,8 @@ class ChatConfig:
     dtype: str = "fp32"
     """fp32 (answers at once), bf16 (on CPUs with fast bf16: SmolLM2 answers ~1.5x faster once its decode step is
     compiled, which the first answer waits for: ~15-20 s after start, 1-2 min the very first time), fp16, or auto
-    (bf16 where the CPU runs it fast, as `picochat serve` picks). With --quantize: the activations' dtype."""
+    (bf16 where the CPU runs it fast, as `picochat serve` picks). With --quantize: the activations' dtype (auto:
+    fp32 on a CPU with AVX-512 VNNI, whose int8/int4 kernels take fp32)."""
     fast: Literal["auto", "compile", "plain"] = "auto"
     """Decode step: auto = compiled by TorchInductor on CPUs (~2x faster tokens), in the background while you
     type the first message (1-2 min the first time, ~30 s once cached); compile = before the prompt shows, an error if
@@ -178,7 +179,7 @@ def chat(cfg: ChatConfig, input_fn: Callable[[str], str] = input, out=None) -> N
 
     from .device import pick_dtype
     out = out or sys.stdout
-    model, tokenizer, where = load_model(cfg.model, dtype=pick_dtype(cfg.dtype, torch.device("cpu")),
+    model, tokenizer, where = load_model(cfg.model, dtype=pick_dtype(cfg.dtype, torch.device("cpu"), cfg.quantize),
                                          quantize=cfg.quantize)
     if tokenizer is None:
         raise PicochatError(f"{cfg.model} has no tokenizer; it cannot chat")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -28,8 +29,13 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: 'auto' takes bf16 where the hardware runs it fast, else fp32."""
+def pick_dtype(name: str, device: torch.device, quantize: Optional[str] = None) -> torch.dtype:
+    """Autocast dtype: 'auto' takes bf16 where the hardware runs it fast, else fp32. quantize (int8/int4
+    weights): the activations' dtype, and 'auto' is fp32 on a CPU with AVX-512 VNNI, whose kernels
+    (model/vnni.py) take fp32 inputs and round them to int8 themselves; with bf16 activations every
+    quantized layer casts in and out and decode attention misses its kernel (fp32 queries on the bf16
+    cache): `serve_load.py --clients 16 --serve-args "--quantize int4"` gave 378 tokens/s with bf16 against
+    531 with fp32 activations (benchmarks/README.md, "tenth session")."""
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if name != "auto":
@@ -37,6 +43,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             from .errors import PicochatError
             raise PicochatError(f"unknown dtype {name!r}; use one of auto, fp32, bf16, fp16")
         return table[name]
+    if quantize not in (None, "", "none") and device.type == "cpu":
+        from .model.vnni import cpu_has_vnni
+        if cpu_has_vnni():
+            return torch.float32
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu" and cpu_has_fast_bf16():

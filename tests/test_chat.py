@@ -98,17 +98,36 @@ def test_smollm2_answers_paris_in_the_terminal_chat():
 
 @pytest.mark.parametrize("dtype,quantize,shown", [("fp32", None, "fp32"), ("bf16", None, "bf16"), ("auto", None, None),
                                                   ("fp32", "int8", "int8 weights, fp32 activations"),
-                                                  ("bf16", "int4", "int4 weights, bf16 activations")])
+                                                  ("bf16", "int4", "int4 weights, bf16 activations"),
+                                                  ("auto", "int4", None)])
 def test_chat_runs_in_the_dtype_asked_and_says_so(tmp_path, dtype, quantize, shown):
     """--dtype (fp32 by default): auto is what `picochat serve` picks (bf16 on a CPU with fast bf16, else
-    fp32); with --quantize it is the activations' dtype. The banner names what runs."""
+    fp32); with --quantize it is the activations' dtype (auto: fp32 where the VNNI kernels run). The banner
+    names what runs."""
     from picochat.checkpoints.io import save_model
     from picochat.device import pick_dtype
     tok = Tokenizer.train(["the cat sat on the mat " * 30], 300)
     torch.manual_seed(0)
     save_model(GPT(ModelConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32)), tmp_path, tok)
-    shown = shown or {torch.float32: "fp32", torch.bfloat16: "bf16"}[pick_dtype("auto", torch.device("cpu"))]
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+    if shown is None:
+        auto = names[pick_dtype("auto", torch.device("cpu"), quantize)]
+        shown = f"{quantize} weights, {auto} activations" if quantize else auto
     lines, out = iter(["the cat", "/quit"]), io.StringIO()
     chat(ChatConfig(model=str(tmp_path), dtype=dtype, quantize=quantize, temperature=0, max_tokens=3),
          input_fn=lambda prompt: next(lines), out=out)
     assert f"parameters, {shown}, " in out.getvalue(), out.getvalue()[:300]
+
+
+def test_auto_dtype_under_quantized_weights_is_what_the_cpu_kernels_take():
+    """auto with --quantize: fp32 activations on a CPU with AVX-512 VNNI (its kernels take fp32 and round them
+    to int8 themselves; bf16 would cast around every layer and miss the decode-attention kernel); without
+    --quantize, auto is unchanged."""
+    from picochat.device import cpu_has_fast_bf16, pick_dtype
+    from picochat.model.vnni import cpu_has_vnni
+    cpu = torch.device("cpu")
+    plain = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    assert pick_dtype("auto", cpu) == pick_dtype("auto", cpu, None) == pick_dtype("auto", cpu, "none") == plain
+    for q in ("int8", "int4"):
+        assert pick_dtype("auto", cpu, q) == (torch.float32 if cpu_has_vnni() else plain)
+        assert pick_dtype("bf16", cpu, q) == torch.bfloat16  # asked for by name: honoured

@@ -39,7 +39,8 @@ _loaded = False  # set by available() once the library is in
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "f16c", "fma")
 
 
-def _cpu_has_vnni() -> bool:
+def cpu_has_vnni() -> bool:
+    """This CPU has the instructions the kernels use (AVX-512 with VNNI; /proc/cpuinfo, so Linux)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no build here
@@ -58,7 +59,7 @@ def fits(n: int, k: int) -> bool:
 def available() -> bool:
     """The kernels are built (or were) and loaded: an x86 CPU with AVX-512 VNNI, a C++ compiler, and
     PICOCHAT_VNNI not set to 0. A failed build says why once, on stderr, and picochat goes on without."""
-    if os.environ.get("PICOCHAT_VNNI", "1") == "0" or sys.platform != "linux" or not _cpu_has_vnni():
+    if os.environ.get("PICOCHAT_VNNI", "1") == "0" or sys.platform != "linux" or not cpu_has_vnni():
         return False
     try:
         torch.ops.load_library(str(_build()))

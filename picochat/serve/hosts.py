@@ -81,7 +81,7 @@ def load_host(spec: str, *, dtype: str = "auto", max_batch: int = 16, max_queue:
     device = pick_device("auto")
     worker = ModelThread(f"picochat-{name or model_id(spec)}")  # loads the model, then runs its scheduler
     model, tokenizer, _ = worker.call(
-        lambda: load_model(spec, device=device, dtype=pick_dtype(dtype, device), quantize=quantize))
+        lambda: load_model(spec, device=device, dtype=pick_dtype(dtype, device, quantize), quantize=quantize))
     if tokenizer is None:
         raise PicochatError(f"{spec} has no tokenizer.json; the server needs one to read and write text")
     model.eval()  # (no grad: the scheduler thread turns autograd off for itself)

@@ -114,7 +114,7 @@ def _probe(env: dict) -> subprocess.CompletedProcess:
 def test_switched_off_or_unbuildable_it_falls_back_to_torch(tmp_path):
     off = _probe({"PICOCHAT_VNNI": "0"})
     assert off.stdout.split() == ["False", "torch"], off.stderr
-    if vnni._cpu_has_vnni():  # a compiler that fails: said once, and the layers keep PyTorch's kernels
+    if vnni.cpu_has_vnni():  # a compiler that fails: said once, and the layers keep PyTorch's kernels
         broken = _probe({"CXX": "false", "PICOCHAT_KERNELS": str(tmp_path)})
         assert broken.stdout.split() == ["False", "torch"] and "did not build" in broken.stderr, broken.stderr
 
