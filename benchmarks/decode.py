@@ -23,8 +23,10 @@ text, all of equal length, so no padding), greedy, no stop token, a fixed number
   included. (Until 2026-11-29's sixth session it was the full call's time minus the 1-token call's: at
   batch 8 x 512 tokens the two prefills' noise, +-0.3 s, moved a step by +-5 ms.)
 
-picochat and transformers are interleaved (the order flips every rep) and the figure is the median
-over reps. Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
+picochat and transformers are interleaved (the order flips every rep), and so are batch 1 and batch 8
+(each rep runs both, back to back: the machine's drift over minutes, up to a third of a step here, falls on
+both alike); the figure is the median over reps, and each rep's own batch-8/batch-1 ratio is reported too
+(`..._batch_over_b1_decode_by_rep`). Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
 
     pip install llama-cpp-python==0.3.36 diskcache     # the llama.cpp column (benchmark only; ~3 min build)
     python benchmarks/decode.py                          # ~15 min (compiling 8 graphs is ~8 of them), one JSON line
@@ -151,42 +153,55 @@ def run_hf(model, prompts, new):
     return dt, out[:, idx.size(1):].tolist(), stamps.t[-1] - stamps.t[1]
 
 
-def measure(runners: dict, prompts, new: int, reps: int) -> dict:
-    """runners: name -> fn(prompts, n_new). Interleaved, order flipping each rep. Per name: prefill and decode."""
-    names = list(runners)
-    for n in names:  # warm-up: one short call each (thread pools, kernel selection, allocator)
-        runners[n](prompts, 2)
-    pre = {n: [] for n in names}
-    dec = {n: [] for n in names}
+def measure(runners: dict, sets: dict, new: int, reps: int) -> dict:
+    """runners: name -> fn(prompts, n_new); sets: label ("b1", "b8") -> prompts. Each rep runs every set
+    and every runner, the batch sizes alternating within the rep and the order flipping each rep, so the
+    machine's drift over minutes falls on batch 1 and batch 8 alike. -> label -> name -> prefill and decode
+    (medians), label -> "same_tokens"; and "paired": name -> each rep's decode tokens/s of the last set over
+    the first's (the batch-8/batch-1 ratio rep by rep)."""
+    names, labels = list(runners), list(sets)
+    for label in labels:  # warm-up: one short call each (thread pools, kernel selection, allocator)
+        for n in names:
+            runners[n](sets[label], 2)
+    pre = {(lb, n): [] for lb in labels for n in names}
+    dec = {(lb, n): [] for lb in labels for n in names}
     ids = {}
     for rep in range(reps):
-        order = names if rep % 2 == 0 else names[::-1]
-        for n in order:
-            t1 = runners[n](prompts, 1)[0]
-            tf, out, td = runners[n](prompts, new)
-            if any(len(o) != new for o in out):
-                log(f"  warning: {n} generated {[len(o) for o in out]} tokens, expected {new}")
-            pre[n].append(t1)
-            dec[n].append(td)
-            ids[n] = out
-            log(f"  rep {rep} {n:10s} prefill {t1 * 1e3:8.1f} ms  decode {td * 1e3:8.1f} ms  full {tf * 1e3:8.1f} ms"
-                f"  load {loadavg()}")
-    B, T = len(prompts), len(prompts[0])
-    res = {}
-    for n in names:
-        tp, decode_s = median(pre[n]), median(dec[n])
-        if decode_s <= 0 or new < 2:
-            log(f"  warning: {n}: no decode steps timed")
-            decode_s = None
-        res[n] = {"prefill_tok_s": round(B * T / tp, 1),
-                  "decode_tok_s": round(B * (new - 1) / decode_s, 1) if decode_s else None,
-                  "decode_ms_per_step": round(decode_s / (new - 1) * 1e3, 2) if decode_s else None,
-                  "prefill_ms": round(tp * 1e3, 1)}
-    res["same_tokens"] = {}  # per pair of runners: greedy tokens equal at the same place
-    for i, a in enumerate(names):
-        for b in names[i + 1:]:
-            same = sum(x == y for ra, rb in zip(ids[a], ids[b]) for x, y in zip(ra, rb))
-            res["same_tokens"][f"{a}~{b}"] = f"{same}/{B * new}"
+        for label in (labels if rep % 2 == 0 else labels[::-1]):
+            prompts = sets[label]
+            for n in (names if rep % 2 == 0 else names[::-1]):
+                t1 = runners[n](prompts, 1)[0]
+                tf, out, td = runners[n](prompts, new)
+                if any(len(o) != new for o in out):
+                    log(f"  warning: {n} generated {[len(o) for o in out]} tokens, expected {new}")
+                pre[label, n].append(t1)
+                dec[label, n].append(td)
+                ids[label, n] = out
+                log(f"  rep {rep} {label:3s} {n:10s} prefill {t1 * 1e3:8.1f} ms  decode {td * 1e3:8.1f} ms  "
+                    f"full {tf * 1e3:8.1f} ms  load {loadavg()}")
+    res: dict = {}
+    for label in labels:
+        B, T = len(sets[label]), len(sets[label][0])
+        res[label] = {}
+        for n in names:
+            tp, decode_s = median(pre[label, n]), median(dec[label, n])
+            if decode_s <= 0 or new < 2:
+                log(f"  warning: {n}: no decode steps timed")
+                decode_s = None
+            res[label][n] = {"prefill_tok_s": round(B * T / tp, 1),
+                             "decode_tok_s": round(B * (new - 1) / decode_s, 1) if decode_s else None,
+                             "decode_ms_per_step": round(decode_s / (new - 1) * 1e3, 2) if decode_s else None,
+                             "prefill_ms": round(tp * 1e3, 1)}
+        res[label]["same_tokens"] = {}  # per pair of runners: greedy tokens equal at the same place
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                same = sum(x == y for ra, rb in zip(ids[label, a], ids[label, b]) for x, y in zip(ra, rb))
+                res[label]["same_tokens"][f"{a}~{b}"] = f"{same}/{B * new}"
+    if len(labels) >= 2 and new >= 2:  # rep by rep: (rows_last / s_last) / (rows_first / s_first)
+        first, last = labels[0], labels[-1]
+        scale = len(sets[last]) / len(sets[first])
+        res["paired"] = {n: [round(scale * a / b, 2) for a, b in zip(dec[first, n], dec[last, n]) if a > 0 and b > 0]
+                         for n in names}
     return res
 
 
@@ -327,16 +342,16 @@ def main(argv=None):
         if hf is not None and d in DTYPES:
             hf.to(DTYPES[d])
             runners["hf"] = lambda ps, n, m=hf: run_hf(m, ps, n)
-        log(f"[{d}] batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-        r1 = measure(runners, p1, args.new_tokens, args.reps)
-        log(f"[{d}] batch {args.batch}, prompt {args.batch_prompt_len}, {args.new_tokens} new tokens")
-        rB = measure(runners, pB, args.new_tokens, args.reps)
+        log(f"[{d}] batch 1, prompt {args.prompt_len}, and batch {args.batch}, prompt {args.batch_prompt_len}, "
+            f"alternating; {args.new_tokens} new tokens")
+        r = measure(runners, {"b1": p1, bB: pB}, args.new_tokens, args.reps)
         for n in runners:
-            out[n] = {"b1": r1[n], bB: rB[n]}
-        out["same_tokens"] = {"b1": r1["same_tokens"], bB: rB["same_tokens"]}
+            out[n] = {"b1": r["b1"][n], bB: r[bB][n]}
+        out["same_tokens"] = {"b1": r["b1"]["same_tokens"], bB: r[bB]["same_tokens"]}
         ratios = {}
         for n in (x for x in PATHS if x in runners):
             ratios[f"{n}_batch_over_b1_decode"] = ratio(out[n][bB]["decode_tok_s"], out[n]["b1"]["decode_tok_s"])
+            ratios[f"{n}_batch_over_b1_decode_by_rep"] = r["paired"][n]  # each rep's pair, run back to back
         if "plain" in runners and "compiled" in runners:
             for b in ("b1", bB):
                 ratios[f"compiled_over_plain_decode_{b}"] = ratio(out["compiled"][b]["decode_tok_s"],
@@ -393,6 +408,7 @@ def main(argv=None):
     for d in (x for x in ("int8", "int4") if x in result):
         for n in (x for x in PATHS if x in result[d]):
             goals[f"{d}_{n}_batch_over_b1"] = result[d]["ratios"][f"{n}_batch_over_b1_decode"]
+            goals[f"{d}_{n}_batch_over_b1_by_rep"] = result[d]["ratios"][f"{n}_batch_over_b1_decode_by_rep"]
     goals["batch_prompt_len_equals_prompt_len"] = args.batch_prompt_len == args.prompt_len
     result["goals"] = goals
     if profiles:
