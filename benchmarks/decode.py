@@ -24,8 +24,8 @@ text, all of equal length, so no padding), greedy, no stop token, a fixed number
   batch 8 x 512 tokens the two prefills' noise, +-0.3 s, moved a step by +-5 ms.)
 
 picochat and transformers are interleaved (the order flips every rep), and so are batch 1 and batch 8
-(each rep runs both, back to back: the machine's drift over minutes, up to a third of a step here, falls on
-both alike); the figure is the median over reps, and each rep's own batch-8/batch-1 ratio is reported too
+(each rep runs both, within seconds of each other: the machine's drift over minutes, up to a third of a
+step here, falls on both alike); the figure is the median over reps, and each rep's own batch-8/batch-1 ratio is reported too
 (`..._batch_over_b1_decode_by_rep`). Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
 
     pip install llama-cpp-python==0.3.36 diskcache     # the llama.cpp column (benchmark only; ~3 min build)
@@ -92,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="torch.profiler over N picochat decode steps per dtype")
     args = p.parse_args(argv)
+    if args.batch < 2:
+        p.error(f"--batch {args.batch}: the batch must be 2 or more (batch 1 is always measured beside it)")
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.paths = [d.strip() for d in args.paths.split(",") if d.strip()]
     for d in args.dtypes:
@@ -186,7 +188,7 @@ def measure(runners: dict, sets: dict, new: int, reps: int) -> dict:
         for n in names:
             tp, decode_s = median(pre[label, n]), median(dec[label, n])
             if decode_s <= 0 or new < 2:
-                log(f"  warning: {n}: no decode steps timed")
+                log(f"  warning: {n}, {label}: no decode steps timed")
                 decode_s = None
             res[label][n] = {"prefill_tok_s": round(B * T / tp, 1),
                              "decode_tok_s": round(B * (new - 1) / decode_s, 1) if decode_s else None,
@@ -351,7 +353,7 @@ def main(argv=None):
         ratios = {}
         for n in (x for x in PATHS if x in runners):
             ratios[f"{n}_batch_over_b1_decode"] = ratio(out[n][bB]["decode_tok_s"], out[n]["b1"]["decode_tok_s"])
-            ratios[f"{n}_batch_over_b1_decode_by_rep"] = r["paired"][n]  # each rep's pair, run back to back
+            ratios[f"{n}_batch_over_b1_decode_by_rep"] = r.get("paired", {}).get(n)  # each rep's pair
         if "plain" in runners and "compiled" in runners:
             for b in ("b1", bB):
                 ratios[f"compiled_over_plain_decode_{b}"] = ratio(out["compiled"][b]["decode_tok_s"],

@@ -52,7 +52,7 @@ class ChatConfig:
     """fp32 (answers at once), bf16 (on CPUs with fast bf16: SmolLM2 answers ~1.5x faster once its decode step is
     compiled, which the first answer waits for: ~15-20 s after start, 1-2 min the very first time), fp16, or auto
     (bf16 where the CPU runs it fast, as `picochat serve` picks). With --quantize: the activations' dtype (auto:
-    fp32 on a CPU with AVX-512 VNNI, whose int8/int4 kernels take fp32)."""
+    fp32 where picochat's int8/int4 VNNI kernels run, as they take fp32)."""
     fast: Literal["auto", "compile", "plain"] = "auto"
     """Decode step: auto = compiled by TorchInductor on CPUs (~2x faster tokens), in the background while you
     type the first message (1-2 min the first time, ~30 s once cached); compile = before the prompt shows, an error if

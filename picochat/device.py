@@ -31,11 +31,12 @@ def cpu_has_fast_bf16() -> bool:
 
 def pick_dtype(name: str, device: torch.device, quantize: Optional[str] = None) -> torch.dtype:
     """Autocast dtype: 'auto' takes bf16 where the hardware runs it fast, else fp32. quantize (int8/int4
-    weights): the activations' dtype, and 'auto' is fp32 on a CPU with AVX-512 VNNI, whose kernels
-    (model/vnni.py) take fp32 inputs and round them to int8 themselves; with bf16 activations every
-    quantized layer casts in and out and decode attention misses its kernel (fp32 queries on the bf16
-    cache): `serve_load.py --clients 16 --serve-args "--quantize int4"` gave 378 tokens/s with bf16 against
-    531 with fp32 activations (benchmarks/README.md, "tenth session")."""
+    weights): the activations' dtype, and 'auto' is fp32 where picochat's VNNI kernels run (model/vnni.py:
+    a CPU with AVX-512 VNNI, the kernels built and PICOCHAT_VNNI not 0), which take fp32 inputs and round them
+    to int8 themselves; with bf16 activations every quantized layer casts in and out and decode attention
+    misses its kernel (fp32 queries on the bf16 cache). `serve_load.py --clients 16 --serve-args "--quantize
+    int4 --dtype bf16|fp32"`, servers alternating: 415 against 493 tokens/s on the means of three pairs
+    (benchmarks/README.md, "tenth session"). Where the kernels do not run, PyTorch's take bf16 (as before)."""
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if name != "auto":
@@ -44,8 +45,8 @@ def pick_dtype(name: str, device: torch.device, quantize: Optional[str] = None) 
             raise PicochatError(f"unknown dtype {name!r}; use one of auto, fp32, bf16, fp16")
         return table[name]
     if quantize not in (None, "", "none") and device.type == "cpu":
-        from .model.vnni import cpu_has_vnni
-        if cpu_has_vnni():
+        from .model import vnni
+        if vnni.available():  # (the quantized layers ask the same when they are made)
             return torch.float32
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -120,14 +120,14 @@ def test_chat_runs_in_the_dtype_asked_and_says_so(tmp_path, dtype, quantize, sho
 
 
 def test_auto_dtype_under_quantized_weights_is_what_the_cpu_kernels_take():
-    """auto with --quantize: fp32 activations on a CPU with AVX-512 VNNI (its kernels take fp32 and round them
-    to int8 themselves; bf16 would cast around every layer and miss the decode-attention kernel); without
+    """auto with --quantize: fp32 activations where the VNNI kernels run (they take fp32 and round it to int8
+    themselves; bf16 would cast around every layer and miss the decode-attention kernel); without
     --quantize, auto is unchanged."""
     from picochat.device import cpu_has_fast_bf16, pick_dtype
-    from picochat.model.vnni import cpu_has_vnni
+    from picochat.model import vnni
     cpu = torch.device("cpu")
     plain = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
     assert pick_dtype("auto", cpu) == pick_dtype("auto", cpu, None) == pick_dtype("auto", cpu, "none") == plain
     for q in ("int8", "int4"):
-        assert pick_dtype("auto", cpu, q) == (torch.float32 if cpu_has_vnni() else plain)
+        assert pick_dtype("auto", cpu, q) == (torch.float32 if vnni.available() else plain)
         assert pick_dtype("bf16", cpu, q) == torch.bfloat16  # asked for by name: honoured

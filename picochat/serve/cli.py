@@ -66,8 +66,8 @@ class ServeConfig:
     max_request_tokens: int = 8192
     """Most tokens one request may ask for in all (n x max_tokens), so one client cannot book every slot."""
     dtype: str = "auto"
-    """Chat models: auto (bf16 where the CPU/GPU is fast at it; with --quantize on a CPU with AVX-512 VNNI, fp32
-    activations, which its int8/int4 kernels take), fp32, bf16 or fp16. Encoders always run fp32 (their
+    """Chat models: auto (bf16 where the CPU/GPU is fast at it; with --quantize where picochat's int8/int4 VNNI
+    kernels run, fp32 activations, which they take), fp32, bf16 or fp16. Encoders always run fp32 (their
     embeddings then equal `picochat embed`'s)."""
     quantize: Optional[Literal["int8", "int4"]] = None
     """Chat models: int8 or int4 weights (smaller, faster decoding on CPUs; inputs rounded to int8 on AVX-512 VNNI CPUs); encoders are not quantized."""
