@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from ..errors import PicochatError
+from ..model import vnni
 from ..model.attention import causal_mask
 from .kv_cache import cache_dtype
 
@@ -265,6 +266,9 @@ class DecodeStep:
         """Compile both graphs on a scratch cache (never a caller's): batch 1, and any batch > 1."""
         c, dtype = self.model.config, cache_dtype(self.model, compiled=True)
         try:
+            if dtype == torch.bfloat16 and next(self.model.parameters()).device.type == "cpu":
+                vnni.available()  # the decode-attention kernel, loaded before tracing looks for it (bf16 models
+                # have no quantized layer that loads it; ~10 s the first time on a machine, once)
             self._fn = self._compiled()
             for B in WARM_BATCHES:
                 for t_k in (8, 9):  # a second length: one graph covers every T_k

@@ -171,9 +171,12 @@ class Attention(nn.Module):
         q, k = qk[:, :nh], qk[:, nh:]  # (B, nh, T, hs), (B, nkv, T, hs)
         if kv_cache is not None:  # the engine keeps past K/V; we get back everything up to now
             k, v = kv_cache.update(self.layer_idx, k, v)
-        # a bf16 cache under fp32 activations (quantized models under the compiled step: engine/kv_cache.py's
-        # cache_dtype), one query per row: one hand-written loop reads it in place (model/vnni.py)
+        # a bf16 cache, one query per row: one hand-written loop reads it in place (model/vnni.py), for fp32
+        # queries (quantized models under the compiled step: engine/kv_cache.py's cache_dtype) and, compiled
+        # only, bf16 ones (rounding where single_query_attention's bf16 path does; the eager step stays the
+        # reference)
         kernel = (kv_cache is not None and T == 1 and alibi is None and not return_weights and not self.training
+                  and (q.dtype == torch.float32 or torch.compiler.is_compiling())
                   and vnni.decode_attention_fits(q, k, v, attn_mask))
         if k.dtype != q.dtype and not kernel:  # that cache where the kernel does not run: cast it;
             k, v = k.to(q.dtype), v.to(q.dtype)  # compiled, the casts fuse into attention's loops

@@ -135,10 +135,11 @@ def int8_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, fine
 
 
 def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> bool:
-    """decode_attention takes these: fp32 queries on a bf16 cache on the CPU, one query per row, d_k of
-    16-128, a (B, 1, 1, T_k) bool mask or none; and the kernels are loaded (a flag, not available(): this
-    runs while torch.compile traces the step, and quantized layers have asked available() long before)."""
-    if not (_loaded and q.dtype == torch.float32 and k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+    """decode_attention takes these: fp32 or bf16 queries on a bf16 cache on the CPU, one query per row, d_k
+    of 16-128, a (B, 1, 1, T_k) bool mask or none; and the kernels are loaded (a flag, not available(): this
+    runs while torch.compile traces the step; the compiled step asks available() before it traces)."""
+    if not (_loaded and q.dtype in (torch.float32, torch.bfloat16) and k.dtype == v.dtype == torch.bfloat16
+            and q.device.type == "cpu"
             and q.dim() == 4 and k.dim() == 4 and k.shape == v.shape and q.size(2) == 1):
         return False
     B, nh, _, d = q.shape
@@ -150,8 +151,10 @@ def decode_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor:
-    """softmax(q K^T / sqrt(d_k)) V for one query per row: q (B, nh, 1, d_k) fp32, k/v (B, nkv, T_k, d_k)
-    bf16 (views of a cache), mask (B, 1, 1, T_k) bool or None -> (B, nh, 1, d_k) fp32 (kernels/decode_attention.cpp)."""
+    """softmax(q K^T / sqrt(d_k)) V for one query per row: q (B, nh, 1, d_k) fp32 or bf16, k/v (B, nkv, T_k,
+    d_k) bf16 (views of a cache), mask (B, 1, 1, T_k) bool or None -> (B, nh, 1, d_k) in q's dtype
+    (kernels/decode_attention.cpp; bf16 q rounds as single_query_attention's bf16 path: q / sqrt(d_k), the
+    scores, the weights and the output, sums in fp32)."""
     return torch.ops.picochat_cpu.decode_attention(q, k, v, mask)
 
 

@@ -124,7 +124,8 @@ def test_switched_off_or_unbuildable_it_falls_back_to_torch(tmp_path):
                                    (2, 4, 1, 17, 16)])  # (B, nh, nkv, T_k, d_k): GQA groups of 3, 1, 6 and 4
 def test_decode_attention_is_single_query_attention(shape):
     """The kernel against the Python reference on the same bf16 cache (read as fp32), with and without a
-    padding mask, on views of a longer store as the engine's cache hands them out."""
+    padding mask, on views of a longer store as the engine's cache hands them out; and with bf16 queries
+    against the reference's bf16 path."""
     from picochat.model.attention import single_query_attention
     B, nh, nkv, T, D = shape
     torch.manual_seed(T)
@@ -137,7 +138,13 @@ def test_decode_attention_is_single_query_attention(shape):
         assert vnni.decode_attention_fits(q, k, v, m)
         want = single_query_attention(q, k.float(), v.float(), m)
         torch.testing.assert_close(vnni.decode_attention(q, k, v, m), want, rtol=1e-5, atol=2e-6)
-    assert not vnni.decode_attention_fits(q.bfloat16(), k, v, None)  # bf16 models keep the Python path
+    qb = q.bfloat16()  # a bf16 model's queries: rounded where its Python path rounds (scores, weights, output)
+    for m in (mask, None):
+        assert vnni.decode_attention_fits(qb, k, v, m)
+        got, want = vnni.decode_attention(qb, k, v, m), single_query_attention(qb, k, v, m)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want)  # bf16's tolerance: an ulp where a sum's order tips a rounding
+        assert float((got.float() - want.float()).abs().mean()) < 1e-4
     assert not vnni.decode_attention_fits(q, k.float(), v.float(), None)
     assert not vnni.decode_attention_fits(q, k, v, mask.float())
 

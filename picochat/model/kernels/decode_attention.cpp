@@ -1,5 +1,7 @@
-// Decode-step attention, one new query per row, on a bf16 K/V cache with fp32 queries (quantized models
-// under the compiled step keep K/V in bf16: engine/kv_cache.py's cache_dtype). Built with quant_vnni.cpp by
+// Decode-step attention, one new query per row, on a bf16 K/V cache: fp32 queries (quantized models under
+// the compiled step keep K/V in bf16: engine/kv_cache.py's cache_dtype), or bf16 queries (bf16 models under
+// the compiled step), which round where single_query_attention's bf16 path rounds: q / sqrt(d_k), each
+// score, each softmax weight and the output to bf16 (sums in fp32). Built with quant_vnni.cpp by
 // picochat/model/vnni.py; model/attention.py's single_query_attention is the reference it is tested against.
 //
 //   y_r = softmax(q_r K^T / sqrt(d_k)) V      for the rep = nh / nkv query heads r that share K/V head g
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -25,6 +28,20 @@ namespace {
 inline __m512 bf16_to_fp32(const uint16_t* p) {  // 16 bf16 -> 16 fp32: the bf16 bits are the fp32's high half
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline uint16_t to_bf16(float x) {  // round to nearest even, as PyTorch's fp32 -> bf16 (a NaN stays a NaN)
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+inline float round_bf16(float x) {
+  const uint32_t u = static_cast<uint32_t>(to_bf16(x)) << 16;
+  float y;
+  std::memcpy(&y, &u, 4);
+  return y;
 }
 
 // exp(x) for x <= 0 (scores minus their max): x = n ln2 + f, |f| <= ln2/2, exp(f) by its Taylor series to
@@ -48,7 +65,8 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 
 // one (row, K/V head): up to 4 of its query heads at a time; HC = d_k / 16 chunks of 16 lanes
-template <int HC>
+// RB: round as the bf16 path does (scaled q, scores, weights; the caller rounds y)
+template <int HC, bool RB>
 void head_group(const float* q, int64_t rep, const uint16_t* k, const uint16_t* v, int64_t sk, int64_t sv,
                 int64_t T, const bool* mask, int64_t smask, float* y, float* scores) {
   constexpr int D = HC * 16;
@@ -58,9 +76,16 @@ void head_group(const float* q, int64_t rep, const uint16_t* k, const uint16_t* 
     const int R = static_cast<int>(std::min<int64_t>(4, rep - r0));
     __m512 qv[4][HC];
     for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < HC; ++c)  // q / sqrt(d_k) first, as the Python reference scales q
+      for (int c = 0; c < HC; ++c) {  // q / sqrt(d_k) first, as the Python reference scales q
         qv[r][c] = r < R ? _mm512_mul_ps(_mm512_loadu_ps(q + (r0 + r) * D + 16 * c), _mm512_set1_ps(scale))
                          : _mm512_setzero_ps();
+        if (RB) {
+          alignas(64) float t[16];
+          _mm512_store_ps(t, qv[r][c]);
+          for (float& e : t) e = round_bf16(e);
+          qv[r][c] = _mm512_load_ps(t);
+        }
+      }
     float mx[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
     for (int64_t t = 0; t < T; ++t) {  // scores: each K row read once for the R heads
       if (mask && !mask[t * smask]) {
@@ -72,7 +97,7 @@ void head_group(const float* q, int64_t rep, const uint16_t* k, const uint16_t* 
       for (int r = 0; r < R; ++r) {
         __m512 acc = _mm512_mul_ps(qv[r][0], kr[0]);
         for (int c = 1; c < HC; ++c) acc = _mm512_fmadd_ps(qv[r][c], kr[c], acc);
-        const float s = _mm512_reduce_add_ps(acc);
+        const float s = RB ? round_bf16(_mm512_reduce_add_ps(acc)) : _mm512_reduce_add_ps(acc);
         scores[r * T + t] = s;
         mx[r] = s > mx[r] ? s : mx[r];  // (a NaN score is left out of the max; exp(NaN - max) is NaN)
       }
@@ -103,24 +128,26 @@ void head_group(const float* q, int64_t rep, const uint16_t* k, const uint16_t* 
     for (int64_t t = 0; t < T; ++t) {  // the weighted sum: each V row read once
       __m512 vr[HC];
       for (int c = 0; c < HC; ++c) vr[c] = bf16_to_fp32(v + t * sv + 16 * c);
-      for (int r = 0; r < R; ++r) {
-        const __m512 p = _mm512_set1_ps(scores[r * T + t]);
+      for (int r = 0; r < R; ++r) {  // (RB: the weight itself, normalised and rounded, as softmax(...).to(bf16))
+        const __m512 p = _mm512_set1_ps(RB ? round_bf16(scores[r * T + t] * inv[r]) : scores[r * T + t]);
         for (int c = 0; c < HC; ++c) acc[r][c] = _mm512_fmadd_ps(p, vr[c], acc[r][c]);
       }
     }
     for (int r = 0; r < R; ++r)
       for (int c = 0; c < HC; ++c)
-        _mm512_storeu_ps(y + (r0 + r) * D + 16 * c, _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
+        _mm512_storeu_ps(y + (r0 + r) * D + 16 * c, RB ? acc[r][c] : _mm512_mul_ps(acc[r][c], _mm512_set1_ps(inv[r])));
   }
 }
 
-// q (B, nh, 1, d_k) fp32; k, v (B, nkv, T_k, d_k) bf16 with unit stride on d_k (views of a longer cache);
-// mask: (B, 1, 1, T_k) bool, True = may attend. -> (B, nh, 1, d_k) fp32
+// q (B, nh, 1, d_k) fp32 or bf16; k, v (B, nkv, T_k, d_k) bf16 with unit stride on d_k (views of a longer
+// cache); mask: (B, 1, 1, T_k) bool, True = may attend. -> (B, nh, 1, d_k) in q's dtype
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
                             const c10::optional<at::Tensor>& mask) {
-  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && q_in.scalar_type() == at::kFloat,
-              "decode_attention: q must be (B, nh, 1, d_k) float32, got ", q_in.sizes(), " ", q_in.scalar_type());
-  const at::Tensor q = q_in.contiguous();
+  const bool rb = q_in.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(q_in.dim() == 4 && q_in.size(2) == 1 && (q_in.scalar_type() == at::kFloat || rb),
+              "decode_attention: q must be (B, nh, 1, d_k) float32 or bfloat16, got ", q_in.sizes(), " ",
+              q_in.scalar_type());
+  const at::Tensor q = q_in.to(at::kFloat).contiguous();  // (bf16 -> fp32 is exact)
   const int64_t B = q.size(0), nh = q.size(1), D = q.size(3), T = k.size(2), nkv = k.size(1);
   TORCH_CHECK(k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16 && k.dim() == 4 &&
                   v.dim() == 4 && k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && nkv > 0 && nh % nkv == 0,
@@ -140,7 +167,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
     smt = mk.stride(3);
   }
   at::Tensor y = at::empty({B, nh, 1, D}, q.options());
-  if (B == 0 || nh == 0) return y;
+  if (B == 0 || nh == 0) return y.to(q_in.scalar_type());
   const int64_t rep = nh / nkv;
   const float* qp = q.data_ptr<float>();
   const uint16_t* kp = reinterpret_cast<const uint16_t*>(k.data_ptr<at::BFloat16>());
@@ -155,15 +182,21 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
       const uint16_t* vi = vp + b * v.stride(0) + g * v.stride(1);
       const bool* mi = m ? m + b * smb : nullptr;
       float* yi = yp + (b * nh + g * rep) * D;
-      switch (D) {
-        case 16: head_group<1>(qi, rep, ki, vi, k.stride(2), v.stride(2), T, mi, smt, yi, scores.data()); break;
-        case 32: head_group<2>(qi, rep, ki, vi, k.stride(2), v.stride(2), T, mi, smt, yi, scores.data()); break;
-        case 64: head_group<4>(qi, rep, ki, vi, k.stride(2), v.stride(2), T, mi, smt, yi, scores.data()); break;
-        default: head_group<8>(qi, rep, ki, vi, k.stride(2), v.stride(2), T, mi, smt, yi, scores.data()); break;
+      const int64_t sk = k.stride(2), sv = v.stride(2);
+      float* sc = scores.data();
+      switch (D * 2 + rb) {
+        case 32: head_group<1, false>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
+        case 33: head_group<1, true>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
+        case 64: head_group<2, false>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
+        case 65: head_group<2, true>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
+        case 128: head_group<4, false>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
+        case 129: head_group<4, true>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
+        case 256: head_group<8, false>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
+        default: head_group<8, true>(qi, rep, ki, vi, sk, sv, T, mi, smt, yi, sc); break;
       }
     }
   });
-  return y;
+  return rb ? y.to(at::kBFloat16) : y;  // (round to nearest even, as .to(bf16) does in the reference)
 }
 
 }  // namespace
