@@ -34,9 +34,10 @@ def pick_dtype(name: str, device: torch.device, quantize: Optional[str] = None) 
     weights): the activations' dtype, and 'auto' is fp32 where picochat's VNNI kernels run (model/vnni.py:
     a CPU with AVX-512 VNNI, the kernels built and PICOCHAT_VNNI not 0), which take fp32 inputs and round them
     to int8 themselves; with bf16 activations every quantized layer casts in and out (and until the
-    decode-attention kernel took bf16 queries, the compiled step missed it). `serve_load.py --clients 16 --serve-args "--quantize
-    int4 --dtype bf16|fp32"`, servers alternating: 415 against 493 tokens/s on the means of three pairs
-    (benchmarks/README.md, "tenth session"). Where the kernels do not run, PyTorch's take bf16 (as before)."""
+    decode-attention kernel took bf16 queries, the compiled step missed it). `serve_load.py --clients 16
+    --serve-args "--quantize int4 --dtype bf16|fp32"`, servers alternating: 415 against 493 tokens/s on the
+    means of three pairs (benchmarks/README.md, "tenth session"). Where the kernels do not run, PyTorch's
+    take bf16 (as before)."""
     table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
              "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
     if name != "auto":
