@@ -24,7 +24,8 @@ def test_a_hosts_compiled_step_runs_the_attention_kernel(tiny_chat_ckpt, quantiz
     dt = next(m.parameters()).dtype
     if not vnni.available():
         assert dt == pick_dtype("auto", torch.device("cpu"))
-        pytest.skip("the VNNI kernels do not run here (no AVX-512 VNNI, or they did not build): auto keeps the plain choice")
+        pytest.skip("the VNNI kernels do not run here (no AVX-512 VNNI, or they did not build): "
+                    "auto keeps the plain choice")
     if quantize:  # fp32 activations, which the quantized layers' kernels take, on the bf16 cache
         assert dt == torch.float32 and cache_dtype(m, compiled=True) == torch.bfloat16
     elif dt != torch.bfloat16:
