@@ -268,7 +268,7 @@ class DecodeStep:
         try:
             if dtype == torch.bfloat16 and next(self.model.parameters()).device.type == "cpu":
                 vnni.available()  # the decode-attention kernel, loaded before tracing looks for it (bf16 models
-                # have no quantized layer that loads it; ~10 s the first time on a machine, once)
+                # have no quantized layer that loads it; 10-20 s the first time on a machine, once)
             self._fn = self._compiled()
             for B in WARM_BATCHES:
                 for t_k in (8, 9):  # a second length: one graph covers every T_k
