@@ -13,13 +13,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -30,18 +30,8 @@ inline __m512 bf16_to_fp32(const uint16_t* p) {  // 16 bf16 -> 16 fp32: the bf16
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-inline uint16_t to_bf16(float x) {  // round to nearest even, as PyTorch's fp32 -> bf16 (a NaN stays a NaN)
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-inline float round_bf16(float x) {
-  const uint32_t u = static_cast<uint32_t>(to_bf16(x)) << 16;
-  float y;
-  std::memcpy(&y, &u, 4);
-  return y;
+inline float round_bf16(float x) {  // fp32 -> bf16 -> fp32, rounding as PyTorch's .to(bf16) does
+  return static_cast<float>(c10::BFloat16(x));
 }
 
 // exp(x) for x <= 0 (scores minus their max): x = n ln2 + f, |f| <= ln2/2, exp(f) by its Taylor series to
