@@ -11,17 +11,13 @@ padding with an attention mask.
 """
 from __future__ import annotations
 
-import functools
 import math
-import mmap
-import os
-import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..errors import PicochatError
+from ..hostmem import HUGE_PAGE, huge_block, huge_pages_available
 from ..model.quant import is_quantized
 
 
@@ -41,37 +37,15 @@ def cache_dtype(model, compiled: bool = False) -> torch.dtype:
     return p.dtype
 
 
-HUGE_PAGE = 2 << 20
-
-
-@functools.lru_cache(maxsize=1)
-def huge_pages_available() -> bool:
-    """Linux with transparent huge pages that a program may ask for (`always` or `madvise`, not `never`), and
-    PICOCHAT_HUGE_PAGES not 0 (a host whose THP `defrag` setting compacts memory when a page is first
-    touched can stall a cache's growth: the switch turns the request off)."""
-    switch = os.environ.get("PICOCHAT_HUGE_PAGES", "1")
-    if switch not in ("0", "1"):
-        raise PicochatError(f"PICOCHAT_HUGE_PAGES={switch!r}: use 1 (ask for huge pages where the kernel allows, "
-                            "the default) or 0 (never)")
-    if switch == "0":
-        return False
-    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return False
-    try:
-        return "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return False
-
-
 def new_stores(count: int, shape: tuple, dtype: torch.dtype, device=None,
                huge: Optional[bool] = None) -> list[torch.Tensor]:
     """`count` zero tensors of `shape`, one block of memory under them all. On a CPU, a block of 2 MB or
     more is asked to be backed by 2 MB pages (madvise MADV_HUGEPAGE: Linux's transparent huge pages) where
-    the kernel allows it (huge=None; True insists, False never asks). Why: decode attention walks every
+    the kernel allows it (hostmem.py; huge=None; True insists, False never asks). Why: decode attention walks every
     row's cached K/V each step (SmolLM2 at 8 rows x 545 keys: ~100 MB of bf16), and over 4 KB pages the
     walk misses the TLB. The attention kernel alone took 13-17% less time on 2 MB pages (30 layers at 8 rows:
     3.71 against 4.49 ms, 3.67 against 4.24; a prototype harness, benchmarks/README.md), the whole compiled
-    step 2-3% (benchmarks/kv_hugepages.py: 1.02x at batch 1, 1.03x at batch 8).
+    step 2-3% (benchmarks/hugepages.py: 1.02x at batch 1, 1.03x at batch 8).
     One block means one storage: a view of one layer keeps them all, and growing holds the old and the new
     block of K (then of V) at once."""
     device = torch.device(device or "cpu")
@@ -83,16 +57,7 @@ def new_stores(count: int, shape: tuple, dtype: torch.dtype, device=None,
     if device.type != "cpu" or not huge_pages_available():
         raise PicochatError("huge pages are for CPU tensors on Linux with transparent huge pages not set to never "
                             "(and PICOCHAT_HUGE_PAGES not 0)")
-    # anonymous memory is zero-filled by the kernel; one page more, to start the block on a 2 MB boundary
-    block = mmap.mmap(-1, -(-nbytes // HUGE_PAGE) * HUGE_PAGE + HUGE_PAGE,
-                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        block.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # (refused: the block stays in ordinary pages, which is all it costs)
-        pass
-    raw = torch.frombuffer(block, dtype=torch.uint8)  # (keeps the mapping alive as long as a view of it lives)
-    start = -raw.data_ptr() % HUGE_PAGE
-    return list(raw[start:start + nbytes].view(dtype).view(count, *shape).unbind(0))
+    return list(huge_block(nbytes).view(dtype).view(count, *shape).unbind(0))
 
 
 def grow_columns(stores, new: int, keep: int, dtype: Optional[torch.dtype] = None) -> None:

@@ -60,6 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import PicochatError
+from ..hostmem import in_huge_pages
 from . import vnni
 from .calibration import activation_means, calibration_ids  # (re-exported: callers import them from here)
 
@@ -418,14 +419,20 @@ def _quantize(model: nn.Module, dtype: torch.dtype, make) -> nn.Module:
 
 def finish_quantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The rest of a quantized model (embeddings, norms, tables) cast to the activations' `dtype`; the
-    scales stay in the kernels' dtype. In eval mode."""
+    scales stay in the kernels' dtype; the VNNI kernels' weights side by side in 2 MB pages (hostmem.py:
+    a batch-1 step 1.06-1.17x faster than on the cache file's mapped 4 KB pages). In eval mode."""
     model.to(dtype)  # floats only: integer buffers stay; the scales go back to the kernel's dtype below
+    packed = []
     for m in model.modules():
         if isinstance(m, Int8Linear):
             m.scale = m.scale.float() if m.kernel == "vnni" else m.scale.to(KERNEL_DTYPE)
             m.in_scale = m.in_scale.float()  # fp32 like the weights it was divided out of (a bf16 s_k is off by 0.4%)
         elif isinstance(m, Int4Linear) and m.kernel == "torch":
             m.scale_zero = m.scale_zero.to(KERNEL_DTYPE)
+        if isinstance(m, (Int8Linear, Int4Linear)) and m.kernel == "vnni":
+            packed.append((m, "weight_q8" if isinstance(m, Int8Linear) else "weight_q4"))
+    for (m, name), t in zip(packed, in_huge_pages([getattr(m, n) for m, n in packed])):
+        setattr(m, name, t)
     return model.eval()
 
 

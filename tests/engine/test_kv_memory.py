@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 
-from picochat.engine.kv_cache import HUGE_PAGE, KVCache, huge_pages_available, new_stores
+from picochat.engine.kv_cache import KVCache, new_stores
+from picochat.hostmem import HUGE_PAGE, huge_pages_available
 from picochat.engine.slot_cache import SlotCache
 from picochat.errors import PicochatError
 

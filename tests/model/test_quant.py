@@ -292,3 +292,30 @@ def test_smollm2_int8_close_to_fp32():
     from picochat.engine.engine import Engine
     ids = Engine(q, tok).generate([tok.encode("The capital of France is")], max_tokens=3, temperature=0)[0]
     assert tok.decode(ids.token_ids).startswith(" Paris")
+
+
+@pytest.mark.skipif(not vnni.available(), reason="no AVX-512 VNNI")
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_the_vnni_weights_sit_in_one_block_of_huge_pages(method, monkeypatch):
+    from picochat.hostmem import HUGE_PAGE, huge_pages_available
+    torch.manual_seed(0)
+    cfg = tiny(n_layer=3, n_embd=512, n_head=8, n_kv_head=4, vocab_size=512)  # ~2.5-5 MB of packed weights
+    model = GPT(cfg).eval()
+    ids = torch.randint(0, 512, (2, 12))
+    monkeypatch.setenv("PICOCHAT_HUGE_PAGES", "0")  # first as before: each weight its own tensor
+    huge_pages_available.cache_clear()
+    try:
+        plain = quantize_model(copy.deepcopy(model), method, torch.float32)
+    finally:
+        monkeypatch.delenv("PICOCHAT_HUGE_PAGES")
+        huge_pages_available.cache_clear()
+    def packed(m):
+        return [b for n, b in m.named_buffers() if n.endswith(("weight_q4", "weight_q8"))]
+    assert len({t.untyped_storage().data_ptr() for t in packed(plain)}) == 3 * 4 + 1  # qkv, o, gate+up, down; head
+    q = quantize_model(model, method, torch.float32)
+    if huge_pages_available():
+        assert len({t.untyped_storage().data_ptr() for t in packed(q)}) == 1
+        assert packed(q)[0].data_ptr() % HUGE_PAGE == 0
+    assert all(torch.equal(a, b) for a, b in zip(packed(q), packed(plain)))
+    with torch.no_grad():
+        assert torch.equal(q(ids)[0], plain(ids)[0])
