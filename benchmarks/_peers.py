@@ -39,13 +39,20 @@ class LlamaCpp:
     prompts go in llama_decode calls of up to n_batch tokens, rows packed together; then each step is one
     llama_decode of every row's last token (llama-server's continuous batching does the same). Each sequence
     has its own K/V cells (kv_unified off, which llama.cpp advises for sequences that share no prefix: on,
-    8 rows x 512 tokens ran 1.35-1.42x batch 1 here, off 1.8x)."""
+    8 rows x 512 tokens ran 1.35-1.42x batch 1 here, off 1.8x). flash_attn: llama.cpp's flash attention
+    ("auto", its context default, or "on" / "off"; the high-level `Llama` that decode.py used until the
+    eleventh session turns it off unless asked). Errors: RuntimeError."""
 
     N_BATCH = 512
+    FLASH = {"auto": -1, "off": 0, "on": 1}  # LLAMA_FLASH_ATTN_TYPE_*
 
-    def __init__(self, path: str, sizes: dict, new: int, threads: int = 2):
+    def __init__(self, path: str, sizes: dict, new: int, threads: int = 2, flash_attn: str = "auto"):
         import llama_cpp
-        self.api = llama_cpp
+        self.api, self.threads, self.flash_attn = llama_cpp, threads, flash_attn
+        if flash_attn not in self.FLASH:
+            raise ValueError(f"flash_attn {flash_attn!r}: use auto, on or off")
+        if max(sizes) > self.N_BATCH:
+            raise ValueError(f"{max(sizes)} rows: one step's llama_decode takes at most {self.N_BATCH}")
         # the model only (its own context is unused); contexts are made below, one per batch size
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=64, n_threads=threads, verbose=False)
         self.n_vocab = self.llm.n_vocab()
@@ -56,9 +63,10 @@ class LlamaCpp:
             p.n_ctx, p.n_seq_max, p.kv_unified = rows * per_seq, rows, False
             p.n_batch = p.n_ubatch = self.N_BATCH
             p.n_threads = p.n_threads_batch = threads
+            p.flash_attn_type = self.FLASH[flash_attn]
             ctx = llama_cpp.llama_init_from_model(self.llm.model, p)
             if not ctx:
-                raise SystemExit(f"llama.cpp could not make a context for {rows} rows x {per_seq} tokens")
+                raise RuntimeError(f"llama.cpp could not make a context for {rows} rows x {per_seq} tokens")
             self.ctxs[rows] = ctx
         self.batch = llama_cpp.llama_batch_init(self.N_BATCH, 0, 1)
 
@@ -77,9 +85,15 @@ class LlamaCpp:
             b.seq_id[i][0] = s
         rc = self.api.llama_decode(ctx, b)
         if rc != 0:
-            raise SystemExit(f"llama_decode returned {rc}")
-        return [int(np.argmax(np.ctypeslib.as_array(self.api.llama_get_logits_ith(ctx, i), shape=(self.n_vocab,))))
-                for i, it in enumerate(items) if it[3]]
+            raise RuntimeError(f"llama_decode returned {rc}")
+        out = []
+        for i, it in enumerate(items):
+            if it[3]:
+                ptr = self.api.llama_get_logits_ith(ctx, i)  # (i: the token's index in this batch)
+                if not ptr:
+                    raise RuntimeError(f"llama.cpp has no logits for the batch's token {i}")
+                out.append(int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))))
+        return out
 
     def __call__(self, prompts, new):
         ctx = self.ctxs[len(prompts)]

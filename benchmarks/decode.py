@@ -93,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--paths", default=",".join(PATHS), help="decode paths per phase: plain (eager), compiled")
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--llama-flash-attn", default="auto", choices=("auto", "on", "off"),
+                   help="llama.cpp's flash attention (auto: its own default)")
     p.add_argument("--profile", type=int, default=0, help="torch.profiler over N picochat decode steps per dtype")
     args = p.parse_args(argv)
     if args.batch < 2:
@@ -138,8 +140,9 @@ def measure(runners: dict, sets: dict, new: int, reps: int) -> dict:
     """runners: name -> fn(prompts, n_new); sets: label ("b1", "b8") -> prompts. Each rep runs every set
     and every runner, the batch sizes alternating within the rep and the order flipping each rep, so the
     machine's drift over minutes falls on batch 1 and batch 8 alike. -> label -> name -> prefill and decode
-    (medians), label -> "same_tokens"; and "paired": name -> each rep's decode tokens/s of the last set over
-    the first's (the batch-8/batch-1 ratio rep by rep)."""
+    (medians), label -> "same_tokens"; "paired": name -> each rep's decode tokens/s of the last set over
+    the first's (the batch-8/batch-1 ratio rep by rep); and when both sets start with the same prompt,
+    "row0_same_as_first": name -> how many of the first set's tokens the last set's first row matched."""
     names, labels = list(runners), list(sets)
     for label in labels:  # warm-up: one short call each (thread pools, kernel selection, allocator)
         for n in names:
@@ -212,6 +215,28 @@ def profile_picochat(model, prompt, steps: int, fast: str = "plain") -> list:
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
     return [{"op": e.key, "self_pct": round(100 * e.self_cpu_time_total / max(total, 1), 1), "calls": e.count}
             for e in top]
+
+
+def llama_cpp_phase(args, path: str, p1, pB, bB: str) -> dict:
+    """llama.cpp at batch 1 and at the batch, alternating as measure() runs picochat's paths."""
+    import llama_cpp
+    log(f"[llama.cpp] batch 1, prompt {args.prompt_len}, and batch {args.batch}, prompt "
+        f"{args.batch_prompt_len}, alternating; {args.new_tokens} new tokens")
+    llama = LlamaCpp(path, {1: len(p1[0]), args.batch: len(pB[0])}, args.new_tokens,
+                     flash_attn=args.llama_flash_attn)
+    try:
+        r = measure({"llama_cpp": llama}, {"b1": p1, bB: pB}, args.new_tokens, args.reps)
+    finally:
+        llama.close()
+    lc = {"version": llama_cpp.__version__, "weights": "Q4_1 (as stored)", "threads": llama.threads,
+          "flash_attn": llama.flash_attn,
+          "b1": r["b1"]["llama_cpp"], bB: r[bB]["llama_cpp"],
+          "batch_over_b1_decode": ratio(r[bB]["llama_cpp"]["decode_tok_s"], r["b1"]["llama_cpp"]["decode_tok_s"]),
+          "batch_over_b1_decode_by_rep": r.get("paired", {}).get("llama_cpp"),
+          "same_tokens": {f"b1~{bB}_row0": r.get("row0_same_as_first", {}).get("llama_cpp")}}
+    lc |= {k: lc["b1"][k] for k in ("prefill_tok_s", "decode_tok_s", "decode_ms_per_step")}  # (batch 1's, as before)
+    log(f"[llama.cpp] {lc}")
+    return lc
 
 
 def mem_now() -> dict:
@@ -329,27 +354,22 @@ def main(argv=None):
             log(f"note: {result['llama_cpp_reason']}; skipping llama.cpp "
                 "(pip install llama-cpp-python==0.3.36 diskcache; the build takes ~3 min)")
         else:
-            log(f"[llama.cpp] batch 1, prompt {args.prompt_len}, and batch {args.batch}, prompt "
-                f"{args.batch_prompt_len}, alternating; {args.new_tokens} new tokens")
-            llama = LlamaCpp(str(src), {1: len(p1[0]), args.batch: len(pB[0])}, args.new_tokens)
-            r = measure({"llama_cpp": llama}, {"b1": p1, bB: pB}, args.new_tokens, args.reps)
-            llama.close()
-            lc = {"version": llama_cpp.__version__, "weights": "Q4_1 (as stored)", "threads": 2,
-                  "b1": r["b1"]["llama_cpp"], bB: r[bB]["llama_cpp"],
-                  "batch_over_b1_decode": ratio(r[bB]["llama_cpp"]["decode_tok_s"], r["b1"]["llama_cpp"]["decode_tok_s"]),
-                  "batch_over_b1_decode_by_rep": r.get("paired", {}).get("llama_cpp"),
-                  "same_tokens": {f"b1~{bB}_row0": r.get("row0_same_as_first", {}).get("llama_cpp")}}
-            lc |= {k: lc["b1"][k] for k in ("prefill_tok_s", "decode_tok_s", "decode_ms_per_step")}  # (batch 1, as before)
+            log(f"[llama.cpp] llama-cpp-python {llama_cpp.__version__}")
+            try:
+                lc = llama_cpp_phase(args, str(src), p1, pB, bB)
+            except RuntimeError as e:  # llama.cpp refused the model or a call: picochat's figures still stand
+                lc = None
+                result["llama_cpp_reason"] = f"llama.cpp failed: {e}"[:200]
+                log(f"note: {result['llama_cpp_reason']}")
             result["llama_cpp"] = lc
             mem["after_llama_cpp"] = mem_now()
-            for d in args.dtypes:
+            for d in (args.dtypes if lc else ()):
                 for n in (x for x in PATHS if x in result[d]):
                     for b in ("b1", bB):
                         result[d]["ratios"][f"{n}_over_llama_cpp_decode_{b}"] = ratio(
                             result[d][n][b]["decode_tok_s"], lc[b]["decode_tok_s"], 3)
                     result[d]["ratios"][f"{n}_over_llama_cpp_prefill"] = ratio(
                         result[d][n]["b1"]["prefill_tok_s"], lc["prefill_tok_s"], 3)
-            log(f"[llama.cpp] {lc}")
     else:
         result["llama_cpp"] = None
         result["llama_cpp_reason"] = "--no-llama-cpp"

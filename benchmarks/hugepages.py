@@ -35,6 +35,20 @@ def anon_huge_kb() -> int:
         return int(re.search(r"AnonHugePages:\s+(\d+)", f.read()).group(1))
 
 
+def huge_kb_under(tensors) -> int:
+    """kB in transparent huge pages of the mappings holding these tensors (/proc/self/smaps)."""
+    ptrs, total, inside = [t.data_ptr() for t in tensors], 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = re.match(r"([0-9a-f]+)-([0-9a-f]+) ", line)
+            if head:
+                lo, hi = int(head.group(1), 16), int(head.group(2), 16)
+                inside = any(lo <= p < hi for p in ptrs)
+            elif inside and line.startswith("AnonHugePages:"):
+                total += int(line.split()[1])
+    return total
+
+
 def alias(t: torch.Tensor) -> torch.Tensor:
     """Another tensor on t's memory (to set_ t back to it)."""
     return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), t.shape, t.stride())
@@ -52,6 +66,8 @@ def main() -> None:
     if not huge_pages_available():
         raise SystemExit("this machine offers no transparent huge pages (Linux, "
                          "/sys/kernel/mm/transparent_hugepage/enabled not [never]): nothing to compare")
+    if args.what == "weights" and "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
+        raise SystemExit("transparent huge pages are [always] here: the 4 KB side's copy could get huge pages too")
     load0 = loadavg()
     model, tok, _ = load_model("smollm2", quantize=args.quantize)
     c = model.config
@@ -80,6 +96,7 @@ def main() -> None:
             if len({b.untyped_storage().data_ptr() for b in packed}) != 1:
                 raise SystemExit("the loaded weights are not in one block of 2 MB pages: nothing to compare")
             weights = {"huge_pages": [alias(b) for b in packed], "4k_pages": [b.clone() for b in packed]}
+            huge_kb = {name: huge_kb_under(ts) for name, ts in weights.items()}  # (the weights', not the cache's)
 
         def place(name):  # the weights' memory for the next call
             if args.what == "weights":

@@ -4,9 +4,9 @@ by 2 MB pages (Linux's transparent huge pages, madvise).
 
 Why: a decode step streams every weight byte and every cached K/V byte once. Over 4 KB pages that walk
 misses the TLB every 4 KB, and the hardware prefetchers stop at each 4 KB boundary. Measured on SmolLM2 int4,
-compiled, in one process with the same values in both kinds of memory (benchmarks/README.md, "eleventh
-session" and "eighth session"): the weights in 2 MB pages made a batch-1 step 1.06-1.17x faster, the K/V
-caches 1.02x (batch 8: 1.03-1.06x and 1.03x)."""
+compiled, in one process with the same values in both kinds of memory (benchmarks/hugepages.py;
+benchmarks/README.md, "eighth session" and "eleventh session"): the weights in 2 MB pages made a batch-1
+step 1.06-1.17x faster than in 4 KB ones, the K/V caches 1.02x (batch 8: 1.03-1.10x and 1.03-1.08x)."""
 from __future__ import annotations
 
 import functools
@@ -28,7 +28,8 @@ ALIGN = 4096  # each tensor of a shared block starts on a 4 KB page (the kernels
 def huge_pages_available() -> bool:
     """Linux with transparent huge pages that a program may ask for (`always` or `madvise`, not `never`), and
     PICOCHAT_HUGE_PAGES not 0 (a host whose THP `defrag` setting compacts memory when a page is first
-    touched can stall a cache's growth: the switch turns the request off)."""
+    touched can stall a load or a cache's growth: the switch turns the request off, for the K/V caches and
+    the quantized weights alike)."""
     switch = os.environ.get("PICOCHAT_HUGE_PAGES", "1")
     if switch not in ("0", "1"):
         raise PicochatError(f"PICOCHAT_HUGE_PAGES={switch!r}: use 1 (ask for huge pages where the kernel allows, "

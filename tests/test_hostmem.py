@@ -21,9 +21,9 @@ def test_tensors_are_copied_into_one_aligned_block():
     assert all(torch.equal(a, b) and a.dtype == b.dtype and a.shape == b.shape for a, b in zip(out, ts))
     assert len({t.untyped_storage().data_ptr() for t in out}) == 1  # one block
     assert out[0].data_ptr() % HUGE_PAGE == 0 and all(t.data_ptr() % ALIGN == 0 for t in out)
-    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(out, ts))  # copies: the originals untouched
     out[1].zero_()
-    assert ts[1].abs().sum() > 0 and torch.equal(out[0], ts[0])  # and no copy overlaps the next
+    assert ts[1].abs().sum() > 0  # copies: the originals untouched
+    assert all(torch.equal(out[i], ts[i]) for i in (0, 2, 3))  # and no copy overlaps another
     big = [torch.ones(3 << 20, dtype=torch.uint8)]  # 3 MB: moved by default
     assert in_huge_pages(big)[0].data_ptr() % HUGE_PAGE == 0
 

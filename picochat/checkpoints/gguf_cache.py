@@ -172,8 +172,9 @@ def _write_quantized(model, folder: Path, tokenizer, method: str) -> None:
         # torch's format, not safetensors: the int8/int4 kernels segfault on weights that are not 64-byte
         # aligned, and safetensors' loader hands tensors out at 8-byte offsets;
         # torch.save aligns every tensor to 64 bytes, and torch.load maps the file (no copy). Read back with
-        # weights_only=True: no pickled code runs. A view of a larger block (the kernels' weights share one in
-        # 2 MB pages: hostmem.py) is saved on its own, or torch.save would write the whole block under it
+        # weights_only=True: no pickled code runs. The kernels' weights are views of one block in 2 MB pages
+        # (hostmem.py): each is saved as a tensor of its own, or the file would hold the block, padding
+        # included, and give the views of one storage back
         def own(v):
             v = v.detach().contiguous()
             return v if v.untyped_storage().nbytes() == v.nbytes else v.clone()

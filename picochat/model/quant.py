@@ -419,8 +419,9 @@ def _quantize(model: nn.Module, dtype: torch.dtype, make) -> nn.Module:
 
 def finish_quantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """The rest of a quantized model (embeddings, norms, tables) cast to the activations' `dtype`; the
-    scales stay in the kernels' dtype; the VNNI kernels' weights side by side in 2 MB pages (hostmem.py:
-    a batch-1 step 1.06-1.17x faster than on the cache file's mapped 4 KB pages). In eval mode."""
+    scales stay in the kernels' dtype; the VNNI kernels' weights copied side by side into 2 MB pages
+    (hostmem.py: a batch-1 step 1.06-1.17x faster than in 4 KB pages; for the moment of the copy both are
+    in memory). In eval mode."""
     model.to(dtype)  # floats only: integer buffers stay; the scales go back to the kernel's dtype below
     packed = []
     for m in model.modules():

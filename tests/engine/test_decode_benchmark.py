@@ -1,6 +1,7 @@
-"""benchmarks/decode.py, short (SmolLM2 int4 on the plain path: no compile; batch 1 and 2 of 32-token
-prompts, 4 new tokens): it runs, and batch 1 and the batch alternate rep by rep, each rep's ratio reported
-beside the medians' (the figures are the benchmark's business, not asserted here)."""
+"""benchmarks/decode.py, short (SmolLM2 int4 on the plain path: no compile; batch 1 and a small batch of
+short prompts, a few new tokens): it runs, and batch 1 and the batch alternate rep by rep, each rep's ratio
+reported beside the medians'; llama.cpp (where installed) too. The speeds are the benchmark's business, not
+asserted here."""
 from __future__ import annotations
 
 import json
@@ -60,7 +61,8 @@ def test_decode_benchmark_runs_llama_cpp_at_the_batch_too():
     for b in ("b1", "b3"):
         assert lc[b]["decode_tok_s"] > 0 and lc[b]["prefill_tok_s"] > 0
     assert len(lc["batch_over_b1_decode_by_rep"]) == reps and lc["batch_over_b1_decode"] > 0
-    assert result["goals"]["llama_cpp_batch_over_b1"] == lc["batch_over_b1_decode"]
+    assert lc["batch_over_b1_decode"] == round(lc["b3"]["decode_tok_s"] / lc["b1"]["decode_tok_s"], 2)
+    assert lc["flash_attn"] == "auto" and lc["decode_tok_s"] == lc["b1"]["decode_tok_s"]
     # greedy, the same window: llama.cpp's batch row 0 and its batch 1 agree (they did on 64 tokens at 512)
     assert lc["same_tokens"]["b1~b3_row0"] == f"{new}/{new}"
     assert result["int4"]["same_tokens"]["b1~b3_row0"] == {"plain": f"{new}/{new}"}  # picochat's too

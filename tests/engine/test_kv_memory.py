@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from picochat.engine.kv_cache import KVCache, new_stores
-from picochat.hostmem import HUGE_PAGE, huge_pages_available
 from picochat.engine.slot_cache import SlotCache
 from picochat.errors import PicochatError
+from picochat.hostmem import HUGE_PAGE, huge_pages_available
 
 needs_thp = pytest.mark.skipif(not huge_pages_available(), reason="no transparent huge pages on this machine")
 
