@@ -27,8 +27,9 @@ text, all of equal length, so no padding), greedy, no stop token, a fixed number
 picochat and transformers are interleaved (the order flips every rep), and so are batch 1 and batch 8
 (each rep runs both, within seconds of each other: the machine's drift over minutes, up to a third of a
 step here, falls on both alike); the figure is the median over reps, and each rep's own batch-8/batch-1 ratio is reported too
-(`..._batch_over_b1_decode_by_rep`), and, when the two lengths are equal, whether the batch's first row (the
-same window) got batch 1's tokens (`same_tokens`, `b1~b8_row0`). Peak RSS (``ru_maxrss``, monotonic over the process) is recorded after each phase.
+(`..._batch_over_b1_decode_by_rep`), and, when the two lengths are equal, whether the batch's first row
+(the same window) got batch 1's tokens (`same_tokens`, `b1~b8_row0`). Peak RSS (``ru_maxrss``, monotonic
+over the process) is recorded after each phase.
 
     pip install llama-cpp-python==0.3.36 diskcache     # the llama.cpp column (benchmark only; ~3 min build)
     python benchmarks/decode.py                          # ~15 min (compiling 8 graphs is ~8 of them), one JSON line

@@ -132,7 +132,8 @@ def main() -> None:
         weights.clear()
         del caches, outs
     emit({"benchmark": "hugepages", "what": args.what, "quantize": args.quantize,
-          "keys": [args.keys + 1, args.keys + args.steps], "steps": args.steps, **result, "load_before": load0, "load_after": loadavg(), **machine()})
+          "keys": [args.keys + 1, args.keys + args.steps], "steps": args.steps, **result,
+          "load_before": load0, "load_after": loadavg(), **machine()})
 
 
 if __name__ == "__main__":

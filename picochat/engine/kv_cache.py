@@ -40,12 +40,12 @@ def cache_dtype(model, compiled: bool = False) -> torch.dtype:
 def new_stores(count: int, shape: tuple, dtype: torch.dtype, device=None,
                huge: Optional[bool] = None) -> list[torch.Tensor]:
     """`count` zero tensors of `shape`, one block of memory under them all. On a CPU, a block of 2 MB or
-    more is asked to be backed by 2 MB pages (madvise MADV_HUGEPAGE: Linux's transparent huge pages) where
-    the kernel allows it (hostmem.py; huge=None; True insists, False never asks). Why: decode attention walks every
-    row's cached K/V each step (SmolLM2 at 8 rows x 545 keys: ~100 MB of bf16), and over 4 KB pages the
-    walk misses the TLB. The attention kernel alone took 13-17% less time on 2 MB pages (30 layers at 8 rows:
-    3.71 against 4.49 ms, 3.67 against 4.24; a prototype harness, benchmarks/README.md), the whole compiled
-    step 2-3% (benchmarks/hugepages.py: 1.02x at batch 1, 1.03x at batch 8).
+    more is asked to be backed by 2 MB pages (madvise MADV_HUGEPAGE: Linux's transparent huge pages, via
+    hostmem.py) where the kernel allows it (huge=None; True insists, False never asks). Why: decode attention
+    walks every row's cached K/V each step (SmolLM2 at 8 rows x 545 keys: ~100 MB of bf16), and over 4 KB
+    pages the walk misses the TLB. The attention kernel alone took 13-17% less time on 2 MB pages (30 layers
+    at 8 rows: 3.71 against 4.49 ms, 3.67 against 4.24; a prototype harness, benchmarks/README.md), the whole
+    compiled step 2-3% (benchmarks/hugepages.py: 1.02x at batch 1, 1.03-1.08x at batch 8).
     One block means one storage: a view of one layer keeps them all, and growing holds the old and the new
     block of K (then of V) at once."""
     device = torch.device(device or "cpu")
