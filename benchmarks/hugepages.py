@@ -64,8 +64,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=128, help="timed steps per cache and batch")
     args = p.parse_args()
     if not huge_pages_available():
-        raise SystemExit("this machine offers no transparent huge pages (Linux, "
-                         "/sys/kernel/mm/transparent_hugepage/enabled not [never]): nothing to compare")
+        raise SystemExit("no transparent huge pages to be had (they need Linux, "
+                         "/sys/kernel/mm/transparent_hugepage/enabled not [never], and PICOCHAT_HUGE_PAGES not 0): "
+                         "nothing to compare")
     if args.what == "weights" and "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read():
         raise SystemExit("transparent huge pages are [always] here: the 4 KB side's copy could get huge pages too")
     load0 = loadavg()

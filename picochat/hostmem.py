@@ -44,6 +44,17 @@ def huge_pages_available() -> bool:
         return False
 
 
+def wants_huge(nbytes: int, on_cpu: bool, huge: Optional[bool]) -> bool:
+    """Whether `nbytes` of memory should be a huge_block: huge=None decides (2 MB or more, on a CPU where
+    huge_pages_available()), True insists (refused by name where it cannot be had), False never asks."""
+    if huge is None:
+        return on_cpu and nbytes >= HUGE_PAGE and huge_pages_available()
+    if huge and nbytes and (not on_cpu or not huge_pages_available()):
+        raise PicochatError("huge pages are for CPU tensors on Linux with transparent huge pages not set to never "
+                            "(and PICOCHAT_HUGE_PAGES not 0)")
+    return huge and nbytes > 0
+
+
 def huge_block(nbytes: int) -> torch.Tensor:
     """`nbytes` zero bytes (uint8, CPU) starting on a 2 MB boundary, asked to be backed by 2 MB pages. The
     mapping lives as long as a view of the tensor does."""
@@ -66,14 +77,8 @@ def in_huge_pages(tensors: list[torch.Tensor], huge: Optional[bool] = None) -> l
     def size(t):
         return -(-t.numel() * t.element_size() // ALIGN) * ALIGN
     total = sum(size(t) for t in tensors)
-    on_cpu = all(t.device.type == "cpu" for t in tensors)
-    if huge is None:
-        huge = on_cpu and total >= HUGE_PAGE and huge_pages_available()
-    if not huge or total == 0:
+    if not wants_huge(total, all(t.device.type == "cpu" for t in tensors), huge):
         return list(tensors)
-    if not on_cpu or not huge_pages_available():
-        raise PicochatError("huge pages are for CPU tensors on Linux with transparent huge pages not set to never "
-                            "(and PICOCHAT_HUGE_PAGES not 0)")
     block, out, at = huge_block(total), [], 0
     for t in tensors:
         n = t.numel() * t.element_size()

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..errors import PicochatError
-from ..hostmem import HUGE_PAGE, huge_block, huge_pages_available
+from ..hostmem import huge_block, wants_huge
 from ..model.quant import is_quantized
 
 
@@ -50,13 +50,8 @@ def new_stores(count: int, shape: tuple, dtype: torch.dtype, device=None,
     block of K (then of V) at once."""
     device = torch.device(device or "cpu")
     nbytes = count * math.prod(shape) * dtype.itemsize
-    if huge is None:
-        huge = device.type == "cpu" and nbytes >= HUGE_PAGE and huge_pages_available()
-    if not huge or nbytes == 0:
+    if not wants_huge(nbytes, device.type == "cpu", huge):
         return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(count)]
-    if device.type != "cpu" or not huge_pages_available():
-        raise PicochatError("huge pages are for CPU tensors on Linux with transparent huge pages not set to never "
-                            "(and PICOCHAT_HUGE_PAGES not 0)")
     return list(huge_block(nbytes).view(dtype).view(count, *shape).unbind(0))
 
 
